@@ -1,0 +1,32 @@
+# The two commands of the README:
+#   make demo   set up and run the local fleet demo
+#   make test   set up and run every test
+# Everything else here is what those two need.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup system-deps lint bench clean
+
+demo: setup
+	$(BIN)/meshtrust demo
+
+test: setup system-deps
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+system-deps:
+	scripts/system-deps
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,50 @@
+"""Defaults shared by every layer: secret names, namespaces and lifetimes.
+
+The names and keys come from the reference documentation (``relay-root-tls-secret``
+in ``gloo-mesh``, ``cacerts`` in ``istio-system`` and so on). They are the
+defaults; every component takes them as settings so they can be changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+RELAY_NAMESPACE = "gloo-mesh"
+ISTIO_NAMESPACE = "istio-system"
+
+RELAY_ROOT_SECRET = "relay-root-tls-secret"
+RELAY_SIGNING_SECRET = "relay-tls-signing-secret"
+RELAY_SERVER_SECRET = "relay-server-tls-secret"
+RELAY_TOKEN_SECRET = "relay-identity-token-secret"
+RELAY_CLIENT_SECRET = "relay-client-tls-secret"
+ISTIO_CA_SECRET = "cacerts"
+ROOT_TRUST_SECRET_PREFIX = "root-trust."
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_POLICY_NAME = "default"
+DEFAULT_GRACE_RATIO = 0.1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SecretNames:
+    """Where each piece of relay and Istio material is kept."""
+
+    relay_namespace: str = RELAY_NAMESPACE
+    istio_namespace: str = ISTIO_NAMESPACE
+    relay_root: str = RELAY_ROOT_SECRET
+    relay_signing: str = RELAY_SIGNING_SECRET
+    relay_server: str = RELAY_SERVER_SECRET
+    relay_token: str = RELAY_TOKEN_SECRET
+    relay_client: str = RELAY_CLIENT_SECRET
+    istio_ca: str = ISTIO_CA_SECRET
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"SecretNames.{field.name} must be a non-empty string")
+
+    @staticmethod
+    def root_trust(policy: str) -> str:
+        """The secret that holds the generated Istio root of a trust policy."""
+        return ROOT_TRUST_SECRET_PREFIX + policy
