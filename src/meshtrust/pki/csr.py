@@ -1,0 +1,136 @@
+"""Certificate signing requests: building our own, and reading untrusted ones.
+
+A CSR from a peer is untrusted input. ``load_csr`` is the gate: it refuses
+oversize input, unparsable bytes, a bad self-signature and unsupported keys,
+each with an ``InvalidCSR`` or ``KeyPolicyError`` that says what to do.
+What the CSR may obtain is decided later, by the profile (``issuer.issue``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from meshtrust import errors
+from meshtrust.pki import identity, keys
+
+MAX_CSR_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """A CSR that passed ``load_csr``: parsed, self-signature checked, key accepted."""
+
+    csr: x509.CertificateSigningRequest
+    public_key: keys.PublicKey
+
+    @property
+    def common_name(self) -> str | None:
+        return identity.common_name(self.csr.subject)
+
+    @property
+    def names(self) -> list[x509.GeneralName]:
+        return identity.subject_alt_names(self.csr)
+
+    def requested_ca(self) -> bool:
+        """True if the CSR asks for basicConstraints CA:true."""
+        try:
+            ext = self.csr.extensions.get_extension_for_class(x509.BasicConstraints)
+        except x509.ExtensionNotFound:
+            return False
+        return ext.value.ca
+
+    def requested_eku(self) -> list[x509.ObjectIdentifier]:
+        """The extended key usages the CSR asks for (empty if none)."""
+        try:
+            ext = self.csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        except x509.ExtensionNotFound:
+            return []
+        return list(ext.value)
+
+    def dump(self) -> bytes:
+        return self.csr.public_bytes(serialization.Encoding.PEM)
+
+
+def build_csr(
+    key: keys.PrivateKey,
+    *,
+    common_name: str | None = None,
+    names: Sequence[str] = (),
+    organization: str | None = None,
+    locality: str | None = None,
+    ca: bool = False,
+) -> x509.CertificateSigningRequest:
+    """Make a CSR for ``key``. Names are identity strings (see ``identity.parse_name``)."""
+    attributes = []
+    if organization:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    if common_name:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    if locality:
+        attributes.append(x509.NameAttribute(NameOID.LOCALITY_NAME, locality))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([identity.parse_name(n) for n in names]), critical=False
+        )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                        critical=True)
+    return builder.sign(key, keys.signature_hash(key))
+
+
+def dump_csr(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def load_csr(data: bytes) -> Request:
+    """Parse and check an untrusted CSR (PEM or DER).
+
+    Raises InvalidCSR for oversize, unparsable or badly signed input and
+    KeyPolicyError for a key meshtrust does not accept.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load_csr takes bytes, not {type(data).__name__}")
+    if len(data) > MAX_CSR_BYTES:
+        raise errors.InvalidCSR(
+            f"CSR is {len(data)} bytes, over the limit of {MAX_CSR_BYTES}; "
+            "send a single PEM or DER request"
+        )
+    if not data:
+        raise errors.InvalidCSR("CSR is empty; send a PEM or DER certificate signing request")
+    raw = bytes(data)
+    try:
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            csr = x509.load_pem_x509_csr(raw)
+        else:
+            csr = x509.load_der_x509_csr(raw)
+    except ValueError as exc:
+        raise errors.InvalidCSR(f"cannot parse the CSR ({exc}); send a PEM or DER PKCS#10 "
+                                "request") from exc
+    try:
+        public_key = csr.public_key()
+    except (ValueError, TypeError) as exc:  # unsupported algorithm
+        raise errors.KeyPolicyError(
+            f"the CSR's key cannot be read ({exc}); use RSA or ECDSA P-256/P-384"
+        ) from exc
+    checked = keys.check_public_key(public_key)
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError) as exc:
+        raise errors.InvalidCSR(f"the CSR's signature cannot be checked ({exc})") from exc
+    if not valid:
+        raise errors.InvalidCSR(
+            "the CSR's signature does not match its public key; sign the request "
+            "with the private key it names"
+        )
+    try:
+        # Reading the extensions parses them; malformed ones are refused here.
+        _ = csr.extensions
+    except ValueError as exc:
+        raise errors.InvalidCSR(f"the CSR has a malformed extension ({exc})") from exc
+    return Request(csr=csr, public_key=checked)

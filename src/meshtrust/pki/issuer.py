@@ -1,0 +1,303 @@
+"""Issuing certificates: the profile and the issuer decide, the CSR proposes.
+
+``issue`` is the only way meshtrust signs a certificate with a local key.
+It takes a checked ``csr.Request``, an issuing ``CA``, a ``Profile`` and the
+``Subject`` facts the caller vouches for (the cluster name, the trust
+domain), and builds every extension itself. From the CSR it takes only the
+public key; for the relay client profile it also checks that the CSR names
+the expected cluster, and for leaf profiles it refuses requests for CA:true
+or for extended key usages beyond the profile's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import secrets
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from meshtrust import errors
+from meshtrust.pki import csr as csr_mod
+from meshtrust.pki import identity, keys
+from meshtrust.pki.profiles import Naming, Profile
+
+BACKDATE = dt.timedelta(minutes=5)
+RELAY_SERVER_WILDCARD = "*.gloo-mesh"
+ISTIOD_DNS = "istiod.istio-system.svc"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Subject:
+    """What the caller vouches for about the certificate's owner.
+
+    ``cluster`` is the registered cluster name (relay client, Istio
+    intermediate); ``names`` are extra configured SANs (relay server);
+    ``namespace``/``service_account`` name a SPIFFE workload.
+    """
+
+    cluster: str | None = None
+    trust_domain: str = "cluster.local"
+    names: tuple[str, ...] = ()
+    namespace: str | None = None
+    service_account: str | None = None
+    common_name: str | None = None
+    organization: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.names, str):
+            raise TypeError("Subject.names must be a tuple of strings, not a string")
+        if self.cluster is not None and not identity.is_dns_name(self.cluster):
+            raise errors.ConfigError(
+                f"cluster name {self.cluster!r} is invalid; use a DNS label such as cluster-1"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CA:
+    """An issuing certificate authority with its key at hand.
+
+    ``chain`` holds the certificates above ``certificate``, nearest first;
+    the last is the root (empty for a root).
+    """
+
+    certificate: x509.Certificate
+    key: keys.PrivateKey
+    chain: tuple[x509.Certificate, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not keys.key_matches(self.certificate, self.key):
+            raise errors.ChainError("the CA's private key does not match its certificate")
+        try:
+            bc = self.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            bc = None
+        if bc is None or not bc.ca:
+            raise errors.ChainError(
+                f"{self.certificate.subject.rfc4514_string()} is not a CA certificate "
+                "(basicConstraints CA:true is missing)"
+            )
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.chain[-1] if self.chain else self.certificate
+
+    @property
+    def path(self) -> tuple[x509.Certificate, ...]:
+        """This CA's certificate followed by its chain."""
+        return (self.certificate, *self.chain)
+
+    @functools.cached_property
+    def _aki(self) -> x509.AuthorityKeyIdentifier:
+        try:
+            ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+            return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+        except x509.ExtensionNotFound:
+            return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.certificate.public_key())  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def _hash(self) -> object:
+        return keys.signature_hash(self.key)
+
+
+def random_serial() -> int:
+    """A random positive serial number of 128 bits."""
+    return secrets.randbits(128) or 1
+
+
+def issue(
+    request: csr_mod.Request,
+    issuer: CA,
+    profile: Profile,
+    now: dt.datetime,
+    lifetime: dt.timedelta | None = None,
+    subject: Subject | None = None,
+) -> x509.Certificate:
+    """Sign ``request`` under ``issuer`` with ``profile``; raise ProfileViolation if refused."""
+    subject = subject or Subject()
+    _check_request(request, profile, subject)
+    not_before, not_after = _validity(now, lifetime or profile.default_lifetime,
+                                      issuer.certificate)
+    builder = _base_builder(profile, subject, request.public_key, not_before, not_after)
+    builder = builder.issuer_name(issuer.certificate.subject)
+    builder = builder.add_extension(issuer._aki, critical=False)
+    return builder.sign(issuer.key, issuer._hash)  # type: ignore[arg-type]
+
+
+def self_sign(
+    key: keys.PrivateKey,
+    profile: Profile,
+    now: dt.datetime,
+    lifetime: dt.timedelta | None = None,
+    subject: Subject | None = None,
+) -> x509.Certificate:
+    """Make a self-signed root certificate for ``key`` with a CA ``profile``."""
+    if not profile.is_ca:
+        raise ValueError(f"cannot self-sign with leaf profile {profile.name}")
+    subject = subject or Subject()
+    lifetime = lifetime or profile.default_lifetime
+    not_before = now - BACKDATE
+    builder = _base_builder(profile, subject, key.public_key(), not_before, now + lifetime)
+    name = _subject_name(profile, subject)
+    builder = builder.issuer_name(name)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+    return builder.sign(key, keys.signature_hash(key))  # type: ignore[arg-type]
+
+
+def new_root(
+    key_type: keys.KeyType, profile: Profile, now: dt.datetime,
+    lifetime: dt.timedelta | None = None, subject: Subject | None = None,
+) -> CA:
+    """Generate a key and a self-signed root CA for it."""
+    key = keys.generate_key(key_type)
+    return CA(certificate=self_sign(key, profile, now, lifetime, subject), key=key)
+
+
+def new_intermediate(
+    key_type: keys.KeyType, issuer: CA, profile: Profile, now: dt.datetime,
+    lifetime: dt.timedelta | None = None, subject: Subject | None = None,
+) -> CA:
+    """Generate a key and an intermediate CA for it, signed by ``issuer``."""
+    key = keys.generate_key(key_type)
+    request = csr_mod.Request(csr=csr_mod.build_csr(key, ca=True),
+                              public_key=key.public_key())
+    certificate = issue(request, issuer, profile, now, lifetime, subject)
+    return CA(certificate=certificate, key=key, chain=issuer.path)
+
+
+def _check_request(request: csr_mod.Request, profile: Profile, subject: Subject) -> None:
+    if not profile.is_ca:
+        if request.requested_ca():
+            raise errors.ProfileViolation(
+                f"the CSR asks for CA:true, which the {profile.name} profile never grants; "
+                "request a leaf certificate without basicConstraints CA:true"
+            )
+        extra = [oid for oid in request.requested_eku() if oid not in profile.extended_key_usage]
+        if extra:
+            names = ", ".join(getattr(oid, "_name", oid.dotted_string) for oid in extra)
+            raise errors.ProfileViolation(
+                f"the CSR asks for extended key usages ({names}) beyond what the "
+                f"{profile.name} profile allows; remove them from the request"
+            )
+    if profile.naming is Naming.RELAY_CLIENT:
+        _check_cluster_names(request, subject)
+
+
+def _check_cluster_names(request: csr_mod.Request, subject: Subject) -> None:
+    expected = subject.cluster
+    if expected is None:
+        raise ValueError("the relay-client profile needs Subject(cluster=...)")
+    cn = request.common_name
+    if cn is not None and cn != expected:
+        raise errors.ProfileViolation(
+            f"the CSR's common name {cn!r} is not the cluster name {expected!r}; "
+            f"request a certificate for {expected!r}"
+        )
+    for name in request.names:
+        if not (isinstance(name, x509.DNSName) and name.value.lower() == expected.lower()):
+            raise errors.ProfileViolation(
+                f"the CSR names {identity.format_name(name)}, but this cluster is registered "
+                f"as {expected!r}; request only DNS:{expected}"
+            )
+
+
+def _validity(now: dt.datetime, lifetime: dt.timedelta,
+              issuer: x509.Certificate) -> tuple[dt.datetime, dt.datetime]:
+    if lifetime <= dt.timedelta(0):
+        raise ValueError("lifetime must be positive")
+    issuer_after = issuer.not_valid_after_utc
+    if issuer_after <= now:
+        raise errors.ChainError(
+            f"the issuing CA {issuer.subject.rfc4514_string()} expired at "
+            f"{issuer_after.isoformat()}; renew it before issuing"
+        )
+    not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
+    return not_before, min(now + lifetime, issuer_after)
+
+
+def _subject_name(profile: Profile, subject: Subject) -> x509.Name:
+    attrs: list[tuple[x509.ObjectIdentifier, str]] = []
+    naming = profile.naming
+    if naming is Naming.RELAY_ROOT:
+        attrs = [(NameOID.COMMON_NAME, subject.common_name or "relay-root-ca")]
+    elif naming is Naming.RELAY_SIGNING:
+        attrs = [(NameOID.COMMON_NAME, subject.common_name or "relay-signing-ca")]
+    elif naming is Naming.SHARED_SIGNING:
+        attrs = [(NameOID.COMMON_NAME, subject.common_name or "meshtrust-signing-ca")]
+    elif naming is Naming.RELAY_SERVER:
+        attrs = [(NameOID.COMMON_NAME, subject.common_name or "gloo-mesh-mgmt-server")]
+    elif naming is Naming.RELAY_CLIENT:
+        attrs = [(NameOID.COMMON_NAME, _require_cluster(subject, profile))]
+    elif naming is Naming.ISTIO_ROOT:
+        attrs = [(NameOID.ORGANIZATION_NAME, subject.organization or "Istio"),
+                 (NameOID.COMMON_NAME, subject.common_name or "Root CA")]
+    elif naming is Naming.ISTIO_INTERMEDIATE:
+        attrs = [(NameOID.ORGANIZATION_NAME, subject.organization or "Istio"),
+                 (NameOID.COMMON_NAME, subject.common_name or "Intermediate CA"),
+                 (NameOID.LOCALITY_NAME, _require_cluster(subject, profile))]
+    elif naming is Naming.SPIFFE_WORKLOAD:
+        attrs = []
+    return x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])
+
+
+def _subject_alt_names(profile: Profile, subject: Subject) -> list[str]:
+    naming = profile.naming
+    if naming is Naming.RELAY_SERVER:
+        return [RELAY_SERVER_WILDCARD, *[n for n in subject.names
+                                         if n != RELAY_SERVER_WILDCARD]]
+    if naming is Naming.RELAY_CLIENT:
+        return [_require_cluster(subject, profile)]
+    if naming is Naming.ISTIO_INTERMEDIATE:
+        return [ISTIOD_DNS, identity.spiffe_id(subject.trust_domain, "istio-system", "istiod")]
+    if naming is Naming.SPIFFE_WORKLOAD:
+        if not subject.namespace or not subject.service_account:
+            raise ValueError("the spiffe-workload profile needs namespace and service_account")
+        return [identity.spiffe_id(subject.trust_domain, subject.namespace,
+                                   subject.service_account)]
+    return []
+
+
+def _require_cluster(subject: Subject, profile: Profile) -> str:
+    if not subject.cluster:
+        raise ValueError(f"the {profile.name} profile needs Subject(cluster=...)")
+    return subject.cluster
+
+
+def _base_builder(profile: Profile, subject: Subject, public_key: object,
+                  not_before: dt.datetime, not_after: dt.datetime) -> x509.CertificateBuilder:
+    name = _subject_name(profile, subject)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length),
+                       critical=profile.basic_constraints_critical)
+        .add_extension(_key_usage(profile), critical=profile.key_usage_critical)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+                       critical=False)
+    )
+    if profile.extended_key_usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)),
+                                        critical=False)
+    sans = _subject_alt_names(profile, subject)
+    if sans:
+        # An empty subject makes the SAN the only name, and RFC 5280 then wants it critical.
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([identity.parse_name(n) for n in sans]),
+            critical=len(name) == 0,
+        )
+    return builder
+
+
+def _key_usage(profile: Profile) -> x509.KeyUsage:
+    flags = {usage: usage in profile.key_usage for usage in
+             ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+              "key_agreement", "key_cert_sign", "crl_sign")}
+    return x509.KeyUsage(**flags, encipher_only=False, decipher_only=False)

@@ -1,0 +1,149 @@
+"""Private keys: the key types meshtrust accepts, and PEM conversion.
+
+RSA 2048/3072/4096 and ECDSA P-256/P-384 are the supported types. A key of
+any other type, size or curve — whether ours or a peer's in a CSR — is
+refused here, in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import Certificate
+
+from meshtrust import errors
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+MIN_RSA_BITS = 2048
+RSA_SIZES = (2048, 3072, 4096)
+CURVES: dict[str, type[ec.EllipticCurve]] = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
+
+
+class KeyType(enum.Enum):
+    """A key algorithm and size, named as on the command line."""
+
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    RSA_4096 = "rsa-4096"
+    EC_P256 = "ecdsa-p256"
+    EC_P384 = "ecdsa-p384"
+
+    @classmethod
+    def parse(cls, text: str) -> KeyType:
+        """Read a key type such as ``rsa-4096`` or ``ecdsa-p256``; raise ConfigError if unknown."""
+        aliases = {"p256": "ecdsa-p256", "p384": "ecdsa-p384", "ec-p256": "ecdsa-p256",
+                   "ec-p384": "ecdsa-p384", "rsa2048": "rsa-2048", "rsa3072": "rsa-3072",
+                   "rsa4096": "rsa-4096"}
+        normal = text.strip().lower()
+        normal = aliases.get(normal, normal)
+        for member in cls:
+            if member.value == normal:
+                return member
+        allowed = ", ".join(m.value for m in cls)
+        raise errors.ConfigError(f"unknown key type {text!r}; use one of: {allowed}")
+
+    @property
+    def is_rsa(self) -> bool:
+        return self.value.startswith("rsa-")
+
+
+def generate_key(key_type: KeyType) -> PrivateKey:
+    """Make a new private key of ``key_type``."""
+    if key_type.is_rsa:
+        bits = int(key_type.value.split("-")[1])
+        return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    curve = ec.SECP256R1() if key_type is KeyType.EC_P256 else ec.SECP384R1()
+    return ec.generate_private_key(curve)
+
+
+def check_public_key(key: object) -> PublicKey:
+    """Return ``key`` if meshtrust accepts it; raise KeyPolicyError naming the problem."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise errors.KeyPolicyError(
+                f"RSA key of {key.key_size} bits is too weak; use at least {MIN_RSA_BITS} bits"
+            )
+        if key.key_size not in RSA_SIZES:
+            raise errors.KeyPolicyError(
+                f"RSA key of {key.key_size} bits is not supported; use 2048, 3072 or 4096 bits"
+            )
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in CURVES:
+            raise errors.KeyPolicyError(
+                f"elliptic curve {key.curve.name} is not supported; use P-256 or P-384"
+            )
+        return key
+    kind = type(key).__name__.lstrip("_").replace("PublicKey", "") or "unknown"
+    raise errors.KeyPolicyError(
+        f"key type {kind} is not supported; use RSA (2048, 3072, 4096) or ECDSA (P-256, P-384)"
+    )
+
+
+def describe_key(key: object) -> str:
+    """A short human name of a public or private key, such as ``RSA 2048`` or ``ECDSA P-256``."""
+    if isinstance(key, (rsa.RSAPublicKey, rsa.RSAPrivateKey)):
+        return f"RSA {key.key_size}"
+    if isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)):
+        names = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+        return f"ECDSA {names.get(key.curve.name, key.curve.name)}"
+    return type(key).__name__.lstrip("_")
+
+
+def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+    """The digest to sign with: SHA-384 for P-384 keys, SHA-256 otherwise."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def dump_private_key(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM of ``key``, encrypted with ``passphrase`` when one is given."""
+    encryption: serialization.KeySerializationEncryption
+    if passphrase:
+        encryption = serialization.BestAvailableEncryption(passphrase)
+    else:
+        encryption = serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             encryption)
+
+
+def load_private_key(data: bytes, passphrase: bytes | None = None) -> PrivateKey:
+    """Parse a PEM private key (PKCS#8 or traditional); raise KeyPolicyError if unusable."""
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase or None)
+    except TypeError as exc:
+        if passphrase:
+            raise errors.KeyPolicyError("the private key is not encrypted; "
+                                        "do not give a passphrase") from exc
+        raise errors.KeyPolicyError("the private key is encrypted; give its passphrase") from exc
+    except ValueError as exc:
+        raise errors.KeyPolicyError(
+            "cannot read the private key: not a PEM key, or the wrong passphrase"
+        ) from exc
+    check_public_key(key.public_key())  # refuses every type but RSA and ECDSA
+    assert isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
+    return key
+
+
+def dump_public_key(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_der(key: PublicKey | PrivateKey) -> bytes:
+    """The SubjectPublicKeyInfo DER of a key, for comparing keys."""
+    public = key.public_key() if isinstance(key, (rsa.RSAPrivateKey,
+                                                  ec.EllipticCurvePrivateKey)) else key
+    return public.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_matches(certificate: Certificate, key: PrivateKey) -> bool:
+    """True if ``key`` is the private half of ``certificate``'s public key."""
+    return public_key_der(key) == certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
