@@ -20,6 +20,8 @@ errors are translated at the adapter boundary with ``raise ... from exc``.
     │   └── SchemaError              written by a newer meshtrust
     ├── ProviderError                an external CA refused or failed
     ├── AuthError                    token or peer identity refused
+    │   ├── UnknownCluster           not registered, or deregistered
+    │   └── RateLimited              too many refusals from one peer
     └── RPCError                     the relay failed
 """
 
@@ -84,6 +86,18 @@ class ProviderError(MeshTrustError):
 
 class AuthError(MeshTrustError):
     """A token or a peer identity was refused."""
+
+
+class UnknownCluster(AuthError):
+    """The cluster is not registered (or was deregistered)."""
+
+
+class RateLimited(AuthError):
+    """Too many refused attempts from one peer; it must wait."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RPCError(MeshTrustError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +20,8 @@ from meshtrust import errors
 from meshtrust.pki import identity, keys
 
 MAX_CSR_BYTES = 64 * 1024
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,19 +41,22 @@ class Request:
 
     def requested_ca(self) -> bool:
         """True if the CSR asks for basicConstraints CA:true."""
-        try:
-            ext = self.csr.extensions.get_extension_for_class(x509.BasicConstraints)
-        except x509.ExtensionNotFound:
-            return False
-        return ext.value.ca
+        value = self._extension_value(x509.BasicConstraints)
+        return value.ca if value is not None else False
 
     def requested_eku(self) -> list[x509.ObjectIdentifier]:
         """The extended key usages the CSR asks for (empty if none)."""
-        try:
-            ext = self.csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-        except x509.ExtensionNotFound:
-            return []
-        return list(ext.value)
+        value = self._extension_value(x509.ExtendedKeyUsage)
+        return list(value) if value is not None else []
+
+    def _extension_value(self, kind: type[_E]) -> _E | None:
+        # Same lookup as extensions.get_extension_for_class, without raising
+        # ExtensionNotFound for the usual case of an absent extension (issuing
+        # asks twice per certificate).
+        for ext in self.csr.extensions:
+            if isinstance(ext.value, kind):
+                return ext.value
+        return None
 
     def dump(self) -> bytes:
         return self.csr.public_bytes(serialization.Encoding.PEM)

@@ -141,7 +141,7 @@ def build(options: Options, now: dt.datetime) -> Hierarchy:
     server_cert = issuer.issue(
         _request(server_key), relay_signing, profiles.RELAY_SERVER, now,
         subject=issuer.Subject(names=options.server_names))
-    add(MGMT, n.relay_namespace, n.relay_server, _tls(server_cert, server_key, relay_signing),
+    add(MGMT, n.relay_namespace, n.relay_server, tls_data(server_cert, server_key, relay_signing),
         "kubernetes.io/tls")
     add(MGMT, n.relay_namespace, n.relay_token, {"token": token})
     istio_root_pem = bundle.dump_certificate(istio_root)
@@ -158,7 +158,7 @@ def build(options: Options, now: dt.datetime) -> Hierarchy:
             _request(client_key, cluster), relay_signing, profiles.RELAY_CLIENT, now,
             options.client_lifetime, issuer.Subject(cluster=cluster))
         add(cluster, n.relay_namespace, n.relay_client,
-            _tls(client_cert, client_key, relay_signing), "kubernetes.io/tls")
+            tls_data(client_cert, client_key, relay_signing), "kubernetes.io/tls")
         ca_key = keys.generate_key(options.istio_key_type)
         ca_cert = issuer.issue(
             _request(ca_key), istio_signing, profiles.ISTIO_INTERMEDIATE, now,
@@ -179,7 +179,8 @@ def _request(key: keys.PrivateKey, cluster: str | None = None) -> csr.Request:
     return csr.Request(csr=built, public_key=key.public_key())
 
 
-def _tls(cert: x509.Certificate, key: keys.PrivateKey, signer: issuer.CA) -> dict[str, bytes]:
+def tls_data(cert: x509.Certificate, key: keys.PrivateKey,
+             signer: issuer.CA) -> dict[str, bytes]:
     """The kubernetes.io/tls form: leaf and intermediates, key, and the root as ca.crt."""
     return {
         "ca.crt": bundle.dump_certificate(signer.root),

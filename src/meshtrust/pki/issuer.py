@@ -24,6 +24,8 @@ from meshtrust.pki import csr as csr_mod
 from meshtrust.pki import identity, keys
 from meshtrust.pki.profiles import Naming, Profile
 
+# NotBefore is set a little in the past to absorb clock skew: five minutes, but never
+# more than a twentieth of the lifetime, so short-lived certificates keep their shape.
 BACKDATE = dt.timedelta(minutes=5)
 RELAY_SERVER_WILDCARD = "*.gloo-mesh"
 ISTIOD_DNS = "istiod.istio-system.svc"
@@ -139,7 +141,7 @@ def self_sign(
         raise ValueError(f"cannot self-sign with leaf profile {profile.name}")
     subject = subject or Subject()
     lifetime = lifetime or profile.default_lifetime
-    not_before = now - BACKDATE
+    not_before = now - min(BACKDATE, lifetime / 20)
     builder = _base_builder(profile, subject, key.public_key(), not_before, now + lifetime)
     name = _subject_name(profile, subject)
     builder = builder.issuer_name(name)
@@ -215,7 +217,7 @@ def _validity(now: dt.datetime, lifetime: dt.timedelta,
             f"the issuing CA {issuer.subject.rfc4514_string()} expired at "
             f"{issuer_after.isoformat()}; renew it before issuing"
         )
-    not_before = max(now - BACKDATE, issuer.not_valid_before_utc)
+    not_before = max(now - min(BACKDATE, lifetime / 20), issuer.not_valid_before_utc)
     return not_before, min(now + lifetime, issuer_after)
 
 
@@ -270,6 +272,7 @@ def _require_cluster(subject: Subject, profile: Profile) -> str:
 def _base_builder(profile: Profile, subject: Subject, public_key: object,
                   not_before: dt.datetime, not_after: dt.datetime) -> x509.CertificateBuilder:
     name = _subject_name(profile, subject)
+    basic_constraints, key_usage, extended_key_usage = _profile_extensions(profile)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -277,15 +280,13 @@ def _base_builder(profile: Profile, subject: Subject, public_key: object,
         .serial_number(random_serial())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length),
-                       critical=profile.basic_constraints_critical)
-        .add_extension(_key_usage(profile), critical=profile.key_usage_critical)
+        .add_extension(basic_constraints, critical=profile.basic_constraints_critical)
+        .add_extension(key_usage, critical=profile.key_usage_critical)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
                        critical=False)
     )
-    if profile.extended_key_usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)),
-                                        critical=False)
+    if extended_key_usage is not None:
+        builder = builder.add_extension(extended_key_usage, critical=False)
     sans = _subject_alt_names(profile, subject)
     if sans:
         # An empty subject makes the SAN the only name, and RFC 5280 then wants it critical.
@@ -294,6 +295,20 @@ def _base_builder(profile: Profile, subject: Subject, public_key: object,
             critical=len(name) == 0,
         )
     return builder
+
+
+@functools.lru_cache(maxsize=64)
+def _profile_extensions(
+    profile: Profile,
+) -> tuple[x509.BasicConstraints, x509.KeyUsage, x509.ExtendedKeyUsage | None]:
+    """The extension values fixed by ``profile`` alone, made once per profile.
+
+    They are immutable, so every certificate of a profile can share them.
+    """
+    eku = (x509.ExtendedKeyUsage(list(profile.extended_key_usage))
+           if profile.extended_key_usage else None)
+    return (x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length),
+            _key_usage(profile), eku)
 
 
 def _key_usage(profile: Profile) -> x509.KeyUsage:

@@ -1,0 +1,346 @@
+"""Issuance throughput of meshtrust.pki, compared with ``openssl speed``.
+
+What it measures, for each CA key type (ECDSA P-256 and RSA 2048):
+
+* A relay root and a relay signing intermediate are made with
+  ``issuer.new_root`` / ``issuer.new_intermediate`` (profiles RELAY_ROOT and
+  RELAY_SIGNING).
+* ``--count`` CSRs are made beforehand, each with its own EC P-256 key and
+  named for its cluster (CN and DNS SAN ``cluster-00042``), as PEM bytes.
+  Making the leaf keys and CSRs is not measured.
+* The relay-client path is then run end to end in one thread, cycling over
+  the CSRs for ``--seconds`` after a ``--warmup``:
+  ``csr.load_csr(pem)`` (parse, CSR signature check, key policy), then
+  ``issuer.issue(request, ca, profiles.RELAY_CLIENT, now,
+  subject=issuer.Subject(cluster=...))``, then ``bundle.dump_certificate``.
+  The result is certificates issued per second, with the time per
+  certificate split into load_csr, issue (which includes signing) and dump.
+* For reference, the raw sign rate of the CA key through the same library
+  (``key.sign`` of a 32-byte message), and ``openssl speed -seconds S
+  rsa2048`` / ``ecdsap256`` (one process), whose sign/s column is the
+  yardstick: the targets are about 75% of openssl's RSA 2048 sign rate and
+  about 10% of its P-256 sign rate.
+
+Run it from the repository root:
+
+    .venv/bin/python bench/issue.py              # table, about 25 s
+    .venv/bin/python bench/issue.py --json       # machine-readable results
+    .venv/bin/python bench/issue.py --profile    # also print a cProfile summary
+
+The openssl command line and the library inside ``cryptography`` may be
+different OpenSSL builds; both versions are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from cryptography import __version__ as cryptography_version
+from cryptography import x509
+from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from meshtrust.pki import bundle, csr, issuer, keys, profiles
+
+NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+# CA key type -> (openssl speed algorithm, label its result line starts with, target ratio)
+CASES: dict[keys.KeyType, tuple[str, str, float]] = {
+    keys.KeyType.EC_P256: ("ecdsap256", "256 bits ecdsa (nistp256)", 0.10),
+    keys.KeyType.RSA_2048: ("rsa2048", "rsa 2048 bits", 0.75),
+}
+
+
+@dataclass
+class Result:
+    ca_key: str
+    issued: int
+    seconds: float
+    issued_per_s: float
+    load_csr_us: float
+    issue_us: float
+    dump_us: float
+    raw_sign_per_s: float
+    openssl_sign_per_s: float | None
+    ratio: float | None
+    target: float
+
+    @property
+    def meets_target(self) -> bool | None:
+        return None if self.ratio is None else self.ratio >= self.target
+
+
+def cluster_name(i: int) -> str:
+    return f"cluster-{i:05d}"
+
+
+def make_csrs(count: int) -> list[tuple[bytes, str]]:
+    """``count`` PEM CSRs, each with its own P-256 key, named for its cluster."""
+    out = []
+    for i in range(count):
+        name = cluster_name(i)
+        key = keys.generate_key(keys.KeyType.EC_P256)
+        request = csr.build_csr(key, common_name=name, names=[name])
+        out.append((csr.dump_csr(request), name))
+    return out
+
+
+def make_ca(key_type: keys.KeyType) -> issuer.CA:
+    root = issuer.new_root(key_type, profiles.RELAY_ROOT, NOW)
+    return issuer.new_intermediate(key_type, root, profiles.RELAY_SIGNING, NOW)
+
+
+def issue_one(ca: issuer.CA, pem: bytes, name: str) -> bytes:
+    """The measured path, in one piece (used for the check and the profile)."""
+    request = csr.load_csr(pem)
+    cert = issuer.issue(request, ca, profiles.RELAY_CLIENT, NOW,
+                        subject=issuer.Subject(cluster=name))
+    return bundle.dump_certificate(cert)
+
+
+def run_issuance(ca: issuer.CA, csrs: list[tuple[bytes, str]], seconds: float,
+                 warmup: float) -> tuple[int, float, float, float, float]:
+    """Issue for ``seconds``; return (count, elapsed, t_load, t_issue, t_dump).
+
+    Each phase is timed with perf_counter inside the one loop; the timer calls
+    cost well under 1% of a certificate.
+    """
+    load_csr, issue, dump = csr.load_csr, issuer.issue, bundle.dump_certificate
+    subject_cls, profile, now = issuer.Subject, profiles.RELAY_CLIENT, NOW
+    clock = time.perf_counter
+    n = len(csrs)
+
+    def loop(duration: float) -> tuple[int, float, float, float, float]:
+        t_load = t_issue = t_dump = 0.0
+        i = 0
+        start = clock()
+        deadline = start + duration
+        t3 = start
+        while t3 < deadline:
+            pem, name = csrs[i % n]
+            t0 = clock()
+            request = load_csr(pem)
+            t1 = clock()
+            cert = issue(request, ca, profile, now, subject=subject_cls(cluster=name))
+            t2 = clock()
+            dump(cert)
+            t3 = clock()
+            t_load += t1 - t0
+            t_issue += t2 - t1
+            t_dump += t3 - t2
+            i += 1
+        return i, t3 - start, t_load, t_issue, t_dump
+
+    loop(warmup)
+    return loop(seconds)
+
+
+def raw_sign_rate(key: keys.PrivateKey, seconds: float) -> float:
+    """Signatures per second of ``key`` through cryptography, SHA-256 over 32 bytes."""
+    data = b"\x00" * 32
+    sign: Callable[[], bytes]
+    if isinstance(key, rsa.RSAPrivateKey):
+        def sign() -> bytes:
+            return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        algorithm = ec.ECDSA(hashes.SHA256())
+
+        def sign() -> bytes:
+            return key.sign(data, algorithm)
+    clock = time.perf_counter
+    for _ in range(50):
+        sign()
+    count, start = 0, clock()
+    deadline = start + seconds
+    now = start
+    while now < deadline:
+        for _ in range(20):
+            sign()
+        count += 20
+        now = clock()
+    return count / (now - start)
+
+
+def openssl_speed(openssl: str, algorithm: str, label: str, seconds: int) -> float | None:
+    """The sign/s column of ``openssl speed -seconds S ALGORITHM``, or None if unreadable."""
+    proc = subprocess.run([openssl, "speed", "-seconds", str(seconds), algorithm],
+                          capture_output=True, text=True, check=False)
+    return parse_speed(proc.stdout, label)
+
+
+def parse_speed(output: str, label: str) -> float | None:
+    """Find the result line starting with ``label`` and read its sign/s column.
+
+    The header above it names the columns (``sign verify sign/s verify/s``; newer
+    openssl adds encrypt/decrypt columns for RSA), so the column is found by name.
+    """
+    header: list[str] | None = None
+    for line in output.splitlines():
+        if "sign/s" in line.split():
+            header = line.split()
+            continue
+        if header and line.strip().startswith(label):
+            values = line.strip()[len(label):].split()
+            if len(values) < len(header):
+                return None
+            values = values[-len(header):]
+            try:
+                return float(values[header.index("sign/s")])
+            except ValueError:
+                return None
+    return None
+
+
+def openssl_cli_version(openssl: str) -> str:
+    proc = subprocess.run([openssl, "version"], capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "unknown"
+
+
+def profile_issuance(ca: issuer.CA, csrs: list[tuple[bytes, str]], seconds: float,
+                     top: int) -> str:
+    """A cProfile summary of the measured path (sorted by own time)."""
+    profiler = cProfile.Profile()
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    n, i = len(csrs), 0
+    profiler.enable()
+    while clock() < deadline:
+        pem, name = csrs[i % n]
+        issue_one(ca, pem, name)
+        i += 1
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    return f"{i} certificates under the profiler\n" + out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Measure meshtrust.pki relay-client issuance per second against "
+                    "openssl speed, for P-256 and RSA 2048 CA keys.")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="measuring time per case, also passed to openssl speed "
+                             "(rounded up to whole seconds) (default 3)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="warm-up before each measurement, in seconds (default 0.5)")
+    parser.add_argument("--count", type=int, default=2000,
+                        help="number of distinct CSRs made beforehand (default 2000)")
+    parser.add_argument("--key-type", action="append", choices=[k.value for k in CASES],
+                        help="CA key type to run (repeatable; default both)")
+    parser.add_argument("--no-openssl", action="store_true",
+                        help="skip openssl speed (no ratio is reported)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the issuance path with cProfile and print the "
+                             "functions with the most own time")
+    parser.add_argument("--top", type=int, default=25,
+                        help="rows of the profile to print (default 25)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.seconds <= 0 or args.warmup < 0:
+        parser.error("--count and --seconds must be positive, --warmup not negative")
+
+    key_types = [keys.KeyType(v) for v in args.key_type] if args.key_type else list(CASES)
+    openssl = None if args.no_openssl else shutil.which("openssl")
+    speed_seconds = max(1, int(-(-args.seconds // 1)))
+    log = sys.stderr if args.json else sys.stdout
+
+    print(f"making {args.count} P-256 CSRs ...", file=log, flush=True)
+    csrs = make_csrs(args.count)
+
+    results: list[Result] = []
+    profiles_text: dict[str, str] = {}
+    for key_type in key_types:
+        algorithm, label, target = CASES[key_type]
+        ca = make_ca(key_type)
+        # One real certificate first: it must chain to the CA and carry the cluster name.
+        cert = bundle.load_certificate(issue_one(ca, *csrs[0]))
+        cert.verify_directly_issued_by(ca.certificate)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if sans.get_values_for_type(x509.DNSName) != [cluster_name(0)]:
+            raise SystemExit(f"unexpected subjectAltName in the issued certificate: {sans}")
+
+        print(f"{key_type.value}: issuing for {args.seconds:g} s ...", file=log, flush=True)
+        count, elapsed, t_load, t_issue, t_dump = run_issuance(ca, csrs, args.seconds,
+                                                               args.warmup)
+        raw = raw_sign_rate(ca.key, min(args.seconds, 1.0))
+        speed = None
+        if openssl:
+            print(f"{key_type.value}: openssl speed -seconds {speed_seconds} {algorithm} ...",
+                  file=log, flush=True)
+            speed = openssl_speed(openssl, algorithm, label, speed_seconds)
+        rate = count / elapsed
+        results.append(Result(
+            ca_key=key_type.value, issued=count, seconds=round(elapsed, 3),
+            issued_per_s=round(rate, 1),
+            load_csr_us=round(t_load / count * 1e6, 1),
+            issue_us=round(t_issue / count * 1e6, 1),
+            dump_us=round(t_dump / count * 1e6, 1),
+            raw_sign_per_s=round(raw, 1),
+            openssl_sign_per_s=speed,
+            ratio=round(rate / speed, 3) if speed else None,
+            target=target,
+        ))
+        if args.profile:
+            profiles_text[key_type.value] = profile_issuance(ca, csrs, args.seconds, args.top)
+
+    environment = {
+        "python": platform.python_version(),
+        "cryptography": cryptography_version,
+        "cryptography_openssl": openssl_backend.openssl_version_text(),
+        "openssl_cli": openssl_cli_version(openssl) if openssl else None,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "seconds": args.seconds,
+        "csrs": args.count,
+    }
+    if args.json:
+        payload = {"environment": environment,
+                   "results": [asdict(r) | {"meets_target": r.meets_target} for r in results]}
+        if args.profile:
+            payload["profiles"] = profiles_text
+        print(json.dumps(payload, indent=2))
+        return 0
+
+    print()
+    for key, value in environment.items():
+        print(f"{key + ':':22}{value}")
+    print()
+    head = ("CA key", "meshtrust issued/s", "openssl sign/s", "ratio", "target",
+            "load_csr µs", "issue µs", "dump µs", "lib sign/s")
+    rows = [head]
+    for r in results:
+        rows.append((
+            r.ca_key, f"{r.issued_per_s:,.0f}",
+            f"{r.openssl_sign_per_s:,.0f}" if r.openssl_sign_per_s else "-",
+            f"{r.ratio:.1%}" if r.ratio is not None else "-",
+            f"{r.target:.0%}", f"{r.load_csr_us:.1f}", f"{r.issue_us:.1f}",
+            f"{r.dump_us:.1f}", f"{r.raw_sign_per_s:,.0f}",
+        ))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
+    for n, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+                        for c, (cell, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    for name, text in profiles_text.items():
+        print(f"\nprofile, CA key {name}:\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

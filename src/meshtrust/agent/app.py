@@ -1,0 +1,246 @@
+"""The agent process: wires the provider, watcher, rotator and gRPC client together.
+
+One agent runs per workload cluster, possibly as several replicas sharing the
+cluster's store. They elect a leader with a lease; only the leader bootstraps
+and rotates, every replica holds a relay connection and reports its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import re
+import signal
+
+from meshtrust import __version__, errors, rpc
+from meshtrust import clock as clock_module
+from meshtrust.agent import identity
+from meshtrust.agent.config import AgentConfig
+from meshtrust.agent.connection import RelayClient, describe_trust
+from meshtrust.agent.provider import ClientIdentity, Provider
+from meshtrust.agent.rotator import Rotator
+from meshtrust.agent.watcher import Watcher, read_trust
+from meshtrust.pki import bundle, keys
+from meshtrust.rpc.transport import messages
+from meshtrust.store import base, lease, open_store
+
+log = logging.getLogger(__name__)
+
+_TLS_FAILURE = re.compile(r"handshake|certificate_verify_failed|ssl", re.IGNORECASE)
+
+
+class Agent:
+    """A running agent; ``run()`` until cancelled."""
+
+    def __init__(self, config: AgentConfig, store: base.Store,
+                 clock: clock_module.Clock | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock or clock_module.SystemClock()
+        self.provider = Provider()
+        self.leader = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.client = RelayClient(config, self.provider)
+        self.watcher = Watcher(store, self.provider, config.names)
+        self.rotator = Rotator(config, store, self.provider, self.client, self.leader,
+                               self.clock)
+        self._leases = lease.Leases(store, namespace=config.names.relay_namespace,
+                                    clock=self.clock)
+        self._lease_name = f"meshtrust-agent-{config.cluster}"
+        self._said: set[str] = set()
+
+    async def run(self) -> None:
+        jobs = [self.watcher.run(), self._lead(), self._connect(), self._report()]
+        if not self.config.insecure:
+            jobs.append(self._bootstrap())
+            if self.config.rotate is not False:
+                jobs.append(self.rotator.run())
+        tasks = [asyncio.create_task(job) for job in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.leader.is_set():
+                await self._leases.release(self._lease_name, self.config.replica)
+            await self.client.close()
+
+    def _say_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(message, *args)
+
+    async def _lead(self) -> None:
+        """Hold or seek the cluster's agent lease."""
+        ttl = self.config.lease_ttl
+        while True:
+            try:
+                held = await self._leases.acquire(self._lease_name, self.config.replica, ttl)
+            except errors.MeshTrustError as exc:
+                log.warning("leader election failed: %s", exc)
+                held = False
+            if held and not self.leader.is_set():
+                log.info("replica %s is now the leader of cluster %s", self.config.replica,
+                         self.config.cluster)
+                self.leader.set()
+            elif not held and self.leader.is_set():
+                log.info("replica %s lost the lease", self.config.replica)
+                self.leader.clear()
+            await asyncio.sleep(ttl / 3)
+
+    async def _bootstrap(self) -> None:
+        """With no usable certificate and a token, get one; else say what is needed."""
+        backoff = 1.0
+        while True:
+            current = self.provider.current
+            now = self.clock.now()
+            if (current is None or current.expired(now)) and self.leader.is_set():
+                try:
+                    if await self._try_bootstrap(current):
+                        backoff = 1.0
+                except errors.MeshTrustError as exc:
+                    log.warning("bootstrap failed: %s; retrying in %.0f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.config.reconnect_max)
+            await self.provider.wait_for_change(current, timeout=1.0)
+
+    async def _try_bootstrap(self, current: ClientIdentity | None) -> bool:
+        names = self.config.names
+        token = await self._token()
+        trust = await read_trust(self.store, names)
+        where = f"{names.relay_namespace}/"
+        if token is None or trust is None:
+            missing = (f"{where}{names.relay_token} (key token)" if token is None
+                       else f"{where}{names.relay_root} (key ca.crt)")
+            if current is None:
+                self._say_once("no-cert", "no client certificate in %s%s and no %s: register "
+                               "the cluster with `meshtrust cluster register %s` and put what it "
+                               "prints here, or provide a client certificate yourself",
+                               where, names.relay_client, missing, self.config.cluster)
+            else:
+                self._say_once("expired", "the client certificate in %s%s expired at %s and "
+                               "%s is missing: put a fresh certificate there, or mint a token "
+                               "with `meshtrust cluster token %s`", where, names.relay_client,
+                               current.certificate.not_valid_after_utc.isoformat(), missing,
+                               self.config.cluster)
+            return False
+        key, key_pem = await identity.pending_key(self.store, names, self.config.key_type)
+        log.info("bootstrapping cluster %s at %s", self.config.cluster,
+                 self.config.bootstrap_address)
+        try:
+            response = await self.client.bootstrap(
+                trust, token, identity.request_for(key, self.config.cluster))
+        except errors.RPCError as exc:
+            if _TLS_FAILURE.search(str(exc)):
+                raise errors.RPCError(
+                    f"TLS handshake with {self.config.bootstrap_address} failed: the server's "
+                    f"certificate does not chain to the relay root this agent trusts, "
+                    f"{describe_trust(trust)}") from exc
+            raise
+        chain = bytes(response.certificate_chain)
+        if not keys.key_matches(bundle.load_certificate(chain, "certificate chain"), key):
+            raise errors.RPCError("the server returned a certificate for another key")
+        await identity.store_certificate(self.store, names, chain=chain, key_pem=key_pem,
+                                         trust=bytes(response.ca_bundle) or trust)
+        log.info("bootstrapped: client certificate %s stored in %s%s", response.serial, where,
+                 names.relay_client)
+        await self.watcher.refresh()
+        return True
+
+    async def _token(self) -> str | None:
+        names = self.config.names
+        try:
+            secret = await self.store.get_secret(names.relay_namespace, names.relay_token)
+        except errors.NotFound:
+            return None
+        token = secret.data.get("token", b"").decode("utf-8", "replace").strip()
+        return token or None
+
+    async def _connect(self) -> None:
+        """Hold the work stream open, reconnecting with backoff and the current certificate."""
+        backoff = 0.5
+        while True:
+            current = None if self.config.insecure else await self.provider.wait_ready()
+            if current is not None and current.expired(self.clock.now()):
+                await self.provider.wait_for_change(current, timeout=1.0)
+                continue
+            channel = self.client.open_channel(current)
+            try:
+                async for _item in self.client.work(channel, self.leader.is_set()):
+                    if not self.connected.is_set():
+                        log.info("connected to %s over %s", self.config.server,
+                                 "plaintext" if self.config.insecure else "mTLS")
+                        self.connected.set()
+                        self._said.discard("connect")
+                    backoff = 0.5
+            except errors.MeshTrustError as exc:
+                self._log_connect_failure(exc, current)
+            finally:
+                self.connected.clear()
+                await channel.close()
+            await asyncio.sleep(backoff * (1 + random.random() / 2))
+            backoff = min(backoff * 2, self.config.reconnect_max)
+
+    def _log_connect_failure(self, exc: errors.MeshTrustError,
+                             current: ClientIdentity | None) -> None:
+        if current is not None and _TLS_FAILURE.search(str(exc)):
+            log.warning("TLS handshake with %s failed (%s); this agent expects the server to "
+                        "chain to %s", self.config.server, exc, describe_trust(current.trust))
+        elif isinstance(exc, errors.AuthError):
+            log.warning("the server refused this agent: %s", exc)
+        else:
+            log.info("relay connection to %s ended: %s", self.config.server, exc)
+
+    async def _report(self) -> None:
+        """Tell the server what the agent holds, now and then and after each change."""
+        seen: ClientIdentity | None = None
+        while True:
+            current = self.provider.current
+            if (current is not None or self.config.insecure) and self.connected.is_set():
+                try:
+                    await self.client.report(self._status(current))
+                    seen = current
+                except errors.MeshTrustError as exc:
+                    log.debug("status report failed: %s", exc)
+            await self.provider.wait_for_change(seen, timeout=self.config.status_interval)
+
+    def _status(self, current: ClientIdentity | None) -> messages.StatusReport:
+        held = []
+        if current is not None:
+            cert = current.certificate
+            names = self.config.names
+            held.append(messages.HeldCertificate(
+                kind="relay-client", namespace=names.relay_namespace, secret=names.relay_client,
+                serial=current.serial, subject=cert.subject.rfc4514_string(),
+                issuer=cert.issuer.rfc4514_string(),
+                not_before_unix=_unix(cert.not_valid_before_utc),
+                not_after_unix=_unix(cert.not_valid_after_utc),
+                renew_at_unix=_unix(self.rotator.due_at(current)),
+                fingerprint_sha256=bundle.fingerprint(cert)))
+        return messages.StatusReport(protocol_version=rpc.PROTOCOL_VERSION,
+                                     agent_version=__version__, replica=self.config.replica,
+                                     leader=self.leader.is_set(), certificates=held)
+
+
+def _unix(value: dt.datetime) -> int:
+    return int(value.timestamp())
+
+
+async def run(config: AgentConfig) -> None:
+    """Run an agent until SIGINT or SIGTERM."""
+    store = await open_store(config.store)
+    agent = Agent(config, store)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        log.info("stopping")
+    finally:
+        await store.close()

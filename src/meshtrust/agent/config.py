@@ -1,0 +1,56 @@
+"""The agent's settings, one frozen value with sane defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+from meshtrust import errors, settings
+from meshtrust.pki import keys
+
+
+def default_replica() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    cluster: str
+    server: str
+    store: str
+    bootstrap_server: str | None = None
+    server_name: str | None = None
+    insecure: bool = False
+    grace_ratio: float = settings.DEFAULT_GRACE_RATIO
+    jitter: float = 0.1
+    key_type: keys.KeyType = keys.KeyType.EC_P256
+    replica: str = dataclasses.field(default_factory=default_replica)
+    lease_ttl: float = 15.0
+    status_interval: float = 30.0
+    reconnect_max: float = 30.0
+    rotate: bool | None = None  # None: rotate unless bring-your-own is detected
+    names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.grace_ratio < 1:
+            raise errors.ConfigError(
+                "clientTlsSecretRotationGracePeriodRatio must be between 0 and 1, e.g. 0.1")
+        if not 0 <= self.jitter < 1:
+            raise errors.ConfigError("jitter must be in [0, 1)")
+        for name in ("server", *(("bootstrap_server",) if self.bootstrap_server else ())):
+            value = getattr(self, name)
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise errors.ConfigError(f"{name}: {value!r} is not host:port")
+        if self.lease_ttl <= 0 or self.status_interval <= 0 or self.reconnect_max <= 0:
+            raise errors.ConfigError("lease TTL, status interval and reconnect backoff must be "
+                                     "positive")
+
+    @property
+    def bootstrap_address(self) -> str:
+        """Where to bootstrap: the given address, else the relay port + 1."""
+        if self.bootstrap_server:
+            return self.bootstrap_server
+        host, _, port = self.server.rpartition(":")
+        return f"{host}:{int(port) + 1}"

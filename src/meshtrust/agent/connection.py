@@ -1,0 +1,115 @@
+"""The agent's gRPC client: channels built from the provider's current certificate.
+
+Unary calls go over a channel made from the identity the provider holds; when
+the identity changes, the next call gets a new channel and the old one is
+closed after a grace period, so calls in flight finish. A long-lived work
+stream keeps the channel it was opened on until it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from meshtrust import errors, rpc
+from meshtrust.agent.config import AgentConfig
+from meshtrust.agent.provider import ClientIdentity, Provider
+from meshtrust.pki import bundle
+from meshtrust.rpc import transport
+from meshtrust.rpc.transport import messages
+
+log = logging.getLogger(__name__)
+
+CLOSE_GRACE = 10.0
+CALL_TIMEOUT = 15.0
+
+
+def describe_trust(trust: bytes) -> str:
+    """Which CA the agent expects the server to chain to, for error messages."""
+    try:
+        roots = bundle.load_certificates(trust, "ca.crt")
+    except errors.ChainError:
+        return "an unreadable ca.crt"
+    return "; ".join(f"{c.subject.rfc4514_string()} (SHA-256 {bundle.fingerprint(c)[:23]}…)"
+                     for c in roots)
+
+
+class RelayClient:
+    def __init__(self, config: AgentConfig, provider: Provider) -> None:
+        self._config = config
+        self._provider = provider
+        self._channel: Any = None
+        self._channel_identity: ClientIdentity | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._config.insecure:
+            return (("x-meshtrust-cluster", self._config.cluster),)
+        return ()
+
+    def open_channel(self, identity: ClientIdentity | None) -> Any:
+        """A new channel to the relay listener with ``identity``'s certificate."""
+        if self._config.insecure:
+            return transport.insecure_channel(self._config.server)
+        if identity is None:
+            raise errors.RPCError("no client certificate yet")
+        return transport.secure_channel(self._config.server, trust=identity.trust,
+                                        chain=identity.chain, key=identity.key,
+                                        server_name=self._config.server_name)
+
+    def _current_channel(self) -> Any:
+        identity = self._provider.current
+        if self._channel is None or identity != self._channel_identity:
+            old = self._channel
+            self._channel = self.open_channel(identity)
+            self._channel_identity = identity
+            if old is not None:
+                task = asyncio.create_task(_close_later(old))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        return self._channel
+
+    async def renew(self, csr_pem: bytes) -> Any:
+        stub = transport.services.RelayStub(self._current_channel())
+        return await transport.call(stub.Renew(
+            messages.RenewRequest(protocol_version=rpc.PROTOCOL_VERSION, csr=csr_pem),
+            timeout=CALL_TIMEOUT, metadata=self._metadata()))
+
+    async def report(self, report: Any) -> Any:
+        stub = transport.services.RelayStub(self._current_channel())
+        return await transport.call(stub.ReportStatus(report, timeout=CALL_TIMEOUT,
+                                                      metadata=self._metadata()))
+
+    async def bootstrap(self, trust: bytes, token: str, csr_pem: bytes) -> Any:
+        """Call Bootstrap over server-authenticated TLS on the bootstrap listener."""
+        channel = transport.secure_channel(self._config.bootstrap_address, trust=trust,
+                                           server_name=self._config.server_name)
+        try:
+            stub = transport.services.BootstrapStub(channel)
+            return await transport.call(stub.Bootstrap(messages.BootstrapRequest(
+                protocol_version=rpc.PROTOCOL_VERSION, cluster=self._config.cluster,
+                token=token, csr=csr_pem), timeout=CALL_TIMEOUT))
+        finally:
+            await channel.close()
+
+    async def work(self, channel: Any, leader: bool) -> AsyncIterator[Any]:
+        """Items of the server's work stream on ``channel``; raises a domain error at its end."""
+        stub = transport.services.RelayStub(channel)
+        stream = stub.Work(messages.WorkSubscribe(protocol_version=rpc.PROTOCOL_VERSION,
+                                                  replica=self._config.replica, leader=leader),
+                           metadata=self._metadata())
+        async for item in transport.iterate(stream):
+            yield item
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        for task in list(self._closing):
+            task.cancel()
+
+
+async def _close_later(channel: Any) -> None:
+    await asyncio.sleep(CLOSE_GRACE)
+    await channel.close()

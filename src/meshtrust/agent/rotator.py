@@ -1,0 +1,104 @@
+"""The rotator: renews the client certificate before it expires, on the leader only.
+
+It renews at ``notAfter − ratio × lifetime`` (moved earlier by jitter) with a
+new key, over mTLS, and writes ``relay-client-tls-secret``; the watcher then
+hands the new certificate to the provider. Failures back off and retry
+until the certificate expires; after that the agent bootstraps again if it
+has a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+
+from meshtrust import clock as clock_module
+from meshtrust import errors
+from meshtrust.agent import identity
+from meshtrust.agent.config import AgentConfig
+from meshtrust.agent.connection import RelayClient
+from meshtrust.agent.provider import ClientIdentity, Provider
+from meshtrust.pki import bundle, keys, rotation
+from meshtrust.store import base
+
+log = logging.getLogger(__name__)
+
+MAX_STEP = 1.0  # re-check leadership and the certificate at least this often (seconds)
+MIN_SPACING = 1.0  # never renew more often than this, whatever the settings say (seconds)
+
+
+class Rotator:
+    def __init__(self, config: AgentConfig, store: base.Store, provider: Provider,
+                 client: RelayClient, leader: asyncio.Event,
+                 clock: clock_module.Clock | None = None,
+                 rng: random.Random | None = None) -> None:
+        self._config = config
+        self._store = store
+        self._provider = provider
+        self._client = client
+        self._leader = leader
+        self._clock = clock or clock_module.SystemClock()
+        self._rng = rng or random.Random()
+        self._planned: dict[str, dt.datetime] = {}
+        self.renewals = 0
+
+    def due_at(self, current: ClientIdentity) -> dt.datetime:
+        """When to renew ``current``; jitter is drawn once per certificate."""
+        serial = current.serial
+        if serial not in self._planned:
+            self._planned = {serial: rotation.renew_at(
+                current.certificate, self._config.grace_ratio, self._config.jitter, self._rng)}
+        return self._planned[serial]
+
+    async def run(self) -> None:
+        backoff = 1.0
+        while True:
+            await self._leader.wait()
+            current = await self._provider.wait_ready()
+            wait = (self.due_at(current) - self._clock.now()).total_seconds()
+            if wait > 0:
+                await self._provider.wait_for_change(current, timeout=min(wait, MAX_STEP))
+                continue
+            if not self._leader.is_set() or self._provider.current != current:
+                continue
+            if not current.managed and self._config.rotate is None:
+                # Bring your own: someone else renews; the watcher picks it up.
+                await self._provider.wait_for_change(current, timeout=None)
+                continue
+            if current.expired(self._clock.now()):
+                # Renewal needs a valid certificate; the agent re-bootstraps instead.
+                await self._provider.wait_for_change(current, timeout=MAX_STEP)
+                continue
+            try:
+                await self.renew(current)
+                backoff = 1.0
+                await asyncio.sleep(MIN_SPACING)
+            except errors.MeshTrustError as exc:
+                log.warning("renewing the client certificate failed: %s; retrying in %.0f s",
+                            exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._config.reconnect_max)
+
+    async def renew(self, current: ClientIdentity) -> None:
+        names = self._config.names
+        key, key_pem = await identity.pending_key(self._store, names, self._config.key_type)
+        response = await self._client.renew(identity.request_for(key, self._config.cluster))
+        chain = bytes(response.certificate_chain)
+        if not keys.key_matches(bundle.load_certificate(chain, "certificate chain"), key):
+            raise errors.RPCError("the server returned a certificate for another key")
+        written = await identity.store_certificate(
+            self._store, names, chain=chain, key_pem=key_pem,
+            trust=bytes(response.ca_bundle) or current.trust)
+        self.renewals += 1
+        fresh = bundle.load_certificate(chain, "certificate chain")
+        if rotation.renew_at(fresh, self._config.grace_ratio) <= self._clock.now():
+            log.warning("the new certificate is due for renewal already: its lifetime is too "
+                        "short for grace ratio %s; renewals are spaced %s s apart",
+                        self._config.grace_ratio, MIN_SPACING)
+        log.info("renewed client certificate: serial %s, expires %s (resource version %d)",
+                 response.serial, dt.datetime.fromtimestamp(response.not_after_unix,
+                                                            dt.timezone.utc).isoformat(),
+                 written.resource_version)
+

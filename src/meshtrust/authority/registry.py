@@ -1,0 +1,227 @@
+"""The cluster registry and its bootstrap tokens, kept as resources in the management store.
+
+A registered cluster is a ``KubernetesCluster`` resource (the reference's
+``admin.gloo.solo.io/v2`` kind) whose status records when its agent was last
+seen and which client certificate it holds. Deregistering deletes it, and the
+relay refuses the cluster's certificate from the next call on.
+
+Per-cluster tokens are better than the reference's single shared token: each
+is single-use, expires (one hour by default), and is stored only as a SHA-256
+hash in a ``BootstrapToken`` resource. Consumption is a compare-and-swap, so
+of many concurrent bootstraps with one token exactly one wins. A consumed
+token stays usable for a short retry window by the same key only, so an agent
+that lost the response can try again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from typing import Any
+
+from meshtrust import clock as clock_module
+from meshtrust import errors, settings
+from meshtrust.pki import identity
+from meshtrust.store import base
+
+CLUSTER_KIND = "KubernetesCluster"
+CLUSTER_API = "admin.gloo.solo.io/v2"
+TOKEN_KIND = "BootstrapToken"
+TOKEN_API = "meshtrust.io/v1"
+TOKEN_PREFIX = "mt1"
+DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
+DEFAULT_RETRY_WINDOW = dt.timedelta(minutes=5)
+_CAS_ATTEMPTS = 5
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _digest(text: str | bytes) -> str:
+    raw = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """A registered cluster as the registry reports it."""
+
+    name: str
+    registered: dt.datetime | None
+    last_seen: dt.datetime | None
+    client_serial: str | None
+    client_not_after: dt.datetime | None
+    connected: bool
+
+    @classmethod
+    def of(cls, resource: base.Resource) -> Cluster:
+        status = resource.status
+        client = status.get("clientCertificate") or {}
+        return cls(name=resource.name, registered=_parse_time(resource.spec.get("registeredAt")),
+                   last_seen=_parse_time(status.get("lastSeen")),
+                   client_serial=client.get("serial"),
+                   client_not_after=_parse_time(client.get("notAfter")),
+                   connected=bool(status.get("connected")))
+
+
+def check_cluster_name(name: str) -> str:
+    """Return ``name`` if it can name a cluster; raise ConfigError otherwise."""
+    if not identity.is_dns_name(name) or "." in name or "*" in name or len(name) > 63:
+        raise errors.ConfigError(
+            f"cluster name {name!r} is invalid; use lower-case letters, digits and dashes, "
+            "such as cluster-1")
+    return name
+
+
+class Registry:
+    """Registers clusters, mints and consumes their tokens, records what agents report."""
+
+    def __init__(self, store: base.Store, clock: clock_module.Clock, *,
+                 namespace: str = settings.RELAY_NAMESPACE,
+                 retry_window: dt.timedelta = DEFAULT_RETRY_WINDOW) -> None:
+        self._store = store
+        self._clock = clock
+        self._ns = namespace
+        self._retry_window = retry_window
+
+    # -- clusters ---------------------------------------------------------------------------
+
+    async def register(self, name: str) -> Cluster:
+        """Register ``name``; registering a registered cluster changes nothing."""
+        check_cluster_name(name)
+        try:
+            resource = await self._store.create(base.Resource(
+                api_version=CLUSTER_API, kind=CLUSTER_KIND, namespace=self._ns, name=name,
+                spec={"registeredAt": _iso(self._clock.now())}))
+        except errors.AlreadyExists:
+            resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
+        return Cluster.of(resource)
+
+    async def get(self, name: str) -> Cluster:
+        """The registered cluster ``name``; raise UnknownCluster if it is not registered."""
+        try:
+            return Cluster.of(await self._store.get_resource(CLUSTER_KIND, self._ns, name))
+        except errors.NotFound:
+            raise errors.UnknownCluster(
+                f"cluster {name!r} is not registered; register it with "
+                f"`meshtrust cluster register {name}`") from None
+
+    async def list(self) -> list[Cluster]:
+        resources = await self._store.list_resources(CLUSTER_KIND, namespace=self._ns)
+        return sorted((Cluster.of(r) for r in resources), key=lambda c: c.name)
+
+    async def deregister(self, name: str) -> None:
+        """Remove ``name`` and its unused tokens; its certificates are refused from now on."""
+        try:
+            await self._store.delete(CLUSTER_KIND, self._ns, name)
+        except errors.NotFound:
+            raise errors.UnknownCluster(f"cluster {name!r} is not registered") from None
+        for token in await self._store.list_resources(TOKEN_KIND, namespace=self._ns,
+                                                      labels={"cluster": name}):
+            try:
+                await self._store.delete(TOKEN_KIND, self._ns, token.name)
+            except errors.NotFound:
+                pass
+
+    async def update_status(self, name: str, **changes: Any) -> None:
+        """Merge ``changes`` into the cluster's status (retrying lost compare-and-swaps)."""
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
+            except errors.NotFound:
+                return
+            status = {**resource.status, **changes}
+            if status == resource.status:
+                return
+            try:
+                await self._store.update_status(dataclasses.replace(resource, status=status))
+                return
+            except errors.Conflict:
+                continue
+            except errors.NotFound:
+                return
+
+    async def seen(self, name: str, *, min_interval: dt.timedelta = dt.timedelta(seconds=5),
+                   **changes: Any) -> None:
+        """Record that the cluster's agent called, at most once per ``min_interval``."""
+        now = self._clock.now()
+        cluster = await self.get(name)
+        if (not changes and cluster.last_seen is not None
+                and now - cluster.last_seen < min_interval):
+            return
+        await self.update_status(name, lastSeen=_iso(now), **changes)
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    async def create_token(self, cluster: str, ttl: dt.timedelta = DEFAULT_TOKEN_TTL) -> str:
+        """Mint a single-use token for ``cluster``; only its hash is stored."""
+        await self.get(cluster)
+        if ttl <= dt.timedelta(0):
+            raise errors.ConfigError("token lifetime must be positive")
+        token_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(32)
+        expires = self._clock.now() + ttl
+        await self._store.create(base.Resource(
+            api_version=TOKEN_API, kind=TOKEN_KIND, namespace=self._ns,
+            name=f"{cluster}.{token_id}", labels={"cluster": cluster},
+            spec={"cluster": cluster, "sha256": _digest(secret), "expiresAt": _iso(expires)}))
+        return f"{TOKEN_PREFIX}.{token_id}.{secret}"
+
+    @staticmethod
+    def is_cluster_token(token: str) -> bool:
+        parts = token.split(".")
+        return len(parts) == 3 and parts[0] == TOKEN_PREFIX
+
+    async def consume_token(self, cluster: str, token: str, key_fingerprint: str) -> None:
+        """Accept ``token`` for ``cluster`` and a key, once; raise AuthError otherwise."""
+        rejected = errors.AuthError(f"identity token rejected for cluster {cluster!r}")
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+            raise rejected
+        _, token_id, secret = parts
+        name = f"{cluster}.{token_id}"
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                resource = await self._store.get_resource(TOKEN_KIND, self._ns, name)
+            except (errors.NotFound, ValueError):
+                raise rejected from None
+            spec, status = resource.spec, resource.status
+            if not hmac.compare_digest(str(spec.get("sha256", "")), _digest(secret)):
+                raise rejected
+            now = self._clock.now()
+            expires = _parse_time(spec.get("expiresAt"))
+            if expires is None or now >= expires:
+                raise errors.AuthError(
+                    f"identity token for cluster {cluster!r} expired; mint a new one with "
+                    f"`meshtrust cluster token {cluster}`")
+            consumed = _parse_time(status.get("consumedAt"))
+            if consumed is not None:
+                same_key = hmac.compare_digest(str(status.get("keySha256", "")),
+                                               key_fingerprint)
+                if same_key and now < consumed + self._retry_window:
+                    return
+                raise errors.AuthError(
+                    f"identity token for cluster {cluster!r} was already used; mint a new one "
+                    f"with `meshtrust cluster token {cluster}`")
+            try:
+                await self._store.update_status(dataclasses.replace(
+                    resource, status={"consumedAt": _iso(now), "keySha256": key_fingerprint}))
+                return
+            except errors.Conflict:
+                continue
+            except errors.NotFound:
+                raise rejected from None
+        raise rejected

@@ -1,0 +1,139 @@
+"""Relay use cases: bootstrap with a token, renew over mTLS, authorize a peer.
+
+Each use case follows one path — authorize, sign, record — and raises a
+domain error a user can act on. The caller (the gRPC servicer) supplies the
+peer's identity from the verified TLS certificate, never from a request field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import hmac
+
+from cryptography import x509
+
+from meshtrust import clock as clock_module
+from meshtrust import errors, settings
+from meshtrust.authority import registry as registry_module
+from meshtrust.authority import relay_pki
+from meshtrust.pki import bundle, csr, identity, issuer, keys, profiles
+from meshtrust.store import base
+
+
+class TokenMode(enum.Enum):
+    """Which identity tokens bootstrap accepts."""
+
+    SHARED = "shared"    # the reference's one token in relay-identity-token-secret
+    CLUSTER = "cluster"  # per-cluster, single-use, expiring tokens only
+    ANY = "any"          # either
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Issued:
+    """A certificate handed to an agent, with what it needs to trust the server."""
+
+    certificate: x509.Certificate
+    chain_pem: bytes
+    ca_bundle: bytes
+
+    @property
+    def serial(self) -> str:
+        return f"{self.certificate.serial_number:x}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    client_lifetime: dt.timedelta = profiles.RELAY_CLIENT.default_lifetime
+    token_mode: TokenMode = TokenMode.ANY
+    names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
+
+
+class RelayAuthority:
+    """Issues and renews relay client certificates for registered clusters."""
+
+    def __init__(self, store: base.Store, clock: clock_module.Clock,
+                 registry: registry_module.Registry, options: Options | None = None) -> None:
+        self._store = store
+        self._clock = clock
+        self.registry = registry
+        self.options = options or Options()
+        self._signer: tuple[int, issuer.CA, bytes] | None = None
+
+    async def _signing_ca(self) -> tuple[issuer.CA, bytes]:
+        """The signing CA and trust bundle, reloaded when the signing secret changes."""
+        names = self.options.names
+        secret = await self._store.get_secret(names.relay_namespace, names.relay_signing)
+        if self._signer is None or self._signer[0] != secret.resource_version:
+            ca = await relay_pki.load_signing_ca(self._store, names)
+            trust = await relay_pki.trust_bundle(self._store, names)
+            self._signer = (secret.resource_version, ca, trust)
+        return self._signer[1], self._signer[2]
+
+    async def bootstrap(self, cluster: str, token: str, csr_pem: bytes) -> Issued:
+        """Check the token and issue the cluster's first client certificate."""
+        registry_module.check_cluster_name(cluster)
+        request = csr.load_csr(csr_pem)
+        await self.registry.get(cluster)
+        await self._check_token(cluster, token, request)
+        return await self._issue(cluster, request)
+
+    async def renew(self, cluster: str, csr_pem: bytes) -> Issued:
+        """Issue a new client certificate for an authenticated cluster's new key."""
+        request = csr.load_csr(csr_pem)
+        await self.registry.get(cluster)
+        return await self._issue(cluster, request)
+
+    async def _check_token(self, cluster: str, token: str, request: csr.Request) -> None:
+        mode = self.options.token_mode
+        if mode is not TokenMode.SHARED and self.registry.is_cluster_token(token):
+            await self.registry.consume_token(cluster, token, _key_fingerprint(request))
+            return
+        if mode is not TokenMode.CLUSTER:
+            names = self.options.names
+            try:
+                secret = await self._store.get_secret(names.relay_namespace, names.relay_token)
+                expected = secret.data.get("token", b"")
+            except errors.NotFound:
+                expected = b""
+            if expected and hmac.compare_digest(expected.strip(), token.encode().strip()):
+                return
+        raise errors.AuthError(f"identity token rejected for cluster {cluster!r}")
+
+    async def _issue(self, cluster: str, request: csr.Request) -> Issued:
+        ca, trust = await self._signing_ca()
+        certificate = issuer.issue(request, ca, profiles.RELAY_CLIENT, self._clock.now(),
+                                   self.options.client_lifetime, issuer.Subject(cluster=cluster))
+        issued = Issued(certificate=certificate,
+                        chain_pem=bundle.dump_certificates([certificate, *ca.path[:-1]]),
+                        ca_bundle=trust)
+        await self.registry.seen(cluster, clientCertificate={
+            "serial": issued.serial,
+            "notAfter": certificate.not_valid_after_utc.isoformat()})
+        return issued
+
+    async def authorize(self, peer_pem: bytes) -> str:
+        """The registered cluster a verified peer certificate names; AuthError if none."""
+        try:
+            cert = bundle.load_certificate(peer_pem, "peer certificate")
+        except errors.ChainError as exc:
+            raise errors.AuthError("the peer presented no readable client certificate") from exc
+        cluster = cluster_of(cert)
+        if cluster is None:
+            raise errors.AuthError("the client certificate names no cluster (DNS SAN or CN)")
+        await self.registry.get(cluster)
+        return cluster
+
+
+def cluster_of(cert: x509.Certificate) -> str | None:
+    """The cluster a relay client certificate was issued to: its DNS SAN, else its CN."""
+    for name in identity.subject_alt_names(cert):
+        if isinstance(name, x509.DNSName) and "*" not in name.value:
+            return name.value
+    return identity.common_name(cert.subject)
+
+
+def _key_fingerprint(request: csr.Request) -> str:
+    return hashlib.sha256(keys.public_key_der(request.public_key)).hexdigest()

@@ -1,0 +1,65 @@
+"""``meshtrust agent``: run the agent of one workload cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from meshtrust.agent import app
+from meshtrust.agent.config import AgentConfig
+from meshtrust.cli import common
+from meshtrust.cli.output import Output
+from meshtrust.pki import keys
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "agent", help="run a workload cluster's agent",
+        description="Run the agent of one workload cluster. With no client certificate and a "
+                    "token in relay-identity-token-secret it bootstraps; it then holds an mTLS "
+                    "connection to the server, and (on the leader replica) renews its client "
+                    "certificate before expiry. A client certificate put in "
+                    "relay-client-tls-secret by someone else is picked up (bring your own).")
+    parser.add_argument("--cluster", required=True, help="this cluster's registered name")
+    parser.add_argument("--server", required=True, help="relay address host:port")
+    parser.add_argument("--bootstrap-server",
+                        help="bootstrap address host:port (default: relay port + 1)")
+    common.add_store_option(parser, "this cluster's store")
+    parser.add_argument("--server-name",
+                        help="name to check in the server certificate, if not the host")
+    parser.add_argument("--grace-ratio", type=float, default=0.1,
+                        help="clientTlsSecretRotationGracePeriodRatio: renew when this share "
+                             "of the lifetime is left (default %(default)s)")
+    parser.add_argument("--jitter", type=float, default=0.1,
+                        help="renew up to this share of the grace window earlier, at random "
+                             "(default %(default)s)")
+    parser.add_argument("--key-type", default="ecdsa-p256",
+                        help="type of the client key (default %(default)s)")
+    parser.add_argument("--replica", help="this replica's name for leader election "
+                                          "(default host-pid)")
+    parser.add_argument("--lease-ttl", type=float, default=15.0,
+                        help="leader lease duration in seconds (default %(default)s)")
+    parser.add_argument("--status-interval", type=float, default=30.0,
+                        help="seconds between status reports (default %(default)s)")
+    parser.add_argument("--no-rotate", action="store_true",
+                        help="never renew: the client certificate is managed elsewhere")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext relay, for a server started with --insecure")
+    common.add_log_option(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    extra = {"replica": args.replica} if args.replica else {}
+    config = AgentConfig(
+        cluster=args.cluster, server=args.server, store=common.store_url(args),
+        bootstrap_server=args.bootstrap_server, server_name=args.server_name,
+        insecure=args.insecure, grace_ratio=args.grace_ratio, jitter=args.jitter,
+        key_type=keys.KeyType.parse(args.key_type), lease_ttl=args.lease_ttl,
+        status_interval=args.status_interval, rotate=False if args.no_rotate else None,
+        **extra)
+    common.setup_logging(args.log_level)
+    if args.insecure:
+        out.warn("insecure mode: the relay is plaintext")
+    asyncio.run(app.run(config))
+    return 0

@@ -1,0 +1,72 @@
+"""``meshtrust server``: run the management server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshtrust import errors
+from meshtrust.cli import common
+from meshtrust.cli.output import Output
+from meshtrust.server import app, config
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "server", help="run the management server (the relay CA)",
+        description="Run the management server. On first start it generates the relay PKI "
+                    "(root, signing CA, server certificate, identity token) in the store; "
+                    "existing secrets are used as they are. Agents bootstrap on the bootstrap "
+                    "listener (server-authenticated TLS) and then use the relay listener "
+                    "(mutual TLS). Settings come from --config (YAML) and flags; flags win.")
+    common.add_store_option(parser, "the management store")
+    parser.add_argument("--config", type=Path, help="YAML file of settings (keys as the flags)")
+    parser.add_argument("--listen", help=f"relay listener, mTLS (default "
+                                         f"{config.DEFAULT_LISTEN})")
+    parser.add_argument("--bootstrap-listen",
+                        help=f"bootstrap listener, server TLS (default "
+                             f"{config.DEFAULT_BOOTSTRAP_LISTEN})")
+    parser.add_argument("--client-lifetime",
+                        help="lifetime of issued client certificates, e.g. 365d, 12h, 90s "
+                             "(default 365d)")
+    parser.add_argument("--server-name", action="append", dest="server_names",
+                        help="extra SAN of a generated server certificate (repeatable; "
+                             "default localhost and 127.0.0.1)")
+    parser.add_argument("--key-type", help="key type of generated relay keys "
+                                           "(default ecdsa-p256)")
+    parser.add_argument("--token-mode", choices=["shared", "cluster", "any"],
+                        help="tokens bootstrap accepts: the shared relay-identity-token-secret, "
+                             "per-cluster single-use tokens, or either (default any)")
+    parser.add_argument("--heartbeat", help="work-stream heartbeat interval (default 10s)")
+    parser.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="plaintext relay with no certificates, for demos only")
+    common.add_log_option(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(args.config.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise errors.ConfigError(f"cannot read {args.config}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise errors.ConfigError(f"{args.config} must hold a mapping of settings")
+        values.update(loaded or {})
+    for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_names",
+                 "key_type", "token_mode", "heartbeat", "ready_file", "insecure"):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    settings = config.from_mapping(values)
+    common.setup_logging(args.log_level)
+    if settings.insecure:
+        out.warn("insecure mode: the relay is plaintext and agents are not authenticated")
+    asyncio.run(app.run(settings))
+    return 0

@@ -1,0 +1,183 @@
+"""gRPC for the relay: listeners with hot-reloaded certificates, channels, stubs.
+
+The server has two listeners. The relay listener requires mutual TLS; the
+bootstrap listener authenticates only the server, because an agent that is
+bootstrapping has no client certificate yet (gRPC in Python cannot ask for a
+client certificate without also requiring one). Both take their certificate
+from a ``Credentials`` holder: a new certificate put there is used by the
+next handshake, with no restart and no effect on open connections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from meshtrust import errors
+from meshtrust.rpc import status
+from meshtrust.rpc._proto import relay_pb2 as messages
+from meshtrust.rpc._proto import relay_pb2_grpc as services
+
+__all__ = ["messages", "services"]
+
+T = TypeVar("T")
+
+# Keepalive so that a dead peer is noticed and a half-open connection is dropped.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 256 * 1024),
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Identity:
+    """A certificate chain and key in PEM, with the roots to trust the peer by."""
+
+    chain: bytes
+    key: bytes
+    trust: bytes
+    version: int = 0
+
+
+class Credentials:
+    """The server's current certificate; each listener's next handshake picks it up."""
+
+    def __init__(self, identity: Identity) -> None:
+        self._lock = threading.Lock()
+        self._identity = identity
+
+    @property
+    def identity(self) -> Identity:
+        with self._lock:
+            return self._identity
+
+    def replace(self, identity: Identity) -> None:
+        with self._lock:
+            self._identity = identity
+
+    def server_credentials(self, *, require_client_auth: bool) -> grpc.ServerCredentials:
+        """Dynamic credentials for one listener, reading this holder at each handshake."""
+        served: list[Identity] = [self.identity]
+
+        def config(identity: Identity) -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(identity.key, identity.chain)],
+                root_certificates=identity.trust if require_client_auth else None)
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            current = self.identity
+            if current is served[0]:
+                return None  # unchanged: keep using the configuration we have
+            served[0] = current
+            return config(current)
+
+        return grpc.dynamic_ssl_server_credentials(
+            config(served[0]), fetch, require_client_authentication=require_client_auth)
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+
+
+def add_listener(server: grpc.aio.Server, address: str,
+                 credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``address`` (``host:port``; port 0 picks one); return the port bound."""
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise errors.ConfigError(f"cannot listen on {address}: the address is in use or invalid")
+    return port
+
+
+def peer_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The client certificate gRPC verified for this call, in PEM, or None."""
+    auth = context.auth_context()
+    values = auth.get("x509_pem_cert") or []
+    return bytes(values[0]) if values else None
+
+
+def peer_host(context: grpc.aio.ServicerContext) -> str:
+    """The peer's address without its port, for rate limits and logs."""
+    peer = context.peer() or ""
+    if peer.startswith("ipv4:"):
+        return peer[5:].rsplit(":", 1)[0]
+    if peer.startswith("ipv6:"):
+        return peer[5:].rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+def metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item.key == key:
+            return str(item.value)
+    return None
+
+
+async def abort(context: grpc.aio.ServicerContext, error: errors.MeshTrustError) -> None:
+    """End the call with the status code of ``error`` and its message."""
+    trailing: Sequence[tuple[str, str]] = ()
+    if isinstance(error, errors.RateLimited):
+        trailing = (("retry-after", f"{error.retry_after:.1f}"),)
+    await context.abort(status.code_of(error), str(error), trailing_metadata=trailing)
+
+
+def secure_channel(target: str, *, trust: bytes, chain: bytes | None = None,
+                   key: bytes | None = None, server_name: str | None = None) -> grpc.aio.Channel:
+    """A channel that verifies the server against ``trust`` and, given a key, presents it."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=trust, private_key=key,
+                                               certificate_chain=chain)
+    options = list(_CHANNEL_OPTIONS)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def insecure_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+async def call(request: Awaitable[T]) -> T:
+    """Await a unary call, turning a gRPC failure into the matching domain error."""
+    try:
+        return await request
+    except grpc.aio.AioRpcError as exc:
+        raise translate(exc) from exc
+
+
+async def iterate(stream: Any) -> AsyncIterator[Any]:
+    """Items of a server stream, turning a gRPC failure into the matching domain error."""
+    try:
+        async for item in stream:
+            yield item
+    except grpc.aio.AioRpcError as exc:
+        raise translate(exc) from exc
+    finally:
+        stream.cancel()
+
+
+def translate(exc: BaseException) -> errors.MeshTrustError:
+    """The domain error for a gRPC failure (``RPCError`` when the server is away)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return status.error_of(exc.code(), exc.details() or exc.code().name)
+    return errors.RPCError(str(exc))
+
+
+
+

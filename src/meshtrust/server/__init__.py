@@ -1,0 +1,1 @@
+"""The management server process: relay listeners, the CA, the policy loops."""

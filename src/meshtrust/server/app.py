@@ -1,0 +1,157 @@
+"""The management server process: wire the store, the authority and the listeners.
+
+``run`` opens the store, makes whatever relay PKI is missing, starts the
+bootstrap and relay listeners, and follows two things in the store: the
+server certificate secret (a new one is used by the next handshake) and the
+cluster registry (a deregistered cluster's open streams are ended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from meshtrust import clock as clock_module
+from meshtrust import errors, settings
+from meshtrust.authority import registry as registry_module
+from meshtrust.authority import relay, relay_pki
+from meshtrust.rpc import transport
+from meshtrust.server import authn, service
+from meshtrust.server.config import ServerConfig
+from meshtrust.store import base, open_store
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """A running management server; ``await stop()`` ends it."""
+
+    def __init__(self, config: ServerConfig, store: base.Store,
+                 clock: clock_module.Clock | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock or clock_module.SystemClock()
+        self.names = settings.SecretNames()
+        self.registry = registry_module.Registry(store, self.clock)
+        self.authority = relay.RelayAuthority(store, self.clock, self.registry, relay.Options(
+            client_lifetime=config.client_lifetime, token_mode=config.token_mode))
+        self.relay_service = service.RelayService(self.authority, self.clock,
+                                                  insecure=config.insecure,
+                                                  heartbeat=config.heartbeat)
+        self.ports: dict[str, int] = {}
+        self._grpc = transport.new_server()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._credentials: transport.Credentials | None = None
+
+    async def start(self) -> None:
+        made = await relay_pki.ensure(self.store, self.clock, relay_pki.Options(
+            key_type=self.config.key_type, server_names=self.config.server_names,
+            server_lifetime=self.config.server_lifetime))
+        for name in made:
+            log.info("generated %s/%s", self.names.relay_namespace, name)
+        service.add_services(self._grpc, self.relay_service,
+                             service.BootstrapService(self.authority, authn.FailureLimiter()))
+        if self.config.insecure:
+            log.warning("INSECURE MODE: the relay is plaintext and agents are not authenticated;"
+                        " never use this outside a demo")
+            self.ports["relay"] = transport.add_listener(self._grpc, self.config.listen, None)
+        else:
+            self._credentials = transport.Credentials(await self._identity())
+            self.ports["relay"] = transport.add_listener(
+                self._grpc, self.config.listen,
+                self._credentials.server_credentials(require_client_auth=True))
+            self.ports["bootstrap"] = transport.add_listener(
+                self._grpc, self.config.bootstrap_listen,
+                self._credentials.server_credentials(require_client_auth=False))
+            self._tasks.append(asyncio.create_task(self._follow_server_secret()))
+        self._tasks.append(asyncio.create_task(self._follow_registry()))
+        await self._grpc.start()
+        log.info("meshtrust server listening: %s", self.ports)
+        if self.config.ready_file:
+            _write_ready(Path(self.config.ready_file), {"pid": os.getpid(), **self.ports})
+
+    async def _identity(self) -> transport.Identity:
+        creds = await relay_pki.server_credentials(self.store, self.names)
+        return transport.Identity(chain=creds.certificate_chain, key=creds.private_key,
+                                  trust=creds.client_trust, version=creds.resource_version)
+
+    async def _follow_server_secret(self) -> None:
+        """Put every new relay-server-tls-secret into the listeners' credentials."""
+        assert self._credentials is not None
+        since = await self.store.revision()
+        await self._reload()
+        while True:
+            try:
+                async for event in self.store.watch(base.SECRET_KIND,
+                                                    namespace=self.names.relay_namespace,
+                                                    since=since):
+                    since = event.resource_version
+                    if event.object.name in (self.names.relay_server, self.names.relay_root):
+                        await self._reload()
+            except errors.Conflict:
+                since = await self.store.revision()
+                await self._reload()
+            except Exception:  # noqa: BLE001 - keep following; log and back off
+                log.exception("following the server certificate failed; retrying")
+                await asyncio.sleep(1)
+
+    async def _reload(self) -> None:
+        assert self._credentials is not None
+        try:
+            identity = await self._identity()
+        except errors.MeshTrustError as exc:
+            log.error("keeping the current server certificate: the new one is unusable: %s", exc)
+            return
+        if identity.version != self._credentials.identity.version:
+            self._credentials.replace(identity)
+            log.info("server certificate reloaded (resource version %d)", identity.version)
+
+    async def _follow_registry(self) -> None:
+        """End the open streams of clusters that are deregistered."""
+        since = await self.store.revision()
+        while True:
+            try:
+                async for event in self.store.watch(registry_module.CLUSTER_KIND, since=since):
+                    since = event.resource_version
+                    if event.type is base.EventType.DELETED:
+                        log.info("cluster %s deregistered; closing its streams",
+                                 event.object.name)
+                        self.relay_service.drop(event.object.name)
+            except errors.Conflict:
+                since = await self.store.revision()
+            except Exception:  # noqa: BLE001 - keep following; log and back off
+                log.exception("following the cluster registry failed; retrying")
+                await asyncio.sleep(1)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._grpc.stop(grace)
+
+
+def _write_ready(path: Path, values: dict[str, int]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.replace(path)
+
+
+async def run(config: ServerConfig) -> None:
+    """Run the server until SIGINT or SIGTERM."""
+    store = await open_store(config.store)
+    server = Server(config, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await server.stop()
+        await store.close()

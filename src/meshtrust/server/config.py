@@ -1,0 +1,112 @@
+"""The server's settings: one frozen value, read from a YAML mapping and flags.
+
+Every field has a sane default; an unknown or invalid field raises
+``ConfigError`` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from meshtrust import errors
+from meshtrust.authority import relay
+from meshtrust.pki import keys, profiles
+
+DEFAULT_LISTEN = "127.0.0.1:9900"
+DEFAULT_BOOTSTRAP_LISTEN = "127.0.0.1:9901"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    store: str
+    listen: str = DEFAULT_LISTEN
+    bootstrap_listen: str = DEFAULT_BOOTSTRAP_LISTEN
+    insecure: bool = False
+    client_lifetime: dt.timedelta = profiles.RELAY_CLIENT.default_lifetime
+    server_lifetime: dt.timedelta = profiles.RELAY_SERVER.default_lifetime
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    key_type: keys.KeyType = keys.KeyType.EC_P256
+    token_mode: relay.TokenMode = relay.TokenMode.ANY
+    heartbeat: float = 10.0
+    ready_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("listen", "bootstrap_listen"):
+            value = getattr(self, name)
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise errors.ConfigError(
+                    f"{name}: {value!r} is not host:port, such as 127.0.0.1:9900")
+        if self.client_lifetime <= dt.timedelta(0) or self.server_lifetime <= dt.timedelta(0):
+            raise errors.ConfigError("lifetimes must be positive")
+        if self.heartbeat <= 0:
+            raise errors.ConfigError("heartbeat must be a positive number of seconds")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str | int | float, field: str) -> dt.timedelta:
+    """``90s``, ``15m``, ``12h``, ``365d``, ``1y`` or a number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    elif isinstance(text, str) and text.strip():
+        value = text.strip().lower()
+        unit = value[-1]
+        try:
+            seconds = (float(value[:-1]) * _DURATION_UNITS[unit] if unit in _DURATION_UNITS
+                       else float(value))
+        except ValueError:
+            seconds = -1
+    else:
+        seconds = -1
+    if seconds <= 0:
+        raise errors.ConfigError(
+            f"{field}: {text!r} is not a positive duration such as 90s, 15m, 12h, 365d or 1y")
+    return dt.timedelta(seconds=seconds)
+
+
+_FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
+    """A ServerConfig from a mapping such as a YAML file (keys may use - or _)."""
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("_", "-")
+        if key not in _FIELDS:
+            raise errors.ConfigError(
+                f"unknown server setting {raw_key!r}; known settings: {', '.join(sorted(_FIELDS))}")
+        name = _FIELDS[key]
+        if value is None:
+            continue
+        if name in ("client_lifetime", "server_lifetime"):
+            value = parse_duration(value, key)
+        elif name == "server_names":
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif isinstance(value, (list, tuple)):
+                value = tuple(str(v) for v in value)
+            else:
+                raise errors.ConfigError(f"{key}: give a list of names")
+        elif name == "key_type":
+            value = keys.KeyType.parse(str(value))
+        elif name == "token_mode":
+            try:
+                value = relay.TokenMode(str(value))
+            except ValueError:
+                raise errors.ConfigError(
+                    f"{key}: {value!r} is not one of shared, cluster, any") from None
+        elif name == "insecure":
+            if not isinstance(value, bool):
+                raise errors.ConfigError(f"{key}: give true or false")
+        elif name == "heartbeat":
+            value = parse_duration(value, key).total_seconds()
+        kwargs[name] = value
+    if "store" not in kwargs:
+        raise errors.ConfigError("store: give the management store URL, e.g. "
+                                 "--store sqlite:///var/lib/meshtrust/mgmt.db")
+    return ServerConfig(**kwargs)

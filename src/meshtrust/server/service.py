@@ -1,0 +1,169 @@
+"""The gRPC servicers: translate a call into a use case and its result into a reply.
+
+Nothing here decides policy. The peer's cluster comes from the certificate
+gRPC verified (``rpc.transport.peer_certificate``); every refusal is a domain
+error that ``rpc.transport.abort`` turns into a status code and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from meshtrust import clock as clock_module
+from meshtrust import errors
+from meshtrust.authority import relay
+from meshtrust.rpc import transport
+from meshtrust.rpc.transport import messages
+from meshtrust.server import authn
+
+log = logging.getLogger(__name__)
+
+INSECURE_CLUSTER_HEADER = "x-meshtrust-cluster"
+
+
+def _response(issued: relay.Issued) -> messages.CertificateResponse:
+    return messages.CertificateResponse(
+        certificate_chain=issued.chain_pem, ca_bundle=issued.ca_bundle, serial=issued.serial,
+        not_after_unix=int(issued.certificate.not_valid_after_utc.timestamp()))
+
+
+class BootstrapService(transport.services.BootstrapServicer):  # type: ignore[misc]
+    """Token bootstrap, on the server-authenticated listener."""
+
+    def __init__(self, authority: relay.RelayAuthority, limiter: authn.FailureLimiter) -> None:
+        self._authority = authority
+        self._limiter = limiter
+
+    async def Bootstrap(self, request: Any, context: Any) -> messages.CertificateResponse:
+        peer = transport.peer_host(context)
+        try:
+            self._limiter.check(peer)
+            issued = await self._authority.bootstrap(request.cluster, request.token, request.csr)
+        except errors.AuthError as exc:
+            if not isinstance(exc, errors.RateLimited):
+                self._limiter.failed(peer)
+            log.warning("bootstrap refused for cluster %r from %s: %s", request.cluster, peer, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        except errors.MeshTrustError as exc:
+            log.warning("bootstrap refused for cluster %r from %s: %s", request.cluster, peer, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        log.info("bootstrapped cluster %s: client certificate %s", request.cluster, issued.serial)
+        return _response(issued)
+
+
+class RelayService(transport.services.RelayServicer):  # type: ignore[misc]
+    """Everything an agent does once it holds a client certificate."""
+
+    def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock, *,
+                 insecure: bool = False, heartbeat: float = 10.0) -> None:
+        self._authority = authority
+        self._clock = clock
+        self._insecure = insecure
+        self._heartbeat = heartbeat
+        self._streams: dict[str, set[asyncio.Event]] = {}
+
+    async def _cluster(self, context: Any) -> str:
+        """The calling cluster, from its verified certificate (or the header when insecure)."""
+        pem = transport.peer_certificate(context)
+        try:
+            if pem is not None:
+                return await self._authority.authorize(pem)
+            if self._insecure:
+                name = transport.metadata(context, INSECURE_CLUSTER_HEADER) or ""
+                await self._authority.registry.get(name)
+                return name
+            raise errors.AuthError("a client certificate is required")
+        except errors.MeshTrustError as exc:
+            log.warning("relay call refused from %s: %s", transport.peer_host(context), exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
+        cluster = await self._cluster(context)
+        try:
+            issued = await self._authority.renew(cluster, request.csr)
+        except errors.MeshTrustError as exc:
+            log.warning("renewal refused for cluster %s: %s", cluster, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        log.info("renewed client certificate of cluster %s: %s", cluster, issued.serial)
+        return _response(issued)
+
+    async def ReportStatus(self, request: Any, context: Any) -> messages.StatusAck:
+        cluster = await self._cluster(context)
+        held = [{
+            "kind": c.kind, "namespace": c.namespace, "secret": c.secret, "serial": c.serial,
+            "subject": c.subject, "issuer": c.issuer,
+            "notAfter": _iso(c.not_after_unix), "renewAt": _iso(c.renew_at_unix),
+            "fingerprint": c.fingerprint_sha256,
+        } for c in request.certificates]
+        await self._authority.registry.seen(
+            cluster, certificates=held,
+            agent={"version": request.agent_version, "replica": request.replica,
+                   "leader": request.leader})
+        return messages.StatusAck(server_time_unix=int(self._clock.now().timestamp()))
+
+    async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
+        cluster = await self._cluster(context)
+        registry = self._authority.registry
+        gone = asyncio.Event()
+        self._streams.setdefault(cluster, set()).add(gone)
+        await registry.update_status(cluster, connected=True, lastSeen=_iso_now(self._clock))
+        log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
+        try:
+            while not gone.is_set():
+                yield messages.WorkItem(heartbeat=messages.Heartbeat(
+                    server_time_unix=int(self._clock.now().timestamp())))
+                try:
+                    await asyncio.wait_for(gone.wait(), timeout=self._heartbeat)
+                except asyncio.TimeoutError:
+                    pass
+            await transport.abort(context, errors.UnknownCluster(
+                f"cluster {cluster!r} was deregistered"))
+        finally:
+            streams = self._streams.get(cluster, set())
+            streams.discard(gone)
+            if not streams:
+                self._streams.pop(cluster, None)
+                try:
+                    await registry.update_status(cluster, connected=False)
+                except errors.MeshTrustError:
+                    pass
+            log.info("agent of cluster %s disconnected", cluster)
+
+    def drop(self, cluster: str) -> None:
+        """End the open work streams of ``cluster`` (it was deregistered)."""
+        for gone in self._streams.get(cluster, ()):
+            gone.set()
+
+    @property
+    def connected(self) -> list[str]:
+        """Clusters with an open work stream to this server replica."""
+        return sorted(self._streams)
+
+    async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
+        await self._cluster(context)
+        await transport.abort(context, errors.ConfigError(
+            f"no work item {request.id!r} is waiting for this cluster"))
+        raise AssertionError("unreachable")
+
+
+def _iso(unix: int) -> str:
+    return dt.datetime.fromtimestamp(unix, dt.timezone.utc).isoformat() if unix else ""
+
+
+def _iso_now(clock: clock_module.Clock) -> str:
+    return clock.now().isoformat()
+
+
+def add_services(server: Any, relay_service: RelayService,
+                 bootstrap_service: BootstrapService) -> None:
+    """Register both services on a gRPC server."""
+    transport.services.add_RelayServicer_to_server(relay_service, server)
+    transport.services.add_BootstrapServicer_to_server(bootstrap_service, server)

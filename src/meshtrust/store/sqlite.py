@@ -1,0 +1,387 @@
+"""The embedded default store: one SQLite file per cluster.
+
+Durability: WAL mode with ``synchronous=FULL``. In WAL mode ``NORMAL`` skips
+the fsync at each commit, so the last commits can roll back after a power
+loss; a CA that has handed out a certificate must not forget it, so every
+commit is fsynced. Group commit pays for that: every write goes to one
+writer thread, which takes whatever writes are queued, applies each with its
+own compare-and-swap check inside one ``BEGIN IMMEDIATE`` transaction, and
+commits them with a single fsync. Callers are answered only after the commit.
+
+Reads run on a second connection in a reader thread; WAL lets them proceed
+while the writer commits. Every write also lands in the ``changes`` table,
+ordered by revision, which ``watch`` polls, so processes that share the file
+see each other's writes. This is the only module that imports ``sqlite3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from meshtrust import clock as clock_module
+from meshtrust import errors
+from meshtrust.store import base, change, feed, manifest
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: objects, their change log, and the revision counter.
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        ("CREATE TABLE objects (kind TEXT NOT NULL, namespace TEXT NOT NULL,"
+         " name TEXT NOT NULL, resource_version INTEGER NOT NULL, body TEXT NOT NULL,"
+         " PRIMARY KEY (kind, namespace, name)) WITHOUT ROWID"),
+        ("CREATE TABLE changes (revision INTEGER PRIMARY KEY, type TEXT NOT NULL,"
+         " kind TEXT NOT NULL, namespace TEXT NOT NULL, body TEXT NOT NULL)"),
+        "INSERT INTO meta (key, value) VALUES ('revision', 0), ('compacted', 0)",
+    ),
+    # 2: labels as their own column, so label selectors run in SQL (backfilled
+    # from the stored manifests), and an index that keeps watches of one kind cheap.
+    (
+        "ALTER TABLE objects ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+        "UPDATE objects SET labels = coalesce(json_extract(body, '$.metadata.labels'), '{}')",
+        "CREATE INDEX changes_by_kind ON changes (kind, revision)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+DEFAULT_HISTORY = 10_000
+BUSY_TIMEOUT = 10.0
+MAX_BATCH = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    write: change.Write
+    future: asyncio.Future[base.WatchEvent]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(future: asyncio.Future[base.WatchEvent], result: base.WatchEvent | Exception) -> None:
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _connect(path: str, name: str) -> sqlite3.Connection:
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                           check_same_thread=False)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        conn.close()
+        raise errors.StoreUnavailable(f"sqlite store {name}: cannot use WAL mode here ({mode})")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def migrate(conn: Any, name: str, migrations: Sequence[tuple[str, ...]] = MIGRATIONS) -> int:
+    """Bring the schema of an open connection up to ``len(migrations)``; return the old version.
+
+    Raise ``errors.SchemaError`` for a file written by a newer meshtrust, or one
+    that holds tables but is not a meshtrust store.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        elif tables:
+            raise errors.SchemaError(f"sqlite store {name} is not a meshtrust store "
+                                     f"(it holds tables {sorted(tables)})")
+        else:
+            version = 0
+        if version > len(migrations):
+            raise errors.SchemaError(
+                f"sqlite store {name} was written by a newer meshtrust (schema {version} > "
+                f"{len(migrations)}); upgrade meshtrust")
+        for statements in migrations[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                     (len(migrations),))
+        conn.execute("COMMIT")
+        return version
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class SqliteStore:
+    """A ``Store`` in one SQLite file; open it with ``await SqliteStore.open(...)``."""
+
+    def __init__(self, *, path: str, name: str, writer: sqlite3.Connection,
+                 reader: sqlite3.Connection, clock: clock_module.Clock, history: int,
+                 interval: float) -> None:
+        self._path = path
+        self._name = name
+        self._writer = writer
+        self._reader = reader
+        self._clock = clock
+        self._history = history
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._reads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-read")
+        self._thread = threading.Thread(target=self._write_loop, name="store-write", daemon=True)
+        self._feed = feed.Feed(read=self._read_changes, head=self.revision, interval=interval)
+        self._closed = False
+        self._thread.start()
+
+    @classmethod
+    async def open(cls, path: str, *, name: str | None = None,
+                   clock: clock_module.Clock | None = None, history: int | None = None,
+                   interval: float = 0.05) -> SqliteStore:
+        """Open (creating and migrating if needed) the store in the file at ``path``."""
+        label = name or f"sqlite:{path}"
+
+        def connect() -> tuple[sqlite3.Connection, sqlite3.Connection]:
+            writer = _connect(path, label)
+            try:
+                migrate(writer, label)
+                return writer, _connect(path, label)
+            except BaseException:
+                writer.close()
+                raise
+
+        try:
+            writer, reader = await asyncio.to_thread(connect)
+        except sqlite3.DatabaseError as exc:
+            raise _translate(exc, label) from exc
+        except OSError as exc:
+            raise errors.StoreUnavailable(f"sqlite store {label}: cannot open ({exc})") from exc
+        return cls(path=path, name=label, writer=writer, reader=reader,
+                   clock=clock or clock_module.SystemClock(),
+                   history=history or DEFAULT_HISTORY, interval=interval)
+
+    async def get_secret(self, namespace: str, name: str) -> base.Secret:
+        obj = await self._get((base.SECRET_KIND, base.check_namespace(namespace),
+                               base.check_name(name)))
+        assert isinstance(obj, base.Secret)
+        return obj
+
+    async def get_resource(self, kind: str, namespace: str, name: str) -> base.Resource:
+        obj = await self._get((base.check_kind(kind), base.check_namespace(namespace),
+                               base.check_name(name)))
+        assert isinstance(obj, base.Resource)
+        return obj
+
+    async def list_secrets(self, *, namespace: str | None = None,
+                           labels: Mapping[str, str] | None = None) -> list[base.Secret]:
+        return [obj for obj in await self._list(base.SECRET_KIND, namespace, labels)
+                if isinstance(obj, base.Secret)]
+
+    async def list_resources(self, kind: str, *, namespace: str | None = None,
+                             labels: Mapping[str, str] | None = None) -> list[base.Resource]:
+        return [obj for obj in await self._list(base.check_kind(kind), namespace, labels)
+                if isinstance(obj, base.Resource)]
+
+    async def create(self, obj: base.ObjectT) -> base.ObjectT:
+        return change.stored(obj, await self._submit(change.Write.create(obj)))
+
+    async def update(self, obj: base.ObjectT) -> base.ObjectT:
+        return change.stored(obj, await self._submit(change.Write.update(obj)))
+
+    async def update_status(self, resource: base.Resource) -> base.Resource:
+        return change.stored(resource, await self._submit(change.Write.update_status(resource)))
+
+    async def delete(self, kind: str, namespace: str, name: str, *,
+                     resource_version: int | None = None) -> None:
+        await self._submit(change.Write.delete(kind, namespace, name, resource_version))
+
+    async def revision(self) -> int:
+        return await self._head()
+
+    def watch(self, kind: str, *, namespace: str | None = None,
+              since: int | None = None) -> AsyncIterator[base.WatchEvent]:
+        self._check_open()
+        return self._feed.watch(kind, namespace, since)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._feed.close()
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._reads.shutdown(wait=True)
+        self._writer.close()
+        self._reader.close()
+
+    # Reads, on the reader thread.
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.StoreUnavailable(f"sqlite store {self._name} is closed")
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        self._check_open()
+
+        def run() -> list[Any]:
+            return self._reader.execute(sql, params).fetchall()
+
+        try:
+            return await self._loop.run_in_executor(self._reads, run)
+        except sqlite3.Error as exc:
+            raise _translate(exc, self._name) from exc
+
+    async def _head(self) -> int:
+        rows = await self._query("SELECT value FROM meta WHERE key = 'revision'", ())
+        return int(rows[0][0])
+
+    async def _get(self, key: change.Key) -> base.Object:
+        rows = await self._query(
+            "SELECT body FROM objects WHERE kind = ? AND namespace = ? AND name = ?", key)
+        if not rows:
+            raise errors.NotFound(f"{change.describe(key)} not found")
+        return manifest.load_json(rows[0][0], source=f"{self._name} {change.describe(key)}")
+
+    async def _list(self, kind: str, namespace: str | None,
+                    labels: Mapping[str, str] | None) -> list[base.Object]:
+        sql = "SELECT body FROM objects WHERE kind = ?"
+        params: list[Any] = [kind]
+        if namespace is not None:
+            sql += " AND namespace = ?"
+            params.append(base.check_namespace(namespace))
+        for key, value in (labels or {}).items():
+            sql += " AND json_extract(labels, ?) = ?"
+            params += [f'$."{key}"', value]
+        rows = await self._query(sql + " ORDER BY namespace, name", params)
+        return [manifest.load_json(row[0], source=self._name) for row in rows]
+
+    async def _read_changes(self, after: int, kind: str, namespace: str | None,
+                            limit: int) -> tuple[list[base.WatchEvent], int]:
+        meta = dict(await self._query("SELECT key, value FROM meta", ()))
+        if after < meta["compacted"]:
+            raise feed.too_old(after, meta["compacted"] + 1)
+        sql = "SELECT revision, type, body FROM changes WHERE kind = ? AND revision > ?"
+        params: list[Any] = [kind, after]
+        if namespace is not None:
+            sql += " AND namespace = ?"
+            params.append(namespace)
+        rows = await self._query(sql + " AND revision <= ? ORDER BY revision LIMIT ?",
+                                 params + [meta["revision"], limit])
+        events = [base.WatchEvent(type=base.EventType(kind_), resource_version=revision,
+                                  object=manifest.load_json(body, source=self._name))
+                  for revision, kind_, body in rows]
+        examined = events[-1].resource_version if len(rows) == limit else meta["revision"]
+        return events, examined
+
+    # Writes, on the writer thread.
+
+    async def _submit(self, write: change.Write) -> base.WatchEvent:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[base.WatchEvent] = loop.create_future()
+        self._jobs.put(_Job(write, future, loop))
+        return await future
+
+    def _write_loop(self) -> None:
+        running = True
+        while running:
+            job = self._jobs.get()
+            if job is None:
+                break
+            jobs = [job]
+            while len(jobs) < MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    running = False
+                    break
+                jobs.append(more)
+            results = self._commit(jobs)
+            for done, result in zip(jobs, results):
+                done.loop.call_soon_threadsafe(_resolve, done.future, result)
+            self._loop.call_soon_threadsafe(self._feed.notify)
+
+    def _commit(self, jobs: list[_Job]) -> list[base.WatchEvent | Exception]:
+        conn = self._writer
+        now = self._clock.now()
+        results: list[base.WatchEvent | Exception] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                if meta.get("schema_version") != SCHEMA_VERSION:
+                    raise errors.SchemaError(
+                        f"sqlite store {self._name} changed to schema "
+                        f"{meta.get('schema_version')} while open; restart meshtrust")
+                head = int(meta["revision"])
+                for job in jobs:
+                    try:
+                        event = change.apply(job.write, self._current(job.write.key),
+                                             head + 1, now)
+                    except (errors.StoreError, errors.ConfigError) as exc:
+                        results.append(exc)
+                        continue
+                    head = event.resource_version
+                    self._persist(event)
+                    results.append(event)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (head,))
+                if head - int(meta["compacted"]) > self._history + self._history // 8:
+                    conn.execute("DELETE FROM changes WHERE revision <= ?",
+                                 (head - self._history,))
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
+                                 (head - self._history,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            return [_translate(exc, self._name)] * len(jobs)
+        except errors.MeshTrustError as exc:
+            return [exc] * len(jobs)
+        return results
+
+    def _current(self, key: change.Key) -> base.Object | None:
+        row = self._writer.execute(
+            "SELECT body FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
+            key).fetchone()
+        if row is None:
+            return None
+        return manifest.load_json(row[0], source=f"{self._name} {change.describe(key)}")
+
+    def _persist(self, event: base.WatchEvent) -> None:
+        obj = event.object
+        body = manifest.dump_json(obj)
+        if event.type is base.EventType.DELETED:
+            self._writer.execute(
+                "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
+                (obj.kind, obj.namespace, obj.name))
+        else:
+            self._writer.execute(
+                "INSERT INTO objects (kind, namespace, name, resource_version, labels, body)"
+                " VALUES (?, ?, ?, ?, json(?), ?) ON CONFLICT (kind, namespace, name) DO UPDATE"
+                " SET resource_version = excluded.resource_version,"
+                " labels = excluded.labels, body = excluded.body",
+                (obj.kind, obj.namespace, obj.name, obj.resource_version,
+                 json.dumps(dict(obj.labels)), body))
+        self._writer.execute(
+            "INSERT INTO changes (revision, type, kind, namespace, body) VALUES (?, ?, ?, ?, ?)",
+            (event.resource_version, event.type.value, obj.kind, obj.namespace, body))
+
+
+def _translate(exc: sqlite3.Error, name: str) -> errors.StoreError:
+    message = str(exc)
+    if "not a database" in message or "malformed" in message:
+        return errors.SchemaError(f"sqlite store {name} is not a meshtrust store or is damaged "
+                                  f"({message})")
+    if "locked" in message or "busy" in message:
+        return errors.StoreUnavailable(
+            f"sqlite store {name} stayed locked by another process for {BUSY_TIMEOUT:.0f}s")
+    return errors.StoreUnavailable(f"sqlite store {name}: {message}")

@@ -1,0 +1,31 @@
+"""Shared fixtures: one real PostgreSQL server per test session, a database per test."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pgserver
+import pytest
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[pgserver.Server]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session; fails if none is installed."""
+    try:
+        server = pgserver.Server()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: pgserver.Server) -> str:
+    """The URL of a new, empty database on the session's server."""
+    return postgres_server.create_database(f"test_{next(_databases)}")
