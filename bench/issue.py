@@ -4,31 +4,32 @@ What it measures, for each CA key type (ECDSA P-256 and RSA 2048):
 
 * A relay root and a relay signing intermediate are made with
   ``issuer.new_root`` / ``issuer.new_intermediate`` (profiles RELAY_ROOT and
-  RELAY_SIGNING).
+  RELAY_SIGNING); the intermediate is the issuing CA.
 * ``--count`` CSRs are made beforehand, each with its own EC P-256 key and
   named for its cluster (CN and DNS SAN ``cluster-00042``), as PEM bytes.
   Making the leaf keys and CSRs is not measured.
-* The relay-client path is then run end to end in one thread, cycling over
-  the CSRs for ``--seconds`` after a ``--warmup``:
-  ``csr.load_csr(pem)`` (parse, CSR signature check, key policy), then
+* The relay-client path is run end to end in one thread, cycling over the
+  CSRs: ``csr.load_csr(pem)`` (parse, CSR signature check, key policy), then
   ``issuer.issue(request, ca, profiles.RELAY_CLIENT, now,
   subject=issuer.Subject(cluster=...))``, then ``bundle.dump_certificate``.
-  The result is certificates issued per second, with the time per
-  certificate split into load_csr, issue (which includes signing) and dump.
-* For reference, the raw sign rate of the CA key through the same library
-  (``key.sign`` of a 32-byte message), and ``openssl speed -seconds S
-  rsa2048`` / ``ecdsap256`` (one process), whose sign/s column is the
-  yardstick: the targets are about 75% of openssl's RSA 2048 sign rate and
-  about 10% of its P-256 sign rate.
+  After a ``--warmup`` it runs for ``--seconds``, split into ``--rounds``
+  equal rounds; the reported rate is the median round (the split into
+  load_csr / issue / dump time per certificate is from that round too), so
+  a short disturbance from another process does not decide the result.
+* For reference: the raw sign rate of the CA key and the raw verify rate of
+  a P-256 leaf key through the same library (``cryptography``), and
+  ``openssl speed -seconds S rsa2048`` / ``ecdsap256`` (one process), whose
+  sign/s column is the yardstick. The targets are about 75% of openssl's
+  RSA 2048 sign rate and about 10% of its P-256 sign rate.
 
 Run it from the repository root:
 
-    .venv/bin/python bench/issue.py              # table, about 25 s
+    .venv/bin/python bench/issue.py              # table, about 30 s
     .venv/bin/python bench/issue.py --json       # machine-readable results
     .venv/bin/python bench/issue.py --profile    # also print a cProfile summary
 
-The openssl command line and the library inside ``cryptography`` may be
-different OpenSSL builds; both versions are printed.
+The openssl command line and the OpenSSL inside ``cryptography`` may be
+different builds; both versions are printed.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ import os
 import platform
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from cryptography import __version__ as cryptography_version
 from cryptography import x509
@@ -64,31 +66,43 @@ CASES: dict[keys.KeyType, tuple[str, str, float]] = {
     keys.KeyType.RSA_2048: ("rsa2048", "rsa 2048 bits", 0.75),
 }
 
+CSRList = list[tuple[bytes, str]]
+
+
+@dataclass
+class Round:
+    issued: int
+    seconds: float
+    load_csr: float
+    issue: float
+    dump: float
+
+    @property
+    def rate(self) -> float:
+        return self.issued / self.seconds
+
 
 @dataclass
 class Result:
     ca_key: str
-    issued: int
-    seconds: float
     issued_per_s: float
     load_csr_us: float
     issue_us: float
     dump_us: float
-    raw_sign_per_s: float
+    total_us: float
+    round_rates: list[float]
+    lib_sign_per_s: float
     openssl_sign_per_s: float | None
     ratio: float | None
     target: float
-
-    @property
-    def meets_target(self) -> bool | None:
-        return None if self.ratio is None else self.ratio >= self.target
+    meets_target: bool | None = field(default=None)
 
 
 def cluster_name(i: int) -> str:
     return f"cluster-{i:05d}"
 
 
-def make_csrs(count: int) -> list[tuple[bytes, str]]:
+def make_csrs(count: int) -> CSRList:
     """``count`` PEM CSRs, each with its own P-256 key, named for its cluster."""
     out = []
     for i in range(count):
@@ -105,74 +119,98 @@ def make_ca(key_type: keys.KeyType) -> issuer.CA:
 
 
 def issue_one(ca: issuer.CA, pem: bytes, name: str) -> bytes:
-    """The measured path, in one piece (used for the check and the profile)."""
+    """The measured path in one piece (for the check and the profile)."""
     request = csr.load_csr(pem)
     cert = issuer.issue(request, ca, profiles.RELAY_CLIENT, NOW,
                         subject=issuer.Subject(cluster=name))
     return bundle.dump_certificate(cert)
 
 
-def run_issuance(ca: issuer.CA, csrs: list[tuple[bytes, str]], seconds: float,
-                 warmup: float) -> tuple[int, float, float, float, float]:
-    """Issue for ``seconds``; return (count, elapsed, t_load, t_issue, t_dump).
+def check_output(ca: issuer.CA, csrs: CSRList) -> None:
+    """Issue one certificate outside the clock: it must chain to the CA and name the cluster."""
+    pem, name = csrs[0]
+    cert = bundle.load_certificate(issue_one(ca, pem, name))
+    cert.verify_directly_issued_by(ca.certificate)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if sans.get_values_for_type(x509.DNSName) != [name]:
+        raise SystemExit(f"unexpected subjectAltName in the issued certificate: {sans}")
 
-    Each phase is timed with perf_counter inside the one loop; the timer calls
-    cost well under 1% of a certificate.
+
+def issuance_round(ca: issuer.CA, csrs: CSRList, seconds: float, start_at: int = 0) -> Round:
+    """Issue for ``seconds`` in one thread, timing each phase with perf_counter.
+
+    The four timer reads per certificate cost well under 1% of it.
     """
     load_csr, issue, dump = csr.load_csr, issuer.issue, bundle.dump_certificate
     subject_cls, profile, now = issuer.Subject, profiles.RELAY_CLIENT, NOW
     clock = time.perf_counter
     n = len(csrs)
-
-    def loop(duration: float) -> tuple[int, float, float, float, float]:
-        t_load = t_issue = t_dump = 0.0
-        i = 0
-        start = clock()
-        deadline = start + duration
-        t3 = start
-        while t3 < deadline:
-            pem, name = csrs[i % n]
-            t0 = clock()
-            request = load_csr(pem)
-            t1 = clock()
-            cert = issue(request, ca, profile, now, subject=subject_cls(cluster=name))
-            t2 = clock()
-            dump(cert)
-            t3 = clock()
-            t_load += t1 - t0
-            t_issue += t2 - t1
-            t_dump += t3 - t2
-            i += 1
-        return i, t3 - start, t_load, t_issue, t_dump
-
-    loop(warmup)
-    return loop(seconds)
+    t_load = t_issue = t_dump = 0.0
+    i = start_at
+    start = t3 = clock()
+    deadline = start + seconds
+    while t3 < deadline:
+        pem, name = csrs[i % n]
+        t0 = clock()
+        request = load_csr(pem)
+        t1 = clock()
+        cert = issue(request, ca, profile, now, subject=subject_cls(cluster=name))
+        t2 = clock()
+        dump(cert)
+        t3 = clock()
+        t_load += t1 - t0
+        t_issue += t2 - t1
+        t_dump += t3 - t2
+        i += 1
+    return Round(i - start_at, t3 - start, t_load, t_issue, t_dump)
 
 
-def raw_sign_rate(key: keys.PrivateKey, seconds: float) -> float:
-    """Signatures per second of ``key`` through cryptography, SHA-256 over 32 bytes."""
-    data = b"\x00" * 32
-    sign: Callable[[], bytes]
-    if isinstance(key, rsa.RSAPrivateKey):
-        def sign() -> bytes:
-            return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    else:
-        algorithm = ec.ECDSA(hashes.SHA256())
+def measure_issuance(ca: issuer.CA, csrs: CSRList, seconds: float, warmup: float,
+                     rounds: int) -> tuple[Round, list[float]]:
+    """Warm up, then run ``rounds`` rounds; return the median round and every round's rate."""
+    if warmup > 0:
+        issuance_round(ca, csrs, warmup)
+    done: list[Round] = []
+    offset = 0
+    for _ in range(rounds):
+        r = issuance_round(ca, csrs, seconds / rounds, offset)
+        offset += r.issued
+        done.append(r)
+    ordered = sorted(done, key=lambda r: r.rate)
+    return ordered[len(ordered) // 2], [r.rate for r in done]
 
-        def sign() -> bytes:
-            return key.sign(data, algorithm)
+
+def _rate(operation: Callable[[], object], seconds: float) -> float:
     clock = time.perf_counter
     for _ in range(50):
-        sign()
+        operation()
     count, start = 0, clock()
     deadline = start + seconds
     now = start
     while now < deadline:
         for _ in range(20):
-            sign()
+            operation()
         count += 20
         now = clock()
     return count / (now - start)
+
+
+def lib_sign_rate(key: keys.PrivateKey, seconds: float) -> float:
+    """Signatures per second of ``key`` through cryptography (SHA-256 of 32 bytes)."""
+    data = b"\x00" * 32
+    if isinstance(key, rsa.RSAPrivateKey):
+        rsa_key, pkcs1 = key, padding.PKCS1v15()
+        return _rate(lambda: rsa_key.sign(data, pkcs1, hashes.SHA256()), seconds)
+    ec_key, ecdsa = key, ec.ECDSA(hashes.SHA256())
+    return _rate(lambda: ec_key.sign(data, ecdsa), seconds)
+
+
+def lib_p256_verify_rate(seconds: float) -> float:
+    """P-256 signature checks per second through cryptography (what load_csr does once)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    public, data, ecdsa = key.public_key(), b"\x00" * 32, ec.ECDSA(hashes.SHA256())
+    signature = key.sign(data, ecdsa)
+    return _rate(lambda: public.verify(signature, data, ecdsa), seconds)
 
 
 def openssl_speed(openssl: str, algorithm: str, label: str, seconds: int) -> float | None:
@@ -185,21 +223,22 @@ def openssl_speed(openssl: str, algorithm: str, label: str, seconds: int) -> flo
 def parse_speed(output: str, label: str) -> float | None:
     """Find the result line starting with ``label`` and read its sign/s column.
 
-    The header above it names the columns (``sign verify sign/s verify/s``; newer
-    openssl adds encrypt/decrypt columns for RSA), so the column is found by name.
+    The header line above it names the columns (``sign verify sign/s verify/s``;
+    newer openssl adds encrypt/decrypt columns for RSA), so the column is found
+    by name, counting from the right of the result line.
     """
     header: list[str] | None = None
     for line in output.splitlines():
-        if "sign/s" in line.split():
-            header = line.split()
+        words = line.split()
+        if "sign/s" in words:
+            header = words
             continue
         if header and line.strip().startswith(label):
             values = line.strip()[len(label):].split()
             if len(values) < len(header):
                 return None
-            values = values[-len(header):]
             try:
-                return float(values[header.index("sign/s")])
+                return float(values[len(values) - len(header) + header.index("sign/s")])
             except ValueError:
                 return None
     return None
@@ -210,9 +249,8 @@ def openssl_cli_version(openssl: str) -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def profile_issuance(ca: issuer.CA, csrs: list[tuple[bytes, str]], seconds: float,
-                     top: int) -> str:
-    """A cProfile summary of the measured path (sorted by own time)."""
+def profile_issuance(ca: issuer.CA, csrs: CSRList, seconds: float, top: int) -> str:
+    """A cProfile summary of the measured path, functions sorted by own time."""
     profiler = cProfile.Profile()
     clock = time.perf_counter
     deadline = clock() + seconds
@@ -229,94 +267,8 @@ def profile_issuance(ca: issuer.CA, csrs: list[tuple[bytes, str]], seconds: floa
     return f"{i} certificates under the profiler\n" + out.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Measure meshtrust.pki relay-client issuance per second against "
-                    "openssl speed, for P-256 and RSA 2048 CA keys.")
-    parser.add_argument("--seconds", type=float, default=3.0,
-                        help="measuring time per case, also passed to openssl speed "
-                             "(rounded up to whole seconds) (default 3)")
-    parser.add_argument("--warmup", type=float, default=0.5,
-                        help="warm-up before each measurement, in seconds (default 0.5)")
-    parser.add_argument("--count", type=int, default=2000,
-                        help="number of distinct CSRs made beforehand (default 2000)")
-    parser.add_argument("--key-type", action="append", choices=[k.value for k in CASES],
-                        help="CA key type to run (repeatable; default both)")
-    parser.add_argument("--no-openssl", action="store_true",
-                        help="skip openssl speed (no ratio is reported)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile the issuance path with cProfile and print the "
-                             "functions with the most own time")
-    parser.add_argument("--top", type=int, default=25,
-                        help="rows of the profile to print (default 25)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
-    if args.count < 1 or args.seconds <= 0 or args.warmup < 0:
-        parser.error("--count and --seconds must be positive, --warmup not negative")
-
-    key_types = [keys.KeyType(v) for v in args.key_type] if args.key_type else list(CASES)
-    openssl = None if args.no_openssl else shutil.which("openssl")
-    speed_seconds = max(1, int(-(-args.seconds // 1)))
-    log = sys.stderr if args.json else sys.stdout
-
-    print(f"making {args.count} P-256 CSRs ...", file=log, flush=True)
-    csrs = make_csrs(args.count)
-
-    results: list[Result] = []
-    profiles_text: dict[str, str] = {}
-    for key_type in key_types:
-        algorithm, label, target = CASES[key_type]
-        ca = make_ca(key_type)
-        # One real certificate first: it must chain to the CA and carry the cluster name.
-        cert = bundle.load_certificate(issue_one(ca, *csrs[0]))
-        cert.verify_directly_issued_by(ca.certificate)
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if sans.get_values_for_type(x509.DNSName) != [cluster_name(0)]:
-            raise SystemExit(f"unexpected subjectAltName in the issued certificate: {sans}")
-
-        print(f"{key_type.value}: issuing for {args.seconds:g} s ...", file=log, flush=True)
-        count, elapsed, t_load, t_issue, t_dump = run_issuance(ca, csrs, args.seconds,
-                                                               args.warmup)
-        raw = raw_sign_rate(ca.key, min(args.seconds, 1.0))
-        speed = None
-        if openssl:
-            print(f"{key_type.value}: openssl speed -seconds {speed_seconds} {algorithm} ...",
-                  file=log, flush=True)
-            speed = openssl_speed(openssl, algorithm, label, speed_seconds)
-        rate = count / elapsed
-        results.append(Result(
-            ca_key=key_type.value, issued=count, seconds=round(elapsed, 3),
-            issued_per_s=round(rate, 1),
-            load_csr_us=round(t_load / count * 1e6, 1),
-            issue_us=round(t_issue / count * 1e6, 1),
-            dump_us=round(t_dump / count * 1e6, 1),
-            raw_sign_per_s=round(raw, 1),
-            openssl_sign_per_s=speed,
-            ratio=round(rate / speed, 3) if speed else None,
-            target=target,
-        ))
-        if args.profile:
-            profiles_text[key_type.value] = profile_issuance(ca, csrs, args.seconds, args.top)
-
-    environment = {
-        "python": platform.python_version(),
-        "cryptography": cryptography_version,
-        "cryptography_openssl": openssl_backend.openssl_version_text(),
-        "openssl_cli": openssl_cli_version(openssl) if openssl else None,
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "seconds": args.seconds,
-        "csrs": args.count,
-    }
-    if args.json:
-        payload = {"environment": environment,
-                   "results": [asdict(r) | {"meets_target": r.meets_target} for r in results]}
-        if args.profile:
-            payload["profiles"] = profiles_text
-        print(json.dumps(payload, indent=2))
-        return 0
-
-    print()
+def print_table(environment: dict[str, object], results: list[Result],
+                verify_rate: float) -> None:
     for key, value in environment.items():
         print(f"{key + ':':22}{value}")
     print()
@@ -329,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.openssl_sign_per_s:,.0f}" if r.openssl_sign_per_s else "-",
             f"{r.ratio:.1%}" if r.ratio is not None else "-",
             f"{r.target:.0%}", f"{r.load_csr_us:.1f}", f"{r.issue_us:.1f}",
-            f"{r.dump_us:.1f}", f"{r.raw_sign_per_s:,.0f}",
+            f"{r.dump_us:.1f}", f"{r.lib_sign_per_s:,.0f}",
         ))
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     for n, row in enumerate(rows):
@@ -337,6 +289,110 @@ def main(argv: list[str] | None = None) -> int:
                         for c, (cell, w) in enumerate(zip(row, widths))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    print()
+    for r in results:
+        spread = ", ".join(f"{rate:,.0f}" for rate in r.round_rates)
+        print(f"{r.ca_key}: rounds {spread} issued/s; {r.total_us:.1f} µs per certificate")
+    print(f"P-256 signature check (once per CSR) through cryptography: {verify_rate:,.0f} "
+          f"verify/s = {1e6 / verify_rate:.1f} µs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Measure meshtrust.pki relay-client issuance per second in one thread "
+                    "against openssl speed, for ECDSA P-256 and RSA 2048 CA keys.")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="measuring time per CA key type, also given to openssl speed "
+                             "(rounded up to whole seconds) (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="split --seconds into this many rounds and report the median "
+                             "(default 3)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="warm-up before each measurement, in seconds (default 0.5)")
+    parser.add_argument("--count", type=int, default=2000,
+                        help="number of distinct CSRs made beforehand (default 2000)")
+    parser.add_argument("--key-type", action="append", choices=[k.value for k in CASES],
+                        help="CA key type to run (repeatable; default both)")
+    parser.add_argument("--no-openssl", action="store_true",
+                        help="skip openssl speed (no ratio is reported)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run the path under cProfile for --seconds and print the "
+                             "functions with the most own time")
+    parser.add_argument("--top", type=int, default=25,
+                        help="rows of the profile to print (default 25)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.seconds <= 0 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--count, --seconds and --rounds must be positive, --warmup not negative")
+
+    key_types = [keys.KeyType(v) for v in args.key_type] if args.key_type else list(CASES)
+    openssl = None if args.no_openssl else shutil.which("openssl")
+    speed_seconds = max(1, int(-(-args.seconds // 1)))
+    log = sys.stderr if args.json else sys.stdout
+
+    print(f"making {args.count} P-256 CSRs ...", file=log, flush=True)
+    csrs = make_csrs(args.count)
+    lib_seconds = min(args.seconds, 1.0)
+    verify_rate = lib_p256_verify_rate(lib_seconds)
+
+    results: list[Result] = []
+    profiles_text: dict[str, str] = {}
+    for key_type in key_types:
+        algorithm, label, target = CASES[key_type]
+        ca = make_ca(key_type)
+        check_output(ca, csrs)
+        print(f"{key_type.value}: issuing for {args.seconds:g} s ...", file=log, flush=True)
+        median, round_rates = measure_issuance(ca, csrs, args.seconds, args.warmup, args.rounds)
+        lib_sign = lib_sign_rate(ca.key, lib_seconds)
+        speed = None
+        if openssl:
+            print(f"{key_type.value}: openssl speed -seconds {speed_seconds} {algorithm} ...",
+                  file=log, flush=True)
+            speed = openssl_speed(openssl, algorithm, label, speed_seconds)
+        rate = median.rate
+        ratio = rate / speed if speed else None
+        per = 1e6 / median.issued
+        results.append(Result(
+            ca_key=key_type.value,
+            issued_per_s=round(rate, 1),
+            load_csr_us=round(median.load_csr * per, 1),
+            issue_us=round(median.issue * per, 1),
+            dump_us=round(median.dump * per, 1),
+            total_us=round(median.seconds * per, 1),
+            round_rates=[round(r, 1) for r in round_rates],
+            lib_sign_per_s=round(lib_sign, 1),
+            openssl_sign_per_s=speed,
+            ratio=round(ratio, 4) if ratio is not None else None,
+            target=target,
+            meets_target=ratio >= target if ratio is not None else None,
+        ))
+        if args.profile:
+            profiles_text[key_type.value] = profile_issuance(ca, csrs, args.seconds, args.top)
+
+    environment: dict[str, object] = {
+        "python": platform.python_version(),
+        "cryptography": cryptography_version,
+        "cryptography_openssl": openssl_backend.openssl_version_text(),
+        "openssl_cli": openssl_cli_version(openssl) if openssl else None,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "csrs": args.count,
+    }
+    if args.json:
+        payload: dict[str, object] = {
+            "environment": environment,
+            "lib_p256_verify_per_s": round(verify_rate, 1),
+            "results": [asdict(r) for r in results],
+        }
+        if args.profile:
+            payload["profiles"] = profiles_text
+        print(json.dumps(payload, indent=2))
+        return 0
+
+    print()
+    print_table(environment, results, verify_rate)
     for name, text in profiles_text.items():
         print(f"\nprofile, CA key {name}:\n{text}")
     return 0

@@ -299,7 +299,7 @@ class PostgresStore:
                 (event.resource_version, event.type.value, kind, namespace, body))
             await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(event.resource_version)))
             self._writes += 1
-            if self._writes % 256 == 0:
+            if self._writes % max(1, min(256, self._history // 8)) == 0:
                 await self._compact(conn, event.resource_version)
         return event
 
