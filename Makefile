@@ -14,7 +14,6 @@ demo: setup
 	$(BIN)/meshtrust demo
 
 test: setup system-deps
-	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)

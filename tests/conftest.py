@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-import pgserver
 import pytest
+
+import pgserver
 
 _databases = itertools.count(1)
 

@@ -147,15 +147,12 @@ def _print_inventory(out: Output, built: hierarchy.Hierarchy, now: dt.datetime) 
         main = next((k for k in MAIN_CERT_KEYS if k in item.data), None)
         summary = bundle.summary(bundle.load_certificate(item.data[main]), now) if main else None
         rows.append([
-            f"{item.cluster}/{item.namespace}/{item.name}",
+            item.cluster, f"{item.namespace}/{item.name}",
             summary["subject"] if summary else "(token)",
             summary["issuer"] if summary else "",
-            summary["key"] if summary else "",
             str(summary["days_left"]) if summary else "",
-            ", ".join(item.data),
         ])
-    out.table(["secret", "subject", "issuer", "key", "days left", "files"], rows,
-              title="inventory")
+    out.table(["cluster", "secret", "subject", "issuer", "days"], rows, title="inventory")
 
 
 def _inspect(args: argparse.Namespace, out: Output) -> int:
@@ -170,12 +167,17 @@ def _inspect(args: argparse.Namespace, out: Output) -> int:
     if args.output != "table":
         out.document(items, args.output)
         return 0
-    rows = [[i["source"], i["subject"], i["issuer"], "\n".join(i["sans"]), i["key"],
-             f"{i['not_before'][:10]} → {i['not_after'][:10]}", str(i["days_left"]),
-             i["fingerprint_sha256"][:23] + "…"] for i in items]
-    styles = {n: "red" for n, i in enumerate(items) if i["days_left"] < 0}
-    out.table(["source", "subject", "issuer", "SANs", "key", "validity", "days left",
-               "fingerprint (SHA-256)"], rows, styles=styles)
+    for item in items:
+        rows = [["subject", item["subject"]], ["issuer", item["issuer"]],
+                ["SANs", ", ".join(item["sans"]) or "-"], ["key", item["key"]],
+                ["CA", f"yes, pathlen {item['path_length']}" if item["ca"] and
+                 item["path_length"] is not None else "yes" if item["ca"] else "no"],
+                ["serial", item["serial"]],
+                ["valid", f"{item['not_before']} → {item['not_after']}"],
+                ["days left", str(item["days_left"])],
+                ["SHA-256", item["fingerprint_sha256"]]]
+        styles = {7: "red"} if item["days_left"] < 0 else None
+        out.table(["field", "value"], rows, title=item["source"], styles=styles)
     return 0
 
 
@@ -206,7 +208,12 @@ def _read_secret_folder(path: Path) -> dict[str, bytes]:
 def _read_certificates(path: Path) -> list[tuple[Path, x509.Certificate]]:
     if not path.exists():
         raise errors.ConfigError(f"{path} does not exist")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        # Skip hidden entries: the dir:// store keeps versioned copies under "..r<N>".
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+    else:
+        files = [path]
     found = []
     for file in files:
         if path.is_dir() and file.suffix not in CERT_SUFFIXES:
