@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test setup system-deps lint bench clean
 
 demo: setup
-	$(BIN)/meshtrust demo
+	rm -rf demo-out
+	$(BIN)/meshtrust demo --clusters 3 --duration 45 --workdir demo-out
 
 test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
