@@ -15,7 +15,7 @@ def run(*args: str | Path, check: bool = True, input: bytes | None = None,
         timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``openssl ARGS`` and return the completed process (text output)."""
     proc = subprocess.run(["openssl", *map(str, args)], input=input.decode() if input else None,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"openssl {' '.join(map(str, args))} failed:\n{proc.stdout}\n"
                              f"{proc.stderr}")

@@ -23,11 +23,11 @@ class SystemClock:
     """The real wall clock."""
 
     def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
 
 
 def require_utc(value: dt.datetime, name: str = "time") -> dt.datetime:
     """Return ``value`` if it is timezone-aware; raise ``ValueError`` otherwise."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value!r}")
-    return value.astimezone(dt.timezone.utc)
+    return value.astimezone(dt.UTC)

@@ -138,7 +138,7 @@ class Fleet:
 
     async def observe(self) -> dict[str, ClusterView]:
         """Refresh every view from the management store and the clusters' stores."""
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         names = settings.SecretNames()
         mgmt = await open_store(self.plan.store("mgmt"))
         try:

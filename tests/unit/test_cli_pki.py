@@ -142,8 +142,9 @@ class TestPkiVerify:
 
     def test_client_bundle_passes_its_profile(self, tree: Path) -> None:
         """A generated relay client secret passes the relay-client profile for its cluster."""
+        folder = tree / "cluster-2/gloo-mesh/relay-client-tls-secret"
         code, stdout, _ = run("pki", "verify", "--profile", "relay-client", "--cluster",
-                              "cluster-2", str(tree / "cluster-2/gloo-mesh/relay-client-tls-secret"))
+                              "cluster-2", str(folder))
         assert code == 0, stdout
 
     def test_wrong_profile_lists_every_problem(self, tree: Path) -> None:

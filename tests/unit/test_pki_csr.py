@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from meshtrust import errors
 from meshtrust.pki import csr, issuer, keys, profiles
 
-NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,11 @@ def signing_ca() -> issuer.CA:
     return issuer.new_intermediate(keys.KeyType.EC_P256, root, profiles.RELAY_SIGNING, NOW)
 
 
+SHA256 = hashes.SHA256()
+
+
 def _pem(builder: x509.CertificateSigningRequestBuilder, key: object,
-         algorithm: hashes.HashAlgorithm | None = hashes.SHA256()) -> bytes:
+         algorithm: hashes.HashAlgorithm | None = SHA256) -> bytes:
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 

@@ -11,7 +11,7 @@ from cryptography import x509
 import openssl_cli
 from meshtrust.pki import bundle, csr, hierarchy, issuer, keys, profiles
 
-NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
 LEAF_KU = "Digital Signature, Key Encipherment"
 CA_KU = "Certificate Sign, CRL Sign"
@@ -40,8 +40,8 @@ EXPECTED: dict[str, dict[str, tuple[bool, str | None]]] = {
         "X509v3 Basic Constraints": (True, "CA:TRUE, pathlen:0"),
         "X509v3 Key Usage": (True, CA_KU_DS),
         "X509v3 Subject Alternative Name": (
-            False, "DNS:istiod.istio-system.svc, "
-                   "URI:spiffe://cluster.local/ns/istio-system/sa/istiod")},
+            False, ("DNS:istiod.istio-system.svc, "
+                   "URI:spiffe://cluster.local/ns/istio-system/sa/istiod"))},
     "spiffe-workload": {
         "X509v3 Basic Constraints": (True, "CA:FALSE"),
         "X509v3 Key Usage": (True, LEAF_KU),

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from meshtrust.pki import rotation
 
-T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 class TestRenewalTime:

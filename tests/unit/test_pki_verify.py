@@ -11,7 +11,7 @@ from cryptography import x509
 from meshtrust import errors
 from meshtrust.pki import bundle, csr, hierarchy, issuer, keys, profiles, verify
 
-NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")

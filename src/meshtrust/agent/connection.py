@@ -72,13 +72,13 @@ class RelayClient:
         return self._channel
 
     async def renew(self, csr_pem: bytes) -> Any:
-        stub = transport.services.RelayStub(self._current_channel())
+        stub = transport.relay_stub(self._current_channel())
         return await transport.call(stub.Renew(
             messages.RenewRequest(protocol_version=rpc.PROTOCOL_VERSION, csr=csr_pem),
             timeout=CALL_TIMEOUT, metadata=self._metadata()))
 
     async def report(self, report: Any) -> Any:
-        stub = transport.services.RelayStub(self._current_channel())
+        stub = transport.relay_stub(self._current_channel())
         return await transport.call(stub.ReportStatus(report, timeout=CALL_TIMEOUT,
                                                       metadata=self._metadata()))
 
@@ -87,7 +87,7 @@ class RelayClient:
         channel = transport.secure_channel(self._config.bootstrap_address, trust=trust,
                                            server_name=self._config.server_name)
         try:
-            stub = transport.services.BootstrapStub(channel)
+            stub = transport.bootstrap_stub(channel)
             return await transport.call(stub.Bootstrap(messages.BootstrapRequest(
                 protocol_version=rpc.PROTOCOL_VERSION, cluster=self._config.cluster,
                 token=token, csr=csr_pem), timeout=CALL_TIMEOUT))
@@ -96,7 +96,7 @@ class RelayClient:
 
     async def work(self, channel: Any, leader: bool) -> AsyncIterator[Any]:
         """Items of the server's work stream on ``channel``; raises a domain error at its end."""
-        stub = transport.services.RelayStub(channel)
+        stub = transport.relay_stub(channel)
         stream = stub.Work(messages.WorkSubscribe(protocol_version=rpc.PROTOCOL_VERSION,
                                                   replica=self._config.replica, leader=leader),
                            metadata=self._metadata())

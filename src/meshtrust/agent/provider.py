@@ -62,7 +62,7 @@ class Provider:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._current != seen),
                                        timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             return self._current
 

@@ -99,6 +99,6 @@ class Rotator:
                         self._config.grace_ratio, MIN_SPACING)
         log.info("renewed client certificate: serial %s, expires %s (resource version %d)",
                  response.serial, dt.datetime.fromtimestamp(response.not_after_unix,
-                                                            dt.timezone.utc).isoformat(),
+                                                            dt.UTC).isoformat(),
                  written.resource_version)
 

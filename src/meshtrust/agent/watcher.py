@@ -82,6 +82,6 @@ class Watcher:
             except errors.Conflict:
                 since = await self._store.revision()
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - keep watching; log and back off
+            except Exception:
                 log.exception("watching %s failed; retrying", names.relay_client)
                 await asyncio.sleep(1)

@@ -38,7 +38,7 @@ _CAS_ATTEMPTS = 5
 
 
 def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).isoformat()
+    return value.astimezone(dt.UTC).isoformat()
 
 
 def _parse_time(value: Any) -> dt.datetime | None:

@@ -118,7 +118,7 @@ def _list(args: argparse.Namespace, out: Output) -> int:
     if args.output != "table":
         out.document(items, args.output)
         return 0
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     rows = [[c.name, "yes" if c.connected else "no", _ago(c.last_seen, now),
              c.client_serial or "-", _iso(c.client_not_after) or "-"] for c in clusters]
     out.table(["cluster", "connected", "last seen", "client serial", "client not after"], rows)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _table(views: dict[str, demo.ClusterView], alive: dict[str, bool], elapsed: float) -> Table:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     table = Table(title=f"meshtrust fleet — {elapsed:.0f}s", header_style="bold")
     for column in ("cluster", "agent", "relay", "client serial", "expires in", "renews in",
                    "rotations", "verified"):
@@ -54,17 +54,16 @@ def _table(views: dict[str, demo.ClusterView], alive: dict[str, bool], elapsed: 
     return table
 
 
-async def _watch(fleet: demo.Fleet, out: Output, duration: float | None) -> bool:
+async def _watch(fleet: demo.Fleet, out: Output, duration: float | None,
+                 live: Live | None) -> bool:
+    """Refresh the views every half second until ``duration`` or the server stops."""
     started = time.monotonic()
-    live = out.console.is_terminal
-    last_line = 0.0
-
-    async def tick() -> bool:
-        nonlocal last_line
+    last_line = -5.0
+    while True:
         views = await fleet.observe()
         elapsed = time.monotonic() - started
-        if live:
-            view.update(_table(views, fleet.alive(), elapsed))
+        if live is not None:
+            live.update(_table(views, fleet.alive(), elapsed))
         elif elapsed - last_line >= 5:
             last_line = elapsed
             out.line(f"[{elapsed:4.0f}s] " + "  ".join(
@@ -72,17 +71,10 @@ async def _watch(fleet: demo.Fleet, out: Output, duration: float | None) -> bool
                 f"{(v.serial or '-')[:8]} rotations={v.rotations}" for v in views.values()))
         if not fleet.alive().get("server", False):
             out.error("the server process stopped; see server.log in the work directory")
-            return False
-        return duration is None or elapsed < duration
-
-    if live:
-        with Live(_table(fleet.views, {}, 0), console=out.console, refresh_per_second=4) as view:
-            while await tick():
-                await asyncio.sleep(0.5)
-    else:
-        view = None  # type: ignore[assignment]
-        while await tick():
-            await asyncio.sleep(0.5)
+            break
+        if duration is not None and elapsed >= duration:
+            break
+        await asyncio.sleep(0.5)
     return all(v.ok for v in fleet.views.values())
 
 
@@ -96,7 +88,11 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         fleet = demo.Fleet(plan)
         try:
             await fleet.start()
-            return await _watch(fleet, out, args.duration)
+            if not out.console.is_terminal:
+                return await _watch(fleet, out, args.duration, None)
+            with Live(_table(fleet.views, {}, 0), console=out.console,
+                      refresh_per_second=4) as live:
+                return await _watch(fleet, out, args.duration, live)
         except (KeyboardInterrupt, asyncio.CancelledError):
             return all(v.ok for v in fleet.views.values())
         finally:

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from meshtrust import __version__, errors
-from meshtrust.cli import (agent_cmd, cluster_cmd, demo_cmd, output, pki_cmd, server_cmd,
-                           store_cmd)
+from meshtrust.cli import agent_cmd, cluster_cmd, demo_cmd, output, pki_cmd, server_cmd, store_cmd
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1

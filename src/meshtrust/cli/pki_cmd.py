@@ -107,7 +107,7 @@ def _init(args: argparse.Namespace, out: Output) -> int:
         raise errors.ConfigError(
             f"{target} is not empty; choose an empty directory or pass --force to replace "
             "the secrets in it")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     built = hierarchy.build(options, now)
     asyncio.run(_write_secrets(target, built.secrets))
     out.line(f"wrote the {options.architecture.value} hierarchy for "
@@ -156,7 +156,7 @@ def _print_inventory(out: Output, built: hierarchy.Hierarchy, now: dt.datetime) 
 
 
 def _inspect(args: argparse.Namespace, out: Output) -> int:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     items: list[dict[str, Any]] = []
     for path in args.paths:
         for file, cert in _read_certificates(path):
@@ -186,7 +186,7 @@ def _verify(args: argparse.Namespace, out: Output) -> int:
     files = _read_secret_folder(path)
     found = bundle.load_bundle(files)
     profile = profiles.get_profile(args.profile)
-    problems = verify.check_bundle(profile, found, dt.datetime.now(dt.timezone.utc),
+    problems = verify.check_bundle(profile, found, dt.datetime.now(dt.UTC),
                                    cluster=args.cluster, trust_domain=args.trust_domain)
     if not problems:
         out.line(f"{path}: OK for profile {profile.name}")

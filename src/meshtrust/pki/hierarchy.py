@@ -57,8 +57,7 @@ class SecretFiles:
 
     @property
     def private_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in self.data if k.endswith(".key") or k.endswith("key.pem")
-                     or k == "token")
+        return tuple(k for k in self.data if k.endswith((".key", "key.pem")) or k == "token")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -72,7 +72,9 @@ def format_name(name: x509.GeneralName) -> str:
     return f"{type(name).__name__}:{name.value}"
 
 
-def subject_alt_names(item: x509.Certificate | x509.CertificateSigningRequest) -> list[x509.GeneralName]:
+def subject_alt_names(
+    item: x509.Certificate | x509.CertificateSigningRequest,
+) -> list[x509.GeneralName]:
     """The subjectAltName entries of a certificate or CSR (empty if it has none)."""
     try:
         ext = item.extensions.get_extension_for_class(x509.SubjectAlternativeName)

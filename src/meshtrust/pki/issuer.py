@@ -17,6 +17,7 @@ import functools
 import secrets
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from meshtrust import errors
@@ -101,7 +102,7 @@ class CA:
                 self.certificate.public_key())  # type: ignore[arg-type]
 
     @functools.cached_property
-    def _hash(self) -> object:
+    def _hash(self) -> hashes.SHA256 | hashes.SHA384:
         return keys.signature_hash(self.key)
 
 
@@ -126,7 +127,7 @@ def issue(
     builder = _base_builder(profile, subject, request.public_key, not_before, not_after)
     builder = builder.issuer_name(issuer.certificate.subject)
     builder = builder.add_extension(issuer._aki, critical=False)
-    return builder.sign(issuer.key, issuer._hash)  # type: ignore[arg-type]
+    return builder.sign(issuer.key, issuer._hash)
 
 
 def self_sign(
@@ -147,7 +148,7 @@ def self_sign(
     builder = builder.issuer_name(name)
     builder = builder.add_extension(
         x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-    return builder.sign(key, keys.signature_hash(key))  # type: ignore[arg-type]
+    return builder.sign(key, keys.signature_hash(key))
 
 
 def new_root(
@@ -269,20 +270,20 @@ def _require_cluster(subject: Subject, profile: Profile) -> str:
     return subject.cluster
 
 
-def _base_builder(profile: Profile, subject: Subject, public_key: object,
+def _base_builder(profile: Profile, subject: Subject, public_key: keys.PublicKey,
                   not_before: dt.datetime, not_after: dt.datetime) -> x509.CertificateBuilder:
     name = _subject_name(profile, subject)
     basic_constraints, key_usage, extended_key_usage = _profile_extensions(profile)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .public_key(public_key)  # type: ignore[arg-type]
+        .public_key(public_key)
         .serial_number(random_serial())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(basic_constraints, critical=profile.basic_constraints_critical)
         .add_extension(key_usage, critical=profile.key_usage_critical)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                        critical=False)
     )
     if extended_key_usage is not None:

@@ -94,7 +94,7 @@ def describe_key(key: object) -> str:
     return type(key).__name__.lstrip("_")
 
 
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """The digest to sign with: SHA-384 for P-384 keys, SHA-256 otherwise."""
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
         return hashes.SHA384()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509 import verification as xv
@@ -101,7 +102,8 @@ def check_bundle(
     return problems
 
 
-def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension | None:  # type: ignore[type-arg]
+def _extension(cert: x509.Certificate,
+               kind: type[x509.ExtensionType]) -> x509.Extension[Any] | None:
     try:
         return cert.extensions.get_extension_for_class(kind)
     except x509.ExtensionNotFound:
@@ -120,10 +122,10 @@ def _check_constraints(profile: Profile, cert: x509.Certificate) -> list[str]:
                         f"found CA:{str(bc.ca).lower()}")
     if profile.is_ca and not ext.critical:
         problems.append("basicConstraints must be critical on a CA certificate")
-    if profile.is_ca and profile.path_length is not None and bc.ca:
-        if bc.path_length is None or bc.path_length > profile.path_length:
-            found = "unlimited" if bc.path_length is None else bc.path_length
-            problems.append(f"pathlen must be at most {profile.path_length}, found {found}")
+    if (profile.is_ca and profile.path_length is not None and bc.ca
+            and (bc.path_length is None or bc.path_length > profile.path_length)):
+        found = "unlimited" if bc.path_length is None else bc.path_length
+        problems.append(f"pathlen must be at most {profile.path_length}, found {found}")
     return problems
 
 

@@ -90,6 +90,20 @@ class Credentials:
             config(served[0]), fetch, require_client_authentication=require_client_auth)
 
 
+def relay_stub(channel: Any) -> Any:
+    return services.RelayStub(channel)  # type: ignore[no-untyped-call]
+
+
+def bootstrap_stub(channel: Any) -> Any:
+    return services.BootstrapStub(channel)  # type: ignore[no-untyped-call]
+
+
+def add_services(server: Any, relay: Any, bootstrap: Any) -> None:
+    """Register the Relay and Bootstrap servicers on a gRPC server."""
+    services.add_RelayServicer_to_server(relay, server)  # type: ignore[no-untyped-call]
+    services.add_BootstrapServicer_to_server(bootstrap, server)  # type: ignore[no-untyped-call]
+
+
 def new_server() -> grpc.aio.Server:
     return grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
 
@@ -103,7 +117,7 @@ def add_listener(server: grpc.aio.Server, address: str,
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise errors.ConfigError(f"cannot listen on {address}: the address is in use or invalid")
-    return port
+    return int(port)
 
 
 def peer_certificate(context: grpc.aio.ServicerContext) -> bytes | None:

@@ -53,7 +53,7 @@ class Server:
             server_lifetime=self.config.server_lifetime))
         for name in made:
             log.info("generated %s/%s", self.names.relay_namespace, name)
-        service.add_services(self._grpc, self.relay_service,
+        transport.add_services(self._grpc, self.relay_service,
                              service.BootstrapService(self.authority, authn.FailureLimiter()))
         if self.config.insecure:
             log.warning("INSECURE MODE: the relay is plaintext and agents are not authenticated;"
@@ -95,7 +95,7 @@ class Server:
             except errors.Conflict:
                 since = await self.store.revision()
                 await self._reload()
-            except Exception:  # noqa: BLE001 - keep following; log and back off
+            except Exception:
                 log.exception("following the server certificate failed; retrying")
                 await asyncio.sleep(1)
 
@@ -123,7 +123,7 @@ class Server:
                         self.relay_service.drop(event.object.name)
             except errors.Conflict:
                 since = await self.store.revision()
-            except Exception:  # noqa: BLE001 - keep following; log and back off
+            except Exception:
                 log.exception("following the cluster registry failed; retrying")
                 await asyncio.sleep(1)
 

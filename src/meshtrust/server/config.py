@@ -49,7 +49,7 @@ class ServerConfig:
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
 
 
-def parse_duration(text: str | int | float, field: str) -> dt.timedelta:
+def parse_duration(text: str | float, field: str) -> dt.timedelta:
     """``90s``, ``15m``, ``12h``, ``365d``, ``1y`` or a number of seconds."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
@@ -81,32 +81,37 @@ def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
             raise errors.ConfigError(
                 f"unknown server setting {raw_key!r}; known settings: {', '.join(sorted(_FIELDS))}")
         name = _FIELDS[key]
-        if value is None:
-            continue
-        if name in ("client_lifetime", "server_lifetime"):
-            value = parse_duration(value, key)
-        elif name == "server_names":
-            if isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
-            elif isinstance(value, (list, tuple)):
-                value = tuple(str(v) for v in value)
-            else:
-                raise errors.ConfigError(f"{key}: give a list of names")
-        elif name == "key_type":
-            value = keys.KeyType.parse(str(value))
-        elif name == "token_mode":
-            try:
-                value = relay.TokenMode(str(value))
-            except ValueError:
-                raise errors.ConfigError(
-                    f"{key}: {value!r} is not one of shared, cluster, any") from None
-        elif name == "insecure":
-            if not isinstance(value, bool):
-                raise errors.ConfigError(f"{key}: give true or false")
-        elif name == "heartbeat":
-            value = parse_duration(value, key).total_seconds()
-        kwargs[name] = value
+        if value is not None:
+            kwargs[name] = _convert(name, key, value)
     if "store" not in kwargs:
         raise errors.ConfigError("store: give the management store URL, e.g. "
                                  "--store sqlite:///var/lib/meshtrust/mgmt.db")
     return ServerConfig(**kwargs)
+
+
+def _convert(name: str, key: str, value: Any) -> Any:
+    """One setting's value from YAML or a flag, checked; ConfigError names ``key``."""
+    if name in ("client_lifetime", "server_lifetime"):
+        return parse_duration(value, key)
+    if name == "heartbeat":
+        return parse_duration(value, key).total_seconds()
+    if name == "server_names":
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v) for v in value)
+        raise errors.ConfigError(f"{key}: give a list of names")
+    if name == "key_type":
+        return keys.KeyType.parse(str(value))
+    if name == "token_mode":
+        try:
+            return relay.TokenMode(str(value))
+        except ValueError:
+            raise errors.ConfigError(
+                f"{key}: {value!r} is not one of shared, cluster, any") from None
+    if name == "insecure" and not isinstance(value, bool):
+        raise errors.ConfigError(f"{key}: give true or false")
+    if name in ("store", "listen", "bootstrap_listen", "ready_file") and not isinstance(value,
+                                                                                        str):
+        raise errors.ConfigError(f"{key}: give a string")
+    return value

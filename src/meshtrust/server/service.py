@@ -31,7 +31,7 @@ def _response(issued: relay.Issued) -> messages.CertificateResponse:
         not_after_unix=int(issued.certificate.not_valid_after_utc.timestamp()))
 
 
-class BootstrapService(transport.services.BootstrapServicer):  # type: ignore[misc]
+class BootstrapService(transport.services.BootstrapServicer):
     """Token bootstrap, on the server-authenticated listener."""
 
     def __init__(self, authority: relay.RelayAuthority, limiter: authn.FailureLimiter) -> None:
@@ -57,7 +57,7 @@ class BootstrapService(transport.services.BootstrapServicer):  # type: ignore[mi
         return _response(issued)
 
 
-class RelayService(transport.services.RelayServicer):  # type: ignore[misc]
+class RelayService(transport.services.RelayServicer):
     """Everything an agent does once it holds a client certificate."""
 
     def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock, *,
@@ -122,7 +122,7 @@ class RelayService(transport.services.RelayServicer):  # type: ignore[misc]
                     server_time_unix=int(self._clock.now().timestamp())))
                 try:
                     await asyncio.wait_for(gone.wait(), timeout=self._heartbeat)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             await transport.abort(context, errors.UnknownCluster(
                 f"cluster {cluster!r} was deregistered"))
@@ -155,15 +155,8 @@ class RelayService(transport.services.RelayServicer):  # type: ignore[misc]
 
 
 def _iso(unix: int) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.timezone.utc).isoformat() if unix else ""
+    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat() if unix else ""
 
 
 def _iso_now(clock: clock_module.Clock) -> str:
     return clock.now().isoformat()
-
-
-def add_services(server: Any, relay_service: RelayService,
-                 bootstrap_service: BootstrapService) -> None:
-    """Register both services on a gRPC server."""
-    transport.services.add_RelayServicer_to_server(relay_service, server)
-    transport.services.add_BootstrapServicer_to_server(bootstrap_service, server)

@@ -252,9 +252,10 @@ class DirectoryStore:
         """A directory of files with no sidecar; its newest mtime is its version."""
         data: dict[str, bytes] = {}
         times = [os.stat(folder).st_mtime_ns]
-        for entry in os.scandir(folder):
-            if entry.name.startswith(".") or not entry.is_file():
-                continue
+        with os.scandir(folder) as entries:
+            found = [entry for entry in entries
+                     if not entry.name.startswith(".") and entry.is_file()]
+        for entry in found:
             try:
                 base.check_data_key(entry.name)
             except base.InvalidField as exc:

@@ -14,21 +14,21 @@ import urllib.parse
 from meshtrust import errors
 
 _PASSWORD_QUERY_RE = re.compile(r"(?i)(password=)[^&]*")
+_USERINFO_RE = re.compile(r"//([^:/@]*):[^@/]*@")
 
 
 def mask(url: str) -> str:
     """``url`` with any password replaced by ``***`` (in the authority or the query)."""
+    masked = _PASSWORD_QUERY_RE.sub(r"\1***", url)
     try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _password = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostport}"
-    query = _PASSWORD_QUERY_RE.sub(r"\1***", parts.query)
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        netloc = urllib.parse.urlsplit(url).netloc
+    except ValueError:  # malformed: mask what looks like user:password@
+        return _USERINFO_RE.sub(r"//\1:***@", masked)
+    userinfo, at, hostport = netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if at and colon:
+        masked = masked.replace(f"//{netloc}", f"//{user}:***@{hostport}", 1)
+    return masked
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
