@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="tokens bootstrap accepts: the shared relay-identity-token-secret, "
                              "per-cluster single-use tokens, or either (default any)")
     parser.add_argument("--heartbeat", help="work-stream heartbeat interval (default 10s)")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="plaintext relay with no certificates, for demos only")
@@ -60,7 +62,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
             raise errors.ConfigError(f"{args.config} must hold a mapping of settings")
         values.update(loaded or {})
     for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_names",
-                 "key_type", "token_mode", "heartbeat", "ready_file", "insecure"):
+                 "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

@@ -187,10 +187,10 @@ def _list(args: argparse.Namespace, out: output.Output) -> int:
                  str(obj.resource_version), _time(obj.updated))
                 for obj in found if isinstance(obj, base.Secret)])
         else:
-            out.table(("NAMESPACE", "NAME", "KIND", "GENERATION", "VERSION", "UPDATED"), [
-                (obj.namespace, obj.name, obj.kind, str(obj.generation),
-                 str(obj.resource_version), _time(obj.updated))
-                for obj in found if isinstance(obj, base.Resource)])
+            out.table(("NAMESPACE", "NAME", "GENERATION", "VERSION", "UPDATED"), [
+                (obj.namespace, obj.name, str(obj.generation), str(obj.resource_version),
+                 _time(obj.updated))
+                for obj in found if isinstance(obj, base.Resource)], title=args.kind)
         return 0
 
     return _run(args, work)

@@ -16,9 +16,10 @@ import signal
 from pathlib import Path
 
 from meshtrust import clock as clock_module
-from meshtrust import errors, settings
+from meshtrust import errors, metrics, settings
 from meshtrust.authority import registry as registry_module
 from meshtrust.authority import relay, relay_pki
+from meshtrust.pki import bundle
 from meshtrust.rpc import transport
 from meshtrust.server import authn, service
 from meshtrust.server.config import ServerConfig
@@ -39,13 +40,15 @@ class Server:
         self.registry = registry_module.Registry(store, self.clock)
         self.authority = relay.RelayAuthority(store, self.clock, self.registry, relay.Options(
             client_lifetime=config.client_lifetime, token_mode=config.token_mode))
-        self.relay_service = service.RelayService(self.authority, self.clock,
+        self.metrics = metrics.Metrics()
+        self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
                                                   heartbeat=config.heartbeat)
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server()
         self._tasks: list[asyncio.Task[None]] = []
         self._credentials: transport.Credentials | None = None
+        self._metrics_server: object | None = None
 
     async def start(self) -> None:
         made = await relay_pki.ensure(self.store, self.clock, relay_pki.Options(
@@ -53,8 +56,18 @@ class Server:
             server_lifetime=self.config.server_lifetime))
         for name in made:
             log.info("generated %s/%s", self.names.relay_namespace, name)
+        for kind, name in (("relay-root", self.names.relay_root),
+                           ("relay-signing", self.names.relay_signing)):
+            secret = await self.store.get_secret(self.names.relay_namespace, name)
+            pem = secret.data.get("tls.crt") or secret.data.get("ca.crt")
+            if pem:
+                self._record_expiry(pem, kind, name)
         transport.add_services(self._grpc, self.relay_service,
-                             service.BootstrapService(self.authority, authn.FailureLimiter()))
+                             service.BootstrapService(self.authority, authn.FailureLimiter(),
+                                                      self.metrics))
+        if self.config.metrics:
+            self._metrics_server = self.metrics.serve(self.config.metrics)
+            log.info("metrics on http://%s/metrics", self.config.metrics)
         if self.config.insecure:
             log.warning("INSECURE MODE: the relay is plaintext and agents are not authenticated;"
                         " never use this outside a demo")
@@ -76,8 +89,17 @@ class Server:
 
     async def _identity(self) -> transport.Identity:
         creds = await relay_pki.server_credentials(self.store, self.names)
+        self._record_expiry(creds.certificate_chain, "relay-server", self.names.relay_server)
         return transport.Identity(chain=creds.certificate_chain, key=creds.private_key,
                                   trust=creds.client_trust, version=creds.resource_version)
+
+    def _record_expiry(self, pem: bytes, kind: str, secret: str) -> None:
+        try:
+            certificate = bundle.load_certificate(pem, secret)
+        except errors.ChainError:
+            return
+        self.metrics.certificate(certificate, kind=kind, cluster="mgmt",
+                                 namespace=self.names.relay_namespace, secret=secret)
 
     async def _follow_server_secret(self) -> None:
         """Put every new relay-server-tls-secret into the listeners' credentials."""
@@ -132,6 +154,9 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._grpc.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
 
 
 def _write_ready(path: Path, values: dict[str, int]) -> None:

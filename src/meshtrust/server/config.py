@@ -32,6 +32,7 @@ class ServerConfig:
     token_mode: relay.TokenMode = relay.TokenMode.ANY
     heartbeat: float = 10.0
     ready_file: str | None = None
+    metrics: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap_listen"):
@@ -111,7 +112,7 @@ def _convert(name: str, key: str, value: Any) -> Any:
                 f"{key}: {value!r} is not one of shared, cluster, any") from None
     if name == "insecure" and not isinstance(value, bool):
         raise errors.ConfigError(f"{key}: give true or false")
-    if name in ("store", "listen", "bootstrap_listen", "ready_file") and not isinstance(value,
+    if name in ("store", "listen", "bootstrap_listen", "ready_file", "metrics") and not isinstance(value,
                                                                                         str):
         raise errors.ConfigError(f"{key}: give a string")
     return value

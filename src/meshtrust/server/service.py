@@ -13,8 +13,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import time
+
 from meshtrust import clock as clock_module
-from meshtrust import errors
+from meshtrust import errors, metrics, settings
 from meshtrust.authority import relay
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
@@ -34,25 +36,34 @@ def _response(issued: relay.Issued) -> messages.CertificateResponse:
 class BootstrapService(transport.services.BootstrapServicer):
     """Token bootstrap, on the server-authenticated listener."""
 
-    def __init__(self, authority: relay.RelayAuthority, limiter: authn.FailureLimiter) -> None:
+    def __init__(self, authority: relay.RelayAuthority, limiter: authn.FailureLimiter,
+                 meters: metrics.Metrics) -> None:
         self._authority = authority
         self._limiter = limiter
+        self._meters = meters
 
     async def Bootstrap(self, request: Any, context: Any) -> messages.CertificateResponse:
         peer = transport.peer_host(context)
+        started = time.perf_counter()
         try:
             self._limiter.check(peer)
             issued = await self._authority.bootstrap(request.cluster, request.token, request.csr)
         except errors.AuthError as exc:
+            outcome = "rate_limited" if isinstance(exc, errors.RateLimited) else "refused"
+            self._meters.bootstraps.labels(outcome).inc()
             if not isinstance(exc, errors.RateLimited):
                 self._limiter.failed(peer)
             log.warning("bootstrap refused for cluster %r from %s: %s", request.cluster, peer, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
         except errors.MeshTrustError as exc:
+            self._meters.bootstraps.labels("invalid").inc()
+            self._meters.issuance.labels("relay-client", "refused").inc()
             log.warning("bootstrap refused for cluster %r from %s: %s", request.cluster, peer, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
+        self._meters.bootstraps.labels("accepted").inc()
+        _issued(self._meters, issued, request.cluster, started)
         log.info("bootstrapped cluster %s: client certificate %s", request.cluster, issued.serial)
         return _response(issued)
 
@@ -60,9 +71,11 @@ class BootstrapService(transport.services.BootstrapServicer):
 class RelayService(transport.services.RelayServicer):
     """Everything an agent does once it holds a client certificate."""
 
-    def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock, *,
-                 insecure: bool = False, heartbeat: float = 10.0) -> None:
+    def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock,
+                 meters: metrics.Metrics, *, insecure: bool = False,
+                 heartbeat: float = 10.0) -> None:
         self._authority = authority
+        self._meters = meters
         self._clock = clock
         self._insecure = insecure
         self._heartbeat = heartbeat
@@ -86,12 +99,15 @@ class RelayService(transport.services.RelayServicer):
 
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
         cluster = await self._cluster(context)
+        started = time.perf_counter()
         try:
             issued = await self._authority.renew(cluster, request.csr)
         except errors.MeshTrustError as exc:
+            self._meters.issuance.labels("relay-client", "refused").inc()
             log.warning("renewal refused for cluster %s: %s", cluster, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
+        _issued(self._meters, issued, cluster, started)
         log.info("renewed client certificate of cluster %s: %s", cluster, issued.serial)
         return _response(issued)
 
@@ -114,6 +130,7 @@ class RelayService(transport.services.RelayServicer):
         registry = self._authority.registry
         gone = asyncio.Event()
         self._streams.setdefault(cluster, set()).add(gone)
+        self._meters.connected.set(len(self._streams))
         await registry.update_status(cluster, connected=True, lastSeen=_iso_now(self._clock))
         log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
@@ -131,6 +148,7 @@ class RelayService(transport.services.RelayServicer):
             streams.discard(gone)
             if not streams:
                 self._streams.pop(cluster, None)
+                self._meters.connected.set(len(self._streams))
                 try:
                     await registry.update_status(cluster, connected=False)
                 except errors.MeshTrustError:
@@ -160,3 +178,10 @@ def _iso(unix: int) -> str:
 
 def _iso_now(clock: clock_module.Clock) -> str:
     return clock.now().isoformat()
+
+
+def _issued(meters: metrics.Metrics, issued: relay.Issued, cluster: str, started: float) -> None:
+    meters.issuance.labels("relay-client", "issued").inc()
+    meters.issuance_seconds.labels("relay-client").observe(time.perf_counter() - started)
+    meters.certificate(issued.certificate, kind="relay-client", cluster=cluster,
+                       namespace=settings.RELAY_NAMESPACE, secret=settings.RELAY_CLIENT_SECRET)

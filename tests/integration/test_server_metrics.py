@@ -1,0 +1,82 @@
+"""The server's Prometheus endpoint, scraped and parsed with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshtrust import clock as clock_module
+from meshtrust import errors
+from meshtrust.agent import identity as agent_identity
+from meshtrust.authority import enrollment
+from meshtrust.pki import keys
+from meshtrust.rpc import transport
+from meshtrust.rpc.transport import messages
+from meshtrust.server import app, config
+from meshtrust.store import open_store
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def _scenario(tmp: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    metrics_address = f"127.0.0.1:{_port()}"
+    cfg = config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
+                              listen=f"127.0.0.1:{_port()}",
+                              bootstrap_listen=f"127.0.0.1:{_port()}", metrics=metrics_address)
+    store = await open_store(cfg.store)
+    server = app.Server(cfg, store)
+    await server.start()
+    try:
+        enrolled = await enrollment.enroll(store, clock_module.SystemClock(), "cluster-1",
+                                           server=cfg.listen,
+                                           bootstrap_server=cfg.bootstrap_listen)
+        key = keys.generate_key(keys.KeyType.EC_P256)
+        channel = transport.secure_channel(cfg.bootstrap_listen, trust=enrolled.ca_cert,
+                                           server_name="localhost")
+        try:
+            stub = transport.bootstrap_stub(channel)
+            for token in ("wrong-token", enrolled.token):
+                request = messages.BootstrapRequest(
+                    cluster="cluster-1", token=token,
+                    csr=agent_identity.request_for(key, "cluster-1"))
+                try:
+                    await transport.call(stub.Bootstrap(request, timeout=10))
+                except errors.AuthError:
+                    pass
+        finally:
+            await channel.close()
+        return await asyncio.to_thread(_scrape, metrics_address)
+    finally:
+        await server.stop(0)
+        await store.close()
+
+
+class TestServerMetrics:
+    def test_bootstrap_and_expiry_are_exported(self, tmp_path: Path) -> None:
+        """After one refused and one accepted bootstrap the counters and expiry gauges show it."""
+        samples = asyncio.run(_scenario(tmp_path))
+        assert samples[("meshtrust_bootstrap_attempts_total", (("outcome", "accepted"),))] == 1
+        assert samples[("meshtrust_bootstrap_attempts_total", (("outcome", "refused"),))] == 1
+        assert samples[("meshtrust_issuance_total",
+                        (("outcome", "issued"), ("profile", "relay-client")))] == 1
+        expiry = [v for (name, labels), v in samples.items()
+                  if name == "meshtrust_certificate_expiration_timestamp_seconds"]
+        kinds = {dict(labels)["kind"] for (name, labels) in samples
+                 if name == "meshtrust_certificate_expiration_timestamp_seconds"}
+        assert kinds == {"relay-root", "relay-signing", "relay-server", "relay-client"}
+        assert all(v > 1.7e9 for v in expiry)
