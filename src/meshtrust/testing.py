@@ -8,6 +8,7 @@ it follows the same write rules (``store.change``) and the same watch loop
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import datetime as dt
@@ -83,13 +84,13 @@ class MemoryStore:
                 if isinstance(obj, base.Resource)]
 
     async def create(self, obj: base.ObjectT) -> base.ObjectT:
-        return dataclasses.replace(change.stored(obj, self._write(change.Write.create(obj))))
+        return self._stored(obj, change.Write.create(obj))
 
     async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return dataclasses.replace(change.stored(obj, self._write(change.Write.update(obj))))
+        return self._stored(obj, change.Write.update(obj))
 
     async def update_status(self, resource: base.Resource) -> base.Resource:
-        return dataclasses.replace(change.stored(resource, self._write(change.Write.update_status(resource))))
+        return self._stored(resource, change.Write.update_status(resource))
 
     async def delete(self, kind: str, namespace: str, name: str, *,
                      resource_version: int | None = None) -> None:
@@ -126,6 +127,10 @@ class MemoryStore:
         return [dataclasses.replace(obj) for key, obj in sorted(self._objects.items())
                 if key[0] == kind and base.matches(obj, namespace, labels)]
 
+    def _stored(self, obj: base.ObjectT, write: change.Write) -> base.ObjectT:
+        """Apply ``write`` and return a copy of what it stored, so callers cannot alter it."""
+        return dataclasses.replace(change.stored(obj, self._write(write)))
+
     def _write(self, write: change.Write) -> base.WatchEvent:
         self._check_open()
         event = change.apply(write, self._objects.get(write.key), self._revision + 1,
@@ -146,8 +151,9 @@ class MemoryStore:
         self._check_open()
         if after < self._compacted:
             raise feed.too_old(after, self._compacted + 1)
-        events = [event for event in self._log if event.resource_version > after]
-        examined = events[limit - 1].resource_version if len(events) >= limit else self._revision
-        selected = [event for event in events[:limit]
+        start = bisect.bisect_right(self._log, after, key=lambda event: event.resource_version)
+        events = [self._log[index] for index in range(start, min(len(self._log), start + limit))]
+        examined = events[-1].resource_version if len(events) == limit else self._revision
+        selected = [event for event in events
                     if event.object.kind == kind and base.matches(event.object, namespace, None)]
         return selected, examined

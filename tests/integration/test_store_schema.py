@@ -1,4 +1,4 @@
-"""Schema versions: a v1 store migrates to the current schema with its data; newer ones are refused."""
+"""Schema versions: a v1 store migrates to the current one with its data; newer is refused."""
 
 from __future__ import annotations
 
@@ -86,8 +86,9 @@ class TestPostgresSchema:
             body = manifest.dump_json(OLD)
             await conn.execute("INSERT INTO meshtrust_objects VALUES ('Secret', %s, %s, 1, %s)",
                                (OLD.namespace, OLD.name, body))
-            await conn.execute("INSERT INTO meshtrust_changes VALUES (1, 'ADDED', 'Secret', %s, %s)",
-                               (OLD.namespace, body))
+            await conn.execute(
+                "INSERT INTO meshtrust_changes VALUES (1, 'ADDED', 'Secret', %s, %s)",
+                (OLD.namespace, body))
             await conn.execute("SELECT setval('meshtrust_revision', 1)")
 
     def test_v1_migrates(self, postgres_url: str) -> None:

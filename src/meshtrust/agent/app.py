@@ -196,16 +196,21 @@ class Agent:
 
     async def _report(self) -> None:
         """Tell the server what the agent holds, now and then and after each change."""
-        seen: ClientIdentity | None = None
+        interval = self.config.status_interval
         while True:
+            if not self.connected.is_set():
+                try:
+                    await asyncio.wait_for(self.connected.wait(), interval)
+                except TimeoutError:
+                    pass
+                continue
             current = self.provider.current
-            if (current is not None or self.config.insecure) and self.connected.is_set():
+            if current is not None or self.config.insecure:
                 try:
                     await self.client.report(self._status(current))
-                    seen = current
                 except errors.MeshTrustError as exc:
                     log.debug("status report failed: %s", exc)
-            await self.provider.wait_for_change(seen, timeout=self.config.status_interval)
+            await self.provider.wait_for_change(current, timeout=interval)
 
     def _status(self, current: ClientIdentity | None) -> messages.StatusReport:
         held = []

@@ -38,36 +38,40 @@ class ClientIdentity:
 
 
 class Provider:
-    """The current client identity, or None before the first one."""
+    """The current client identity, or None before the first one.
+
+    Waiters wait on an event that ``set`` fires and replaces, so cancelling a
+    waiter never disturbs the others.
+    """
 
     def __init__(self) -> None:
         self._current: ClientIdentity | None = None
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
 
     @property
     def current(self) -> ClientIdentity | None:
         return self._current
 
     async def set(self, identity: ClientIdentity | None) -> None:
-        async with self._changed:
-            if identity == self._current:
-                return
-            self._current = identity
-            self._changed.notify_all()
+        if identity == self._current:
+            return
+        self._current = identity
+        fired, self._changed = self._changed, asyncio.Event()
+        fired.set()
 
     async def wait_for_change(self, seen: ClientIdentity | None,
                               timeout: float | None = None) -> ClientIdentity | None:
         """Wait until the identity is no longer ``seen`` (or ``timeout`` passes)."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._current != seen),
-                                       timeout)
-            except TimeoutError:
-                pass
+        if self._current != seen:
+            await asyncio.sleep(0)  # always yield, so a caller's loop cannot starve the others
             return self._current
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self._current
 
     async def wait_ready(self) -> ClientIdentity:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._current is not None)
-            assert self._current is not None
-            return self._current
+        while self._current is None:
+            await self._changed.wait()
+        return self._current

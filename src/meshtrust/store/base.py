@@ -171,7 +171,8 @@ class Secret:
         if not isinstance(self.type, str) or not _SECRET_TYPE_RE.fullmatch(self.type):
             raise InvalidField("type", f"{self.type!r} is not a secret type such as 'Opaque'")
         if not isinstance(self.data, Mapping):
-            raise InvalidField("data", f"must be a mapping of bytes, got {type(self.data).__name__}")
+            raise InvalidField("data", "must be a mapping of bytes, "
+                                       f"got {type(self.data).__name__}")
         data = {}
         for key, value in self.data.items():
             check_data_key(key)

@@ -33,7 +33,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -41,7 +40,7 @@ import yaml
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.store import base, change, feed, journal, manifest
+from meshtrust.store import base, change, disk, feed, journal, manifest
 
 META = "..meta.json"
 DATA = "..data"
@@ -52,46 +51,6 @@ _T = TypeVar("_T")
 # libyaml's safe loader and dumper when PyYAML was built with it: ten times faster.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: str, content: bytes) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(path: str) -> None:
-    """Create ``path`` and its missing parents (0700), fsyncing each new entry."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    _make_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    _fsync_dir(parent)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def _is_name(value: str, check: Callable[[str], object]) -> bool:
@@ -160,19 +119,17 @@ class DirectoryStore:
         return [obj for obj in found if isinstance(obj, base.Resource)]
 
     async def create(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._run(self._writes, self._write, change.Write.create(obj)))
+        return change.stored(obj, await self._submit(change.Write.create(obj)))
 
     async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._run(self._writes, self._write, change.Write.update(obj)))
+        return change.stored(obj, await self._submit(change.Write.update(obj)))
 
     async def update_status(self, resource: base.Resource) -> base.Resource:
-        write = change.Write.update_status(resource)
-        return change.stored(resource, await self._run(self._writes, self._write, write))
+        return change.stored(resource, await self._submit(change.Write.update_status(resource)))
 
     async def delete(self, kind: str, namespace: str, name: str, *,
                      resource_version: int | None = None) -> None:
-        write = change.Write.delete(kind, namespace, name, resource_version)
-        await self._run(self._writes, self._write, write)
+        await self._submit(change.Write.delete(kind, namespace, name, resource_version))
 
     async def revision(self) -> int:
         return await self._run(self._reads, self._journal.head)
@@ -201,6 +158,11 @@ class DirectoryStore:
             return await asyncio.get_running_loop().run_in_executor(pool, call, *args)
         except OSError as exc:
             raise errors.StoreUnavailable(f"dir store {self._name}: {exc}") from exc
+
+    async def _submit(self, write: change.Write) -> base.WatchEvent:
+        event = await self._run(self._writes, self._write, write)
+        self._feed.notify()  # watchers in this process need not wait for their next poll
+        return event
 
     async def _read_changes(self, after: int, kind: str, namespace: str | None,
                             limit: int) -> tuple[list[base.WatchEvent], int]:
@@ -322,7 +284,7 @@ class DirectoryStore:
     # Writing the tree, on the writer thread under the journal's lock.
 
     def _prepare(self) -> None:
-        _make_dirs(self._root)
+        disk.make_dirs(self._root)
         self._journal.prepare()
         with self._journal.locked():
             self._recover()
@@ -330,7 +292,7 @@ class DirectoryStore:
                 folder = os.path.join(self._root, ns)
                 for entry in os.listdir(folder):
                     if entry.startswith(".") and ".deleted-" in entry:
-                        _remove(os.path.join(folder, entry))  # a delete cut short
+                        disk.remove(os.path.join(folder, entry))  # a delete cut short
 
     def _write(self, write: change.Write) -> base.WatchEvent:
         with self._journal.locked():
@@ -377,35 +339,33 @@ class DirectoryStore:
             folder = os.path.join(folder, RESOURCES, obj.kind)
             path = os.path.join(folder, f"{obj.name}.yaml")
             if event.type is base.EventType.DELETED:
-                _remove(path)
-                _fsync_dir(folder)
+                disk.remove(path)
+                disk.fsync_dir(folder)
                 return
-            _make_dirs(folder)
+            disk.make_dirs(folder)
             text = yaml.dump(manifest.dump(obj, record=True), Dumper=_DUMPER, sort_keys=False)
-            _write_file(os.path.join(folder, f".{obj.name}.yaml.tmp"), text.encode())
-            os.replace(os.path.join(folder, f".{obj.name}.yaml.tmp"), path)
-            _fsync_dir(folder)
+            disk.replace_file(path, text.encode())
         elif event.type is base.EventType.DELETED:
             trash = os.path.join(folder, f".{obj.name}.deleted-{event.resource_version}")
             os.rename(os.path.join(folder, obj.name), trash)
-            _fsync_dir(folder)
-            _remove(trash)
+            disk.fsync_dir(folder)
+            disk.remove(trash)
         else:
             self._swap(os.path.join(folder, obj.name), obj, event.resource_version)
 
     def _swap(self, folder: str, secret: base.Secret, revision: int) -> None:
         """Make ``secret`` the current version of ``folder`` with one atomic rename."""
-        _make_dirs(folder)
+        disk.make_dirs(folder)
         version = f"..r{revision}"
         path = os.path.join(folder, version)
-        _remove(path)  # left by a writer that died before its swap
+        disk.remove(path)  # left by a writer that died before its swap
         os.mkdir(path, 0o700)
         for key, value in secret.data.items():
-            _write_file(os.path.join(path, key), value)
+            disk.write_file(os.path.join(path, key), value)
         meta = manifest.dump(secret, record=True)
         meta["data"] = sorted(secret.data)
-        _write_file(os.path.join(path, META), json.dumps(meta, sort_keys=True).encode())
-        _fsync_dir(path)
+        disk.write_file(os.path.join(path, META), json.dumps(meta, sort_keys=True).encode())
+        disk.fsync_dir(path)
         self._link(folder, DATA, version)
         for key in secret.data:
             self._link(folder, key, f"{DATA}/{key}")
@@ -413,8 +373,8 @@ class DirectoryStore:
             stale_key = not entry.startswith(".") and entry not in secret.data
             stale_version = entry.startswith("..") and entry not in (DATA, version)
             if stale_key or stale_version:
-                _remove(os.path.join(folder, entry))
-        _fsync_dir(folder)
+                disk.remove(os.path.join(folder, entry))
+        disk.fsync_dir(folder)
 
     @staticmethod
     def _link(folder: str, name: str, target: str) -> None:
@@ -422,6 +382,6 @@ class DirectoryStore:
         if os.path.islink(path) and os.readlink(path) == target:
             return
         temporary = os.path.join(folder, f"..tmp-{name}")
-        _remove(temporary)
+        disk.remove(temporary)
         os.symlink(target, temporary)
         os.replace(temporary, path)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from meshtrust import errors
-from meshtrust.store import base, feed, manifest
+from meshtrust.store import base, disk, feed, manifest
 
 FORMAT = 1
 _HEADER = b"#compacted "
@@ -55,14 +55,6 @@ def _parse(line: bytes, source: str) -> Entry:
                      kind=kind.decode(), namespace=namespace.decode(), body=body)
     except ValueError as exc:
         raise errors.ConfigError(f"{source}: damaged change log line {line[:80]!r}") from exc
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -98,13 +90,7 @@ class Journal:
                                      f"(schema {found} > {FORMAT}); upgrade meshtrust")
         if found < FORMAT:
             with self.locked():
-                fd = os.open(format_path + ".tmp", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-                with open(fd, "w", encoding="ascii") as handle:
-                    handle.write(f"{FORMAT}\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(format_path + ".tmp", format_path)
-                _fsync_dir(self._state)
+                disk.replace_file(format_path, f"{FORMAT}\n".encode())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -165,7 +151,7 @@ class Journal:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self._state)
+            disk.fsync_dir(self._state)
 
     def compact(self, keep: int) -> None:
         """Keep only the newest ``keep`` entries; call under ``locked()``."""
@@ -174,15 +160,8 @@ class Journal:
         if len(lines) <= keep:
             return
         dropped = _parse(lines[-keep - 1], self._name).revision
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with open(fd, "wb") as handle:
-            handle.write(_HEADER + str(dropped).encode() + b"\n")
-            handle.writelines(lines[-keep:])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self._state)
+        header = _HEADER + str(dropped).encode() + b"\n"
+        disk.replace_file(self.path, header + b"".join(lines[-keep:]))
 
     def entries(self) -> int:
         """How many entries the log holds now."""

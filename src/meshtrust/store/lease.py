@@ -16,7 +16,7 @@ from typing import Any
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.store import base
+from meshtrust.store import base, manifest
 
 KIND = "Lease"
 API_VERSION = "coordination.k8s.io/v1"
@@ -38,13 +38,14 @@ class Holding:
 
     @classmethod
     def of(cls, lease: base.Resource) -> Holding:
+        """Read a lease's spec; fields written badly by someone else read as expired."""
         spec = lease.spec
         holder = spec.get("holderIdentity") or None
         return cls(holder=holder if isinstance(holder, str) else None,
-                   duration=dt.timedelta(seconds=int(spec.get("leaseDurationSeconds") or 0)),
+                   duration=dt.timedelta(seconds=_number(spec.get("leaseDurationSeconds"))),
                    acquired=_time(spec.get("acquireTime")),
                    renewed=_time(spec.get("renewTime")),
-                   transitions=int(spec.get("leaseTransitions") or 0))
+                   transitions=_number(spec.get("leaseTransitions")))
 
 
 class Leases:
@@ -97,7 +98,7 @@ class Leases:
             held = Holding.of(lease)
             if held.holder != holder:
                 return False
-            spec = dict(lease.spec, renewTime=_dump_time(self._clock.now()))
+            spec = dict(lease.spec, renewTime=manifest.dump_time(self._clock.now()))
             try:
                 await self._store.update(dataclasses.replace(lease, spec=spec))
                 return True
@@ -151,22 +152,18 @@ def _spec(holder: str, duration: dt.timedelta, *, acquired: dt.datetime | None,
     return {
         "holderIdentity": holder,
         "leaseDurationSeconds": int(duration.total_seconds()),
-        "acquireTime": _dump_time(acquired or renewed),
-        "renewTime": _dump_time(renewed),
+        "acquireTime": manifest.dump_time(acquired or renewed),
+        "renewTime": manifest.dump_time(renewed),
         "leaseTransitions": transitions,
     }
 
 
-def _dump_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat(timespec="microseconds").replace(
-        "+00:00", "Z")
-
-
 def _time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
     try:
-        parsed = dt.datetime.fromisoformat(value)
+        return manifest.load_time(value) if isinstance(value, str) else None
     except ValueError:
         return None
-    return parsed if parsed.tzinfo is not None else None
+
+
+def _number(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -51,9 +51,9 @@ def dump(obj: base.Object, *, show_data: bool = True, record: bool = False) -> d
     if isinstance(obj, base.Resource) and obj.generation:
         metadata["generation"] = obj.generation
     if obj.created is not None:
-        metadata["creationTimestamp"] = _dump_time(obj.created)
+        metadata["creationTimestamp"] = dump_time(obj.created)
     if record and obj.updated is not None:
-        metadata["updateTimestamp"] = _dump_time(obj.updated)
+        metadata["updateTimestamp"] = dump_time(obj.updated)
     if isinstance(obj, base.Secret):
         data: dict[str, Any] = (
             {key: base64.b64encode(value).decode("ascii") for key, value in obj.data.items()}
@@ -168,18 +168,26 @@ def _time(metadata: Mapping[str, Any], field: str, source: str) -> dt.datetime |
     value = metadata.get(field)
     if value is None:
         return None
-    if isinstance(value, dt.datetime):  # YAML parses unquoted timestamps itself
+    try:
+        return load_time(value)
+    except ValueError as exc:
+        raise errors.ConfigError(f"{source}: metadata.{field}: {exc}") from exc
+
+
+def load_time(value: object) -> dt.datetime:
+    """An RFC 3339 time (or a datetime, as YAML parses them) in UTC; ``ValueError`` if not."""
+    if isinstance(value, dt.datetime):
         parsed = value
     else:
         try:
             parsed = dt.datetime.fromisoformat(str(value))
         except ValueError as exc:
-            raise errors.ConfigError(f"{source}: metadata.{field}: {value!r} is not an "
-                                     "RFC 3339 time") from exc
+            raise ValueError(f"{value!r} is not an RFC 3339 time") from exc
     if parsed.tzinfo is None:
-        raise errors.ConfigError(f"{source}: metadata.{field}: {value!r} has no time zone")
+        raise ValueError(f"{value!r} has no time zone")
     return parsed.astimezone(dt.UTC)
 
 
-def _dump_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+def dump_time(value: dt.datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``, to the microsecond, as Kubernetes writes times."""
+    return value.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

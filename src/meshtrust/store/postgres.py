@@ -209,13 +209,17 @@ class PostgresStore:
             if conn is None or conn.closed:
                 conn = await connect(self._conninfo, self._name)
             yield conn
-        except psycopg.OperationalError as exc:
+        except errors.MeshTrustError:
+            raise  # ours, raised after the transaction rolled back: the connection is fine
+        except BaseException as exc:
+            # A driver error or a cancellation may leave the connection mid-query: drop it.
             if conn is not None:
-                await conn.close()
-            conn = None
-            raise errors.StoreUnavailable(f"postgres store {self._name}: {exc}") from exc
-        except psycopg.Error as exc:
-            raise errors.StoreUnavailable(f"postgres store {self._name}: {exc}") from exc
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                conn = None
+            if isinstance(exc, psycopg.Error):
+                raise errors.StoreUnavailable(f"postgres store {self._name}: {exc}") from exc
+            raise
         finally:
             self._idle.put_nowait(conn)
 
@@ -301,6 +305,7 @@ class PostgresStore:
             self._writes += 1
             if self._writes % max(1, min(256, self._history // 8)) == 0:
                 await self._compact(conn, event.resource_version)
+        self._feed.notify()
         return event
 
     @staticmethod

@@ -24,7 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from meshtrust import clock as clock_module
@@ -54,6 +54,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 DEFAULT_HISTORY = 10_000
 BUSY_TIMEOUT = 10.0
 MAX_BATCH = 512
+_WRITTEN_CACHE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,18 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
-def _resolve(future: asyncio.Future[base.WatchEvent], result: base.WatchEvent | Exception) -> None:
-    if future.done():
-        return
-    if isinstance(result, Exception):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _resolve(jobs: list[_Job], results: list[base.WatchEvent | Exception],
+             notify: Callable[[], None] | None) -> None:
+    """Answer the callers of one batch; runs on their event loop."""
+    for job, result in zip(jobs, results, strict=True):
+        if job.future.done():
+            continue
+        if isinstance(result, Exception):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
+    if notify is not None:
+        notify()
 
 
 def _connect(path: str, name: str) -> sqlite3.Connection:
@@ -116,7 +122,8 @@ def migrate(conn: Any, name: str, migrations: Sequence[tuple[str, ...]] = MIGRAT
         conn.execute("COMMIT")
         return version
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
@@ -138,6 +145,8 @@ class SqliteStore:
         self._thread = threading.Thread(target=self._write_loop, name="store-write", daemon=True)
         self._feed = feed.Feed(read=self._read_changes, head=self.revision, interval=interval)
         self._closed = False
+        # What this writer last stored per key, to skip parsing it back (writer thread only).
+        self._written: dict[change.Key, base.Object] = {}
         self._thread.start()
 
     @classmethod
@@ -305,9 +314,17 @@ class SqliteStore:
                     break
                 jobs.append(more)
             results = self._commit(jobs)
-            for done, result in zip(jobs, results):
-                done.loop.call_soon_threadsafe(_resolve, done.future, result)
-            self._loop.call_soon_threadsafe(self._feed.notify)
+            # One wake-up per event loop and batch, not one per write.
+            by_loop: dict[asyncio.AbstractEventLoop, tuple[list[_Job], list[Any]]] = {}
+            for job, result in zip(jobs, results, strict=True):
+                batch = by_loop.setdefault(job.loop, ([], []))
+                batch[0].append(job)
+                batch[1].append(result)
+            if self._loop not in by_loop:
+                by_loop[self._loop] = ([], [])
+            for loop, (done, answers) in by_loop.items():
+                notify = self._feed.notify if loop is self._loop else None
+                loop.call_soon_threadsafe(_resolve, done, answers, notify)
 
     def _commit(self, jobs: list[_Job]) -> list[base.WatchEvent | Exception]:
         conn = self._writer
@@ -340,7 +357,8 @@ class SqliteStore:
                                  (head - self._history,))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             return [_translate(exc, self._name)] * len(jobs)
@@ -349,16 +367,23 @@ class SqliteStore:
         return results
 
     def _current(self, key: change.Key) -> base.Object | None:
+        """The stored object; parsed again only if another writer changed it since ours."""
         row = self._writer.execute(
-            "SELECT body FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
-            key).fetchone()
+            "SELECT resource_version, body FROM objects"
+            " WHERE kind = ? AND namespace = ? AND name = ?", key).fetchone()
         if row is None:
             return None
-        return manifest.load_json(row[0], source=f"{self._name} {change.describe(key)}")
+        cached = self._written.get(key)
+        if cached is not None and cached.resource_version == row[0]:
+            return cached
+        return manifest.load_json(row[1], source=f"{self._name} {change.describe(key)}")
 
     def _persist(self, event: base.WatchEvent) -> None:
         obj = event.object
         body = manifest.dump_json(obj)
+        if len(self._written) >= _WRITTEN_CACHE:
+            self._written.clear()
+        self._written[(obj.kind, obj.namespace, obj.name)] = obj
         if event.type is base.EventType.DELETED:
             self._writer.execute(
                 "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
