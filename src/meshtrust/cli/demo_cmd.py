@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -82,10 +83,18 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="meshtrust-demo-"))
     plan = demo.Plan(clusters=args.clusters, workdir=workdir,
                      client_lifetime=args.client_lifetime)
-    out.line(f"meshtrust demo: {plan.clusters} clusters, stores and logs in {workdir}")
+    out.line(f"meshtrust demo: {plan.clusters} clusters, stores and logs in {workdir}"
+             + ("" if args.duration else "; Ctrl-C stops"))
+    interrupted = False
 
     async def go() -> bool:
+        nonlocal interrupted
         fleet = demo.Fleet(plan)
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
         try:
             await fleet.start()
             if not out.console.is_terminal:
@@ -93,7 +102,8 @@ def _run(args: argparse.Namespace, out: Output) -> int:
             with Live(_table(fleet.views, {}, 0), console=out.console,
                       refresh_per_second=4) as live:
                 return await _watch(fleet, out, args.duration, live)
-        except (KeyboardInterrupt, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            interrupted = True
             return all(v.ok for v in fleet.views.values())
         finally:
             await fleet.stop()
@@ -101,14 +111,14 @@ def _run(args: argparse.Namespace, out: Output) -> int:
                       [[v.name, _yes(v.bootstrapped), _yes(v.ever_connected), str(v.rotations),
                         _yes(v.verified)] for v in fleet.views.values()], title="summary")
 
-    try:
-        ok = asyncio.run(go())
-    except KeyboardInterrupt:
-        ok = False
+    ok = asyncio.run(go())
     out.line(f"inspect a cluster: meshtrust store list secrets --store "
              f"{plan.store(plan.names[0])}")
     if ok:
         out.line("every cluster bootstrapped, connected over mTLS and rotated its certificate")
+        return 0
+    if interrupted and args.duration is None:
+        out.line("stopped")
         return 0
     out.line("not every cluster bootstrapped, connected and rotated; see the logs in "
              f"{workdir}")
