@@ -79,8 +79,8 @@ def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
     for raw_key, value in values.items():
         key = str(raw_key).replace("_", "-")
         if key not in _FIELDS:
-            raise errors.ConfigError(
-                f"unknown server setting {raw_key!r}; known settings: {', '.join(sorted(_FIELDS))}")
+            known = ", ".join(sorted(_FIELDS))
+            raise errors.ConfigError(f"unknown server setting {raw_key!r}; known settings: {known}")
         name = _FIELDS[key]
         if value is not None:
             kwargs[name] = _convert(name, key, value)
@@ -112,7 +112,7 @@ def _convert(name: str, key: str, value: Any) -> Any:
                 f"{key}: {value!r} is not one of shared, cluster, any") from None
     if name == "insecure" and not isinstance(value, bool):
         raise errors.ConfigError(f"{key}: give true or false")
-    if name in ("store", "listen", "bootstrap_listen", "ready_file", "metrics") and not isinstance(value,
-                                                                                        str):
+    text_settings = ("store", "listen", "bootstrap_listen", "ready_file", "metrics")
+    if name in text_settings and not isinstance(value, str):
         raise errors.ConfigError(f"{key}: give a string")
     return value
