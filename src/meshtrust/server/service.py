@@ -16,7 +16,7 @@ from typing import Any
 import time
 
 from meshtrust import clock as clock_module
-from meshtrust import errors, metrics, settings
+from meshtrust import errors, metrics, rpc, settings
 from meshtrust.authority import relay
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
@@ -46,6 +46,7 @@ class BootstrapService(transport.services.BootstrapServicer):
         peer = transport.peer_host(context)
         started = time.perf_counter()
         try:
+            _check_version(request)
             self._limiter.check(peer)
             issued = await self._authority.bootstrap(request.cluster, request.token, request.csr)
         except errors.AuthError as exc:
@@ -81,10 +82,11 @@ class RelayService(transport.services.RelayServicer):
         self._heartbeat = heartbeat
         self._streams: dict[str, set[asyncio.Event]] = {}
 
-    async def _cluster(self, context: Any) -> str:
+    async def _cluster(self, context: Any, request: Any) -> str:
         """The calling cluster, from its verified certificate (or the header when insecure)."""
         pem = transport.peer_certificate(context)
         try:
+            _check_version(request)
             if pem is not None:
                 return await self._authority.authorize(pem)
             if self._insecure:
@@ -98,7 +100,7 @@ class RelayService(transport.services.RelayServicer):
             raise AssertionError("unreachable") from exc
 
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
-        cluster = await self._cluster(context)
+        cluster = await self._cluster(context, request)
         started = time.perf_counter()
         try:
             issued = await self._authority.renew(cluster, request.csr)
@@ -112,7 +114,7 @@ class RelayService(transport.services.RelayServicer):
         return _response(issued)
 
     async def ReportStatus(self, request: Any, context: Any) -> messages.StatusAck:
-        cluster = await self._cluster(context)
+        cluster = await self._cluster(context, request)
         held = [{
             "kind": c.kind, "namespace": c.namespace, "secret": c.secret, "serial": c.serial,
             "subject": c.subject, "issuer": c.issuer,
@@ -126,7 +128,7 @@ class RelayService(transport.services.RelayServicer):
         return messages.StatusAck(server_time_unix=int(self._clock.now().timestamp()))
 
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
-        cluster = await self._cluster(context)
+        cluster = await self._cluster(context, request)
         registry = self._authority.registry
         gone = asyncio.Event()
         self._streams.setdefault(cluster, set()).add(gone)
@@ -166,10 +168,19 @@ class RelayService(transport.services.RelayServicer):
         return sorted(self._streams)
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
-        await self._cluster(context)
+        await self._cluster(context, request)
         await transport.abort(context, errors.ConfigError(
             f"no work item {request.id!r} is waiting for this cluster"))
         raise AssertionError("unreachable")
+
+
+def _check_version(request: Any) -> None:
+    """Refuse a request from a newer protocol than this server speaks (0 means unset)."""
+    version = getattr(request, "protocol_version", 0)
+    if version > rpc.PROTOCOL_VERSION:
+        raise errors.ConfigError(
+            f"the agent speaks relay protocol {version}, this server at most "
+            f"{rpc.PROTOCOL_VERSION}; upgrade the management server first")
 
 
 def _iso(unix: int) -> str:

@@ -1,4 +1,4 @@
-"""The server's Prometheus endpoint, scraped and parsed with prometheus_client's parser."""
+"""A server run in-process: its metrics endpoint and its refusals at the protocol level."""
 
 from __future__ import annotations
 
@@ -80,3 +80,47 @@ class TestServerMetrics:
                  if name == "meshtrust_certificate_expiration_timestamp_seconds"}
         assert kinds == {"relay-root", "relay-signing", "relay-server", "relay-client"}
         assert all(v > 1.7e9 for v in expiry)
+
+
+async def _refusals(tmp: Path) -> list[errors.MeshTrustError]:
+    cfg = config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
+                              listen=f"127.0.0.1:{_port()}",
+                              bootstrap_listen=f"127.0.0.1:{_port()}")
+    store = await open_store(cfg.store)
+    server = app.Server(cfg, store)
+    await server.start()
+    found: list[errors.MeshTrustError] = []
+    try:
+        enrolled = await enrollment.enroll(store, clock_module.SystemClock(), "cluster-1",
+                                           server=cfg.listen,
+                                           bootstrap_server=cfg.bootstrap_listen)
+        key = keys.generate_key(keys.KeyType.EC_P256)
+        channel = transport.secure_channel(cfg.bootstrap_listen, trust=enrolled.ca_cert,
+                                           server_name="localhost")
+        try:
+            future = messages.BootstrapRequest(
+                protocol_version=99, cluster="cluster-1", token=enrolled.token,
+                csr=agent_identity.request_for(key, "cluster-1"))
+            relay_call = messages.RenewRequest(csr=agent_identity.request_for(key, "cluster-1"))
+            for call in (transport.bootstrap_stub(channel).Bootstrap(future, timeout=10),
+                         transport.relay_stub(channel).Renew(relay_call, timeout=10)):
+                try:
+                    await transport.call(call)
+                except errors.MeshTrustError as exc:
+                    found.append(exc)
+        finally:
+            await channel.close()
+    finally:
+        await server.stop(0)
+        await store.close()
+    return found
+
+
+class TestServerRefusals:
+    def test_newer_protocol_and_missing_certificate(self, tmp_path: Path) -> None:
+        """A newer protocol version and a relay call without a client certificate are refused."""
+        newer, no_cert = asyncio.run(_refusals(tmp_path))
+        assert isinstance(newer, errors.ConfigError)
+        assert "relay protocol 99" in str(newer)
+        assert isinstance(no_cert, errors.AuthError)
+        assert "client certificate is required" in str(no_cert)
