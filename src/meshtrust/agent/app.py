@@ -14,7 +14,7 @@ import random
 import re
 import signal
 
-from meshtrust import __version__, errors, rpc
+from meshtrust import __version__, errors, metrics, rpc
 from meshtrust import clock as clock_module
 from meshtrust.agent import identity
 from meshtrust.agent.config import AgentConfig
@@ -44,15 +44,19 @@ class Agent:
         self.connected = asyncio.Event()
         self.client = RelayClient(config, self.provider)
         self.watcher = Watcher(store, self.provider, config.names)
+        self.metrics = metrics.Metrics()
         self.rotator = Rotator(config, store, self.provider, self.client, self.leader,
-                               self.clock)
+                               self.clock, meters=self.metrics)
         self._leases = lease.Leases(store, namespace=config.names.relay_namespace,
                                     clock=self.clock)
         self._lease_name = f"meshtrust-agent-{config.cluster}"
+
         self._said: set[str] = set()
 
     async def run(self) -> None:
-        jobs = [self.watcher.run(), self._lead(), self._connect(), self._report()]
+        jobs = [self.watcher.run(), self._lead(), self._connect(), self._report(),
+                self._export()]
+        served = self.metrics.serve(self.config.metrics) if self.config.metrics else None
         if not self.config.insecure:
             jobs.append(self._bootstrap())
             if self.config.rotate is not False:
@@ -67,6 +71,9 @@ class Agent:
             if self.leader.is_set():
                 await self._leases.release(self._lease_name, self.config.replica)
             await self.client.close()
+            if served is not None:
+                served.shutdown()
+                served.server_close()
 
     def _say_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._said:
@@ -193,6 +200,18 @@ class Agent:
             log.warning("the server refused this agent: %s", exc)
         else:
             log.info("relay connection to %s ended: %s", self.config.server, exc)
+
+    async def _export(self) -> None:
+        """Keep the certificate gauges equal to the certificate the provider holds."""
+        names = self.config.names
+        while True:
+            current = self.provider.current
+            if current is not None:
+                self.metrics.certificate(
+                    current.certificate, kind="relay-client", cluster=self.config.cluster,
+                    namespace=names.relay_namespace, secret=names.relay_client,
+                    renew_at=self.rotator.due_at(current))
+            await self.provider.wait_for_change(current, timeout=None)
 
     async def _report(self) -> None:
         """Tell the server what the agent holds, now and then and after each change."""

@@ -30,6 +30,7 @@ class AgentConfig:
     status_interval: float = 30.0
     reconnect_max: float = 30.0
     rotate: bool | None = None  # None: rotate unless bring-your-own is detected
+    metrics: str | None = None  # host:port to serve Prometheus metrics on
     names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
 
     def __post_init__(self) -> None:

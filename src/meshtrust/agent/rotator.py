@@ -15,7 +15,7 @@ import logging
 import random
 
 from meshtrust import clock as clock_module
-from meshtrust import errors
+from meshtrust import errors, metrics
 from meshtrust.agent import identity
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.connection import RelayClient
@@ -33,7 +33,8 @@ class Rotator:
     def __init__(self, config: AgentConfig, store: base.Store, provider: Provider,
                  client: RelayClient, leader: asyncio.Event,
                  clock: clock_module.Clock | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 meters: metrics.Metrics | None = None) -> None:
         self._config = config
         self._store = store
         self._provider = provider
@@ -43,6 +44,7 @@ class Rotator:
         self._rng = rng or random.Random()
         self._planned: dict[str, dt.datetime] = {}
         self.renewals = 0
+        self.metrics = meters
 
     def due_at(self, current: ClientIdentity) -> dt.datetime:
         """When to renew ``current``; jitter is drawn once per certificate."""
@@ -73,9 +75,13 @@ class Rotator:
                 continue
             try:
                 await self.renew(current)
+                if self.metrics is not None:
+                    self.metrics.renewals.labels("renewed").inc()
                 backoff = 1.0
                 await asyncio.sleep(MIN_SPACING)
             except errors.MeshTrustError as exc:
+                if self.metrics is not None:
+                    self.metrics.renewals.labels("failed").inc()
                 log.warning("renewing the client certificate failed: %s; retrying in %.0f s",
                             exc, backoff)
                 await asyncio.sleep(backoff)

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="leader lease duration in seconds (default %(default)s)")
     parser.add_argument("--status-interval", type=float, default=30.0,
                         help="seconds between status reports (default %(default)s)")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--no-rotate", action="store_true",
                         help="never renew: the client certificate is managed elsewhere")
     parser.add_argument("--insecure", action="store_true",
@@ -57,6 +59,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         insecure=args.insecure, grace_ratio=args.grace_ratio, jitter=args.jitter,
         key_type=keys.KeyType.parse(args.key_type), lease_ttl=args.lease_ttl,
         status_interval=args.status_interval, rotate=False if args.no_rotate else None,
+        metrics=args.metrics,
         **extra)
     common.setup_logging(args.log_level)
     if args.insecure:
