@@ -15,7 +15,9 @@ What it measures, for each CA key type (ECDSA P-256 and RSA 2048):
   After a ``--warmup`` it runs for ``--seconds``, split into ``--rounds``
   equal rounds; the reported rate is the median round (the split into
   load_csr / issue / dump time per certificate is from that round too), so
-  a short disturbance from another process does not decide the result.
+  a short disturbance from another process does not decide the result. The
+  round's CPU time over its wall time is printed as a check: near 1.00 means
+  nothing else took the CPU.
 * For reference: the raw sign rate of the CA key and the raw verify rate of
   a P-256 leaf key through the same library (``cryptography``), and
   ``openssl speed -seconds S rsa2048`` / ``ecdsap256`` (one process), whose
@@ -43,7 +45,6 @@ import os
 import platform
 import pstats
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -58,7 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from meshtrust.pki import bundle, csr, issuer, keys, profiles
 
-NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 # CA key type -> (openssl speed algorithm, label its result line starts with, target ratio)
 CASES: dict[keys.KeyType, tuple[str, str, float]] = {
@@ -73,6 +74,7 @@ CSRList = list[tuple[bytes, str]]
 class Round:
     issued: int
     seconds: float
+    cpu_seconds: float
     load_csr: float
     issue: float
     dump: float
@@ -90,6 +92,7 @@ class Result:
     issue_us: float
     dump_us: float
     total_us: float
+    cpu_share: float
     round_rates: list[float]
     lib_sign_per_s: float
     openssl_sign_per_s: float | None
@@ -147,6 +150,7 @@ def issuance_round(ca: issuer.CA, csrs: CSRList, seconds: float, start_at: int =
     n = len(csrs)
     t_load = t_issue = t_dump = 0.0
     i = start_at
+    cpu_start = time.process_time()
     start = t3 = clock()
     deadline = start + seconds
     while t3 < deadline:
@@ -162,7 +166,8 @@ def issuance_round(ca: issuer.CA, csrs: CSRList, seconds: float, start_at: int =
         t_issue += t2 - t1
         t_dump += t3 - t2
         i += 1
-    return Round(i - start_at, t3 - start, t_load, t_issue, t_dump)
+    return Round(i - start_at, t3 - start, time.process_time() - cpu_start,
+                 t_load, t_issue, t_dump)
 
 
 def measure_issuance(ca: issuer.CA, csrs: CSRList, seconds: float, warmup: float,
@@ -286,15 +291,19 @@ def print_table(environment: dict[str, object], results: list[Result],
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     for n, row in enumerate(rows):
         print("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
-                        for c, (cell, w) in enumerate(zip(row, widths))))
+                        for c, (cell, w) in enumerate(zip(row, widths, strict=True))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
     print()
     for r in results:
         spread = ", ".join(f"{rate:,.0f}" for rate in r.round_rates)
-        print(f"{r.ca_key}: rounds {spread} issued/s; {r.total_us:.1f} µs per certificate")
+        print(f"{r.ca_key}: rounds {spread} issued/s; {r.total_us:.1f} µs per certificate; "
+              f"CPU time / wall time {r.cpu_share:.2f}")
     print(f"P-256 signature check (once per CSR) through cryptography: {verify_rate:,.0f} "
           f"verify/s = {1e6 / verify_rate:.1f} µs")
+    if any(r.cpu_share < 0.95 for r in results):
+        print("note: CPU time / wall time below 0.95 means another process took CPU from "
+              "this one during the median round; rerun on a quiet machine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             issue_us=round(median.issue * per, 1),
             dump_us=round(median.dump * per, 1),
             total_us=round(median.seconds * per, 1),
+            cpu_share=round(median.cpu_seconds / median.seconds, 3),
             round_rates=[round(r, 1) for r in round_rates],
             lib_sign_per_s=round(lib_sign, 1),
             openssl_sign_per_s=speed,
