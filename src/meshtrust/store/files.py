@@ -40,7 +40,7 @@ import yaml
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.store import base, change, disk, feed, journal, manifest
+from meshtrust.store import backend, base, change, disk, feed, journal, manifest
 
 META = "..meta.json"
 DATA = "..data"
@@ -61,7 +61,7 @@ def _is_name(value: str, check: Callable[[str], object]) -> bool:
     return True
 
 
-class DirectoryStore:
+class DirectoryStore(backend.Backend):
     """A ``Store`` in a directory tree; open it with ``await DirectoryStore.open(...)``."""
 
     def __init__(self, *, root: str, name: str, clock: clock_module.Clock, history: int,
@@ -92,45 +92,6 @@ class DirectoryStore:
             raise
         return store
 
-    async def get_secret(self, namespace: str, name: str) -> base.Secret:
-        key = (base.SECRET_KIND, base.check_namespace(namespace), base.check_name(name))
-        obj = await self._run(self._reads, self._read, key)
-        if obj is None:
-            raise errors.NotFound(f"{change.describe(key)} not found")
-        assert isinstance(obj, base.Secret)
-        return obj
-
-    async def get_resource(self, kind: str, namespace: str, name: str) -> base.Resource:
-        key = (base.check_kind(kind), base.check_namespace(namespace), base.check_name(name))
-        obj = await self._run(self._reads, self._read, key)
-        if obj is None:
-            raise errors.NotFound(f"{change.describe(key)} not found")
-        assert isinstance(obj, base.Resource)
-        return obj
-
-    async def list_secrets(self, *, namespace: str | None = None,
-                           labels: Mapping[str, str] | None = None) -> list[base.Secret]:
-        found = await self._run(self._reads, self._list, base.SECRET_KIND, namespace, labels)
-        return [obj for obj in found if isinstance(obj, base.Secret)]
-
-    async def list_resources(self, kind: str, *, namespace: str | None = None,
-                             labels: Mapping[str, str] | None = None) -> list[base.Resource]:
-        found = await self._run(self._reads, self._list, base.check_kind(kind), namespace, labels)
-        return [obj for obj in found if isinstance(obj, base.Resource)]
-
-    async def create(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._submit(change.Write.create(obj)))
-
-    async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._submit(change.Write.update(obj)))
-
-    async def update_status(self, resource: base.Resource) -> base.Resource:
-        return change.stored(resource, await self._submit(change.Write.update_status(resource)))
-
-    async def delete(self, kind: str, namespace: str, name: str, *,
-                     resource_version: int | None = None) -> None:
-        await self._submit(change.Write.delete(kind, namespace, name, resource_version))
-
     async def revision(self) -> int:
         return await self._run(self._reads, self._journal.head)
 
@@ -158,6 +119,16 @@ class DirectoryStore:
             return await asyncio.get_running_loop().run_in_executor(pool, call, *args)
         except OSError as exc:
             raise errors.StoreUnavailable(f"dir store {self._name}: {exc}") from exc
+
+    async def _get(self, key: change.Key) -> base.Object:
+        obj = await self._run(self._reads, self._read, key)
+        if obj is None:
+            raise errors.NotFound(f"{change.describe(key)} not found")
+        return obj
+
+    async def _list(self, kind: str, namespace: str | None,
+                    labels: Mapping[str, str] | None) -> list[base.Object]:
+        return await self._run(self._reads, self._list_now, kind, namespace, labels)
 
     async def _submit(self, write: change.Write) -> base.WatchEvent:
         event = await self._run(self._writes, self._write, write)
@@ -250,7 +221,7 @@ class DirectoryStore:
             obj = dataclasses.replace(obj, resource_version=os.stat(path).st_mtime_ns // 1000)
         return obj
 
-    def _list(self, kind: str, namespace: str | None,
+    def _list_now(self, kind: str, namespace: str | None,
               labels: Mapping[str, str] | None) -> list[base.Object]:
         if namespace is not None:
             base.check_namespace(namespace)

@@ -27,7 +27,7 @@ import psycopg
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.store import base, change, feed, manifest
+from meshtrust.store import backend, base, change, feed, manifest
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: objects, their change log, and the revision sequence.
@@ -97,7 +97,7 @@ async def migrate(conn: _Connection, name: str,
     return version
 
 
-class PostgresStore:
+class PostgresStore(backend.Backend):
     """A ``Store`` in a PostgreSQL database; open it with ``await PostgresStore.open(...)``."""
 
     def __init__(self, *, conninfo: str, name: str, pool: list[_Connection],
@@ -136,41 +136,6 @@ class PostgresStore:
             store._idle.put_nowait(None)  # connected on first use
         store._listener = asyncio.create_task(store._listen())
         return store
-
-    async def get_secret(self, namespace: str, name: str) -> base.Secret:
-        obj = await self._get((base.SECRET_KIND, base.check_namespace(namespace),
-                               base.check_name(name)))
-        assert isinstance(obj, base.Secret)
-        return obj
-
-    async def get_resource(self, kind: str, namespace: str, name: str) -> base.Resource:
-        obj = await self._get((base.check_kind(kind), base.check_namespace(namespace),
-                               base.check_name(name)))
-        assert isinstance(obj, base.Resource)
-        return obj
-
-    async def list_secrets(self, *, namespace: str | None = None,
-                           labels: Mapping[str, str] | None = None) -> list[base.Secret]:
-        return [obj for obj in await self._list(base.SECRET_KIND, namespace, labels)
-                if isinstance(obj, base.Secret)]
-
-    async def list_resources(self, kind: str, *, namespace: str | None = None,
-                             labels: Mapping[str, str] | None = None) -> list[base.Resource]:
-        return [obj for obj in await self._list(base.check_kind(kind), namespace, labels)
-                if isinstance(obj, base.Resource)]
-
-    async def create(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._write(change.Write.create(obj)))
-
-    async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._write(change.Write.update(obj)))
-
-    async def update_status(self, resource: base.Resource) -> base.Resource:
-        return change.stored(resource, await self._write(change.Write.update_status(resource)))
-
-    async def delete(self, kind: str, namespace: str, name: str, *,
-                     resource_version: int | None = None) -> None:
-        await self._write(change.Write.delete(kind, namespace, name, resource_version))
 
     async def revision(self) -> int:
         rows = await self._query(
@@ -273,7 +238,7 @@ class PostgresStore:
         examined = events[-1].resource_version if len(rows) == limit else head
         return events, examined
 
-    async def _write(self, write: change.Write) -> base.WatchEvent:
+    async def _submit(self, write: change.Write) -> base.WatchEvent:
         kind, namespace, name = write.key
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))

@@ -29,7 +29,7 @@ from typing import Any
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.store import base, change, feed, manifest
+from meshtrust.store import backend, base, change, feed, manifest
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: objects, their change log, and the revision counter.
@@ -127,7 +127,7 @@ def migrate(conn: Any, name: str, migrations: Sequence[tuple[str, ...]] = MIGRAT
         raise
 
 
-class SqliteStore:
+class SqliteStore(backend.Backend):
     """A ``Store`` in one SQLite file; open it with ``await SqliteStore.open(...)``."""
 
     def __init__(self, *, path: str, name: str, writer: sqlite3.Connection,
@@ -174,41 +174,6 @@ class SqliteStore:
         return cls(path=path, name=label, writer=writer, reader=reader,
                    clock=clock or clock_module.SystemClock(),
                    history=history or DEFAULT_HISTORY, interval=interval)
-
-    async def get_secret(self, namespace: str, name: str) -> base.Secret:
-        obj = await self._get((base.SECRET_KIND, base.check_namespace(namespace),
-                               base.check_name(name)))
-        assert isinstance(obj, base.Secret)
-        return obj
-
-    async def get_resource(self, kind: str, namespace: str, name: str) -> base.Resource:
-        obj = await self._get((base.check_kind(kind), base.check_namespace(namespace),
-                               base.check_name(name)))
-        assert isinstance(obj, base.Resource)
-        return obj
-
-    async def list_secrets(self, *, namespace: str | None = None,
-                           labels: Mapping[str, str] | None = None) -> list[base.Secret]:
-        return [obj for obj in await self._list(base.SECRET_KIND, namespace, labels)
-                if isinstance(obj, base.Secret)]
-
-    async def list_resources(self, kind: str, *, namespace: str | None = None,
-                             labels: Mapping[str, str] | None = None) -> list[base.Resource]:
-        return [obj for obj in await self._list(base.check_kind(kind), namespace, labels)
-                if isinstance(obj, base.Resource)]
-
-    async def create(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._submit(change.Write.create(obj)))
-
-    async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._submit(change.Write.update(obj)))
-
-    async def update_status(self, resource: base.Resource) -> base.Resource:
-        return change.stored(resource, await self._submit(change.Write.update_status(resource)))
-
-    async def delete(self, kind: str, namespace: str, name: str, *,
-                     resource_version: int | None = None) -> None:
-        await self._submit(change.Write.delete(kind, namespace, name, resource_version))
 
     async def revision(self) -> int:
         return await self._head()

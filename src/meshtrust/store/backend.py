@@ -1,0 +1,64 @@
+"""The public Store operations, written once on top of three primitives per backend.
+
+A backend provides ``_get`` (one object by key, or ``errors.NotFound``),
+``_list`` (objects of a kind, filtered) and ``_submit`` (apply one checked
+write and return its event); ``Backend`` turns them into the ``Store``
+protocol's typed reads and writes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+from meshtrust.store import base, change
+
+
+class Backend(abc.ABC):
+    @abc.abstractmethod
+    async def _get(self, key: change.Key) -> base.Object:
+        """The object at ``key``; raise ``errors.NotFound`` if there is none."""
+
+    @abc.abstractmethod
+    async def _list(self, kind: str, namespace: str | None,
+                    labels: Mapping[str, str] | None) -> list[base.Object]:
+        """Objects of ``kind`` in ``namespace`` (every one if None) with all ``labels``."""
+
+    @abc.abstractmethod
+    async def _submit(self, write: change.Write) -> base.WatchEvent:
+        """Apply ``write`` with its compare-and-swap; return the event it made."""
+
+    async def get_secret(self, namespace: str, name: str) -> base.Secret:
+        obj = await self._get((base.SECRET_KIND, base.check_namespace(namespace),
+                               base.check_name(name)))
+        assert isinstance(obj, base.Secret)
+        return obj
+
+    async def get_resource(self, kind: str, namespace: str, name: str) -> base.Resource:
+        obj = await self._get((base.check_kind(kind), base.check_namespace(namespace),
+                               base.check_name(name)))
+        assert isinstance(obj, base.Resource)
+        return obj
+
+    async def list_secrets(self, *, namespace: str | None = None,
+                           labels: Mapping[str, str] | None = None) -> list[base.Secret]:
+        return [obj for obj in await self._list(base.SECRET_KIND, namespace, labels)
+                if isinstance(obj, base.Secret)]
+
+    async def list_resources(self, kind: str, *, namespace: str | None = None,
+                             labels: Mapping[str, str] | None = None) -> list[base.Resource]:
+        return [obj for obj in await self._list(base.check_kind(kind), namespace, labels)
+                if isinstance(obj, base.Resource)]
+
+    async def create(self, obj: base.ObjectT) -> base.ObjectT:
+        return change.stored(obj, await self._submit(change.Write.create(obj)))
+
+    async def update(self, obj: base.ObjectT) -> base.ObjectT:
+        return change.stored(obj, await self._submit(change.Write.update(obj)))
+
+    async def update_status(self, resource: base.Resource) -> base.Resource:
+        return change.stored(resource, await self._submit(change.Write.update_status(resource)))
+
+    async def delete(self, kind: str, namespace: str, name: str, *,
+                     resource_version: int | None = None) -> None:
+        await self._submit(change.Write.delete(kind, namespace, name, resource_version))
