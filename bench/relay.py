@@ -27,7 +27,7 @@ Run it from the repository root (the default run takes under two minutes):
     .venv/bin/python bench/relay.py
     .venv/bin/python bench/relay.py --seconds 10 --concurrency 64 --ca both
     .venv/bin/python bench/relay.py --ca rsa-2048 --json
-    .venv/bin/python bench/relay.py --profile   # also run the server under cProfile
+    .venv/bin/python bench/relay.py --profile   # also sample the server with py-spy
 
 The cfssl column needs ``cfssl`` on PATH (Debian: ``apt-get install -y
 golang-cfssl``); without it the column is skipped with a note.
@@ -37,18 +37,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile  # noqa: F401  (the server is started under ``python -m cProfile``)
 import datetime as dt
 import io
 import json
 import multiprocessing as mp
 import os
-import pstats
 import re
 import shutil
 import signal
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -178,47 +175,76 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class ServerProcess:
-    """``meshtrust server`` in its own process group, stopped with SIGINT."""
+def _free_port() -> int:
+    import socket
 
-    def __init__(self, workdir: Path, key_type: str, profile: Path | None) -> None:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``meshtrust server`` processes in their own process groups, stopped with SIGINT.
+
+    With ``count`` > 1 they share the store and the listen ports (gRPC binds with
+    SO_REUSEPORT, so the kernel spreads connections over them); the first one starts
+    alone, so it is the one that generates the relay PKI.
+    """
+
+    def __init__(self, workdir: Path, key_type: str, count: int = 1) -> None:
         self.workdir = workdir
         self.store = f"sqlite:///{workdir / 'mgmt.db'}"
-        self.ready = workdir / "server.ready"
+        self.key_type = key_type
+        self.count = count
         self.log = workdir / "server.log"
-        prefix = [sys.executable]
-        if profile is not None:
-            prefix += ["-m", "cProfile", "-o", str(profile)]
-        command = [*prefix, "-m", "meshtrust", "server", "--store", self.store,
-                   "--listen", f"{HOST}:0", "--bootstrap-listen", f"{HOST}:0",
-                   "--ready-file", str(self.ready), "--key-type", key_type]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: dict[str, int] = {}
 
-    def wait_ready(self, timeout: float = 60.0) -> dict[str, int]:
+    def _spawn(self, index: int, listen: str, bootstrap: str) -> Path:
+        ready = self.workdir / f"server-{index}.ready"
+        command = [sys.executable, "-m", "meshtrust", "server", "--store", self.store,
+                   "--listen", listen, "--bootstrap-listen", bootstrap,
+                   "--ready-file", str(ready), "--key-type", self.key_type]
+        with self.log.open("ab") as log:
+            self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL,
+                                               start_new_session=True))
+        return ready
+
+    def _wait(self, ready: Path, timeout: float = 60.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+        while not ready.exists():
+            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
                 tail = self.log.read_text(errors="replace")[-2000:]
+                self.stop()
                 raise SystemExit(f"the server did not start:\n{tail}")
             time.sleep(0.05)
-        self.ports = json.loads(self.ready.read_text())
+        ports: dict[str, int] = json.loads(ready.read_text())
+        return ports
+
+    def start(self) -> dict[str, int]:
+        if self.count == 1:
+            self.ports = self._wait(self._spawn(0, f"{HOST}:0", f"{HOST}:0"))
+            return self.ports
+        listen, bootstrap = f"{HOST}:{_free_port()}", f"{HOST}:{_free_port()}"
+        for index in range(self.count):
+            self.ports = self._wait(self._spawn(index, listen, bootstrap))
         return self.ports
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
             try:
-                self.proc.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 async def _prepare(store_url: str, relay: str, bootstrap: str, clusters: int,
@@ -275,8 +301,7 @@ class WorkerSpec:
     concurrency: int
 
 
-async def _grpc_load(spec: WorkerSpec, start: float, end: float,
-                     ready: Any, go: Any) -> dict[str, Any]:
+async def _grpc_load(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
     import grpc
     import grpc.aio
 
@@ -297,12 +322,11 @@ async def _grpc_load(spec: WorkerSpec, start: float, end: float,
         reply = messages.CertificateResponse.FromString(await call(requests[i][0], timeout=30))
         if not reply.certificate_chain.startswith(b"-----BEGIN CERTIFICATE-----"):
             raise RuntimeError("Renew returned no certificate")
-    return await _drive(spec, start, end, ready, go, calls, requests, grpc.aio.AioRpcError,
+    return await _drive(spec, ready, go, calls, requests, grpc.aio.AioRpcError,
                         lambda exc: exc.code().name, channels)
 
 
-async def _http_load(spec: WorkerSpec, start: float, end: float,
-                     ready: Any, go: Any) -> dict[str, Any]:
+async def _http_load(spec: WorkerSpec, ready: Any, go: Any) -> dict[str, Any]:
     host, port = spec.target.rsplit(":", 1)
     context = ssl.create_default_context(cadata=spec.trust.decode())
     context.check_hostname = True
@@ -335,8 +359,8 @@ async def _http_load(spec: WorkerSpec, start: float, end: float,
             for _, writer in conns:
                 writer.close()
 
-    return await _drive(spec, start, end, ready, go, calls, requests, HTTPError,
-                        lambda exc: str(exc), [Closer()])
+    return await _drive(spec, ready, go, calls, requests, HTTPError,
+                        str, [Closer()])
 
 
 class HTTPError(Exception):
@@ -373,13 +397,12 @@ async def _http_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     raise HTTPError("response without length")
 
 
-async def _drive(spec: WorkerSpec, start: float, end: float, ready: Any, go: Any,
+async def _drive(spec: WorkerSpec, ready: Any, go: Any,
                  calls: list[Any], requests: list[list[bytes]], error_type: type,
                  describe: Any, closers: list[Any]) -> dict[str, Any]:
     """Keep ``spec.concurrency`` calls in flight, spread over the clusters' connections."""
     ready.put("ready")
     window_start, window_end = go.get()  # the same window for every worker process
-    await asyncio.sleep(max(0.0, start - time.monotonic()))
     latencies: list[float] = []
     error_kinds: dict[str, int] = {}
     issued = 0
@@ -428,17 +451,18 @@ async def _drive(spec: WorkerSpec, start: float, end: float, ready: Any, go: Any
             "latencies_ms": latencies, "cpu": cpu[1] - cpu[0] if len(cpu) == 2 else 0.0}
 
 
-def _worker_main(spec: WorkerSpec, start: float, ready: Any, go: Any, results: Any) -> None:
+def _worker_main(spec: WorkerSpec, ready: Any, go: Any, results: Any) -> None:
     try:
         load = _grpc_load if spec.kind == "grpc" else _http_load
-        results.put(asyncio.run(load(spec, start, float("inf"), ready, go)))
+        results.put(asyncio.run(load(spec, ready, go)))
     except BaseException as exc:  # report, so the parent does not wait forever
         ready.put(f"error: {type(exc).__name__}: {exc}")
         results.put({"fatal": f"{type(exc).__name__}: {exc}"})
 
 
 def run_load(kind: str, label: str, target: str, fixture: Fixture, *, concurrency: int,
-             procs: int, warmup: float, seconds: float, server_pid: int) -> LoadResult:
+             procs: int, warmup: float, seconds: float, server_pids: list[int],
+             on_window: Any = None) -> LoadResult:
     """Spread clusters and in-flight calls over ``procs`` worker processes; measure a window."""
     ctx = mp.get_context("spawn")
     ready, go, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
@@ -451,7 +475,7 @@ def run_load(kind: str, label: str, target: str, fixture: Fixture, *, concurrenc
             continue
         spec = WorkerSpec(kind=kind, target=target, trust=fixture.trust, clusters=mine,
                           concurrency=share)
-        proc = ctx.Process(target=_worker_main, args=(spec, 0.0, ready, go, results),
+        proc = ctx.Process(target=_worker_main, args=(spec, ready, go, results),
                            daemon=True)
         proc.start()
         workers.append(proc)
@@ -466,9 +490,11 @@ def run_load(kind: str, label: str, target: str, fixture: Fixture, *, concurrenc
     for _ in workers:
         go.put((window_start, window_end))
     time.sleep(max(0.0, window_start - time.monotonic()))
-    server_cpu0, machine0 = _cpu_seconds(server_pid), _machine_busy()[0]
+    if on_window is not None:
+        on_window()
+    server_cpu0, machine0 = sum(map(_cpu_seconds, server_pids)), _machine_busy()[0]
     time.sleep(max(0.0, window_end - time.monotonic()))
-    server_cpu1, machine1 = _cpu_seconds(server_pid), _machine_busy()[0]
+    server_cpu1, machine1 = sum(map(_cpu_seconds, server_pids)), _machine_busy()[0]
     result = LoadResult(target=label, seconds=seconds, server_cpu=server_cpu1 - server_cpu0,
                         machine_cpu=machine1 - machine0)
     for _ in workers:
@@ -576,56 +602,76 @@ class CfsslProcess:
 # Profile summary
 
 
+PROFILE_RATE = 100  # samples per second
+
+# Where a sample of the server's GIL-holding thread goes: the first group whose marker
+# is somewhere in the stack (py-spy's frames "function (file:line)").
 PROFILE_GROUPS = [
-    # (label, substrings of "file:function" that belong to it), first match wins
-    ("CSR parse + signature check (csr.load_csr)", ["csr.py:load_csr", "is_signature_valid",
-                                                    "load_pem_x509_csr"]),
-    ("signing (builder.sign)", ["method 'sign' of", "CertificateBuilder.sign", "x509/base.py:sign"]),
-    ("certificate build + PEM (issuer, bundle)", ["pki/issuer.py", "pki/bundle.py",
-                                                  "x509/base.py", "x509/extensions.py",
-                                                  "x509/name.py", "pki/identity.py"]),
-    ("store: manifest JSON (load/dump)", ["store/manifest.py", "json/"]),
-    ("store: asyncio plumbing of reads/writes", ["store/sqlite.py", "store/change.py",
-                                                 "store/base.py"]),
-    ("registry + authority logic", ["authority/", "server/service.py"]),
-    ("logging", ["logging/"]),
-    ("gRPC (cygrpc, aio server)", ["grpc", "cygrpc", "protobuf", "_pb2"]),
-    ("asyncio event loop", ["asyncio/", "selectors", "method 'poll'", "select"]),
+    ("CSR parse + signature check (csr.load_csr)", ["load_csr ("]),
+    ("signing (CertificateBuilder.sign)", ["CertificateBuilder.sign ("]),
+    ("certificate build, PEM, reply (issuer, bundle)",
+     ["issue (meshtrust/pki/issuer.py", "bundle.py", "_response (", "_issued (",
+      "Issued.serial"]),
+    ("peer certificate parse (authorize)", ["load_certificate (", "cluster_of ("]),
+    ("logging", ["Logger."]),
+    ("store watch feed (server follows registry/secrets)",
+     ["Feed.", "_follow_registry", "_follow_server_secret", "_read_changes"]),
+    ("store reads: JSON -> object, on the event loop", ["load_json ("]),
+    ("store reads: executor hop, on the event loop",
+     ["SqliteStore._query", "SqliteStore._get", "get_resource (", "get_secret ("]),
+    ("store writes: on the event loop", ["SqliteStore._submit", "stored ("]),
+    ("store writer thread (CAS, JSON, SQL, commit)", ["store-write"]),
+    ("store reader thread (SQL)", ["store-read"]),
+    ("registry + authority + servicer logic", ["Registry.", "RelayAuthority.",
+                                               "RelayService.", "metrics.py"]),
+    ("gRPC + asyncio C code (cygrpc callbacks, no Python frame)",
+     ["Handle._run (asyncio/events.py:80) "]),  # a sample that ends in Handle._run
+    ("asyncio event loop (Python)", ["asyncio/", "selectors.py"]),
 ]
 
 
-def summarize_profile(path: Path, issued: int, top: int = 25) -> str:
-    stats = pstats.Stats(str(path))
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    total = sum(v[2] for v in raw.values())
-    groups: dict[str, float] = {}
-    rows = []
-    for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in raw.items():
-        name = f"{filename}:{func}"
-        group = "other"
-        for label, needles in PROFILE_GROUPS:
-            if any(n in name for n in needles):
-                group = label
-                break
-        groups[group] = groups.get(group, 0.0) + tottime
-        rows.append((tottime, name))
+def start_profiler(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the server's GIL holder for the measured window (if installed)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "--duration",
+         str(max(1, round(seconds))), "--format", "raw", "--output", str(out), "--gil",
+         "--threads", "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize_profile(path: Path, seconds: float, issued: int, top: int = 15) -> str:
+    groups: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        probe = stack + " "
+        label = next((name for name, needles in PROFILE_GROUPS
+                      if any(needle in probe for needle in needles)), "other")
+        groups[label] = groups.get(label, 0) + n
+        leaf = stack.rsplit(";", 1)[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + n
+    if not total or not issued:
+        return "no profile samples\n"
+    held = total / PROFILE_RATE
     out = io.StringIO()
-    per = f", {1e6 * total / issued:.0f} us per issuance" if issued else ""
-    out.write(f"server main thread under cProfile: {total:.1f} s of own time{per}\n")
-    for label, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
-        us = f"{1e6 * seconds / issued:7.0f} us" if issued else ""
-        out.write(f"  {100 * seconds / total:5.1f}%  {us}  {label}\n")
-    out.write("top functions by own time:\n")
-    for tottime, name in sorted(rows, reverse=True)[:top]:
-        out.write(f"  {100 * tottime / total:5.1f}%  {_short(name)}\n")
+    out.write(f"server GIL holder, sampled by py-spy at {PROFILE_RATE}/s over the window: "
+              f"GIL held {100 * held / seconds:.0f}% of the time, "
+              f"{1e6 * held / issued:.0f} us per issuance\n")
+    for label, n in sorted(groups.items(), key=lambda kv: -kv[1]):
+        out.write(f"  {100 * n / total:5.1f}%  {1e6 * n / PROFILE_RATE / issued:6.0f} us  "
+                  f"{label}\n")
+    out.write("  hottest frames (own time):\n")
+    for leaf, n in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]:
+        out.write(f"  {100 * n / total:5.1f}%  {leaf}\n")
     return out.getvalue()
-
-
-def _short(name: str) -> str:
-    for marker in ("site-packages/", "src/", "lib/python3"):
-        if marker in name:
-            return name.split(marker, 1)[1]
-    return name
 
 
 # ----------------------------------------------------------------------------------------
@@ -637,25 +683,37 @@ def run_case(key_type: str, args: argparse.Namespace) -> CaseResult:
     clusters = args.clusters or args.concurrency
     with tempfile.TemporaryDirectory(prefix="meshtrust-bench-") as tmp:
         workdir = Path(tmp)
-        profile = workdir / "server.prof" if args.profile else None
-        server = ServerProcess(workdir, key_type, profile)
+        server = ServerProcess(workdir, key_type, args.servers)
+        profile = workdir / "server.pyspy" if args.profile else None
+        spies: list[subprocess.Popen[bytes] | None] = []
         try:
-            ports = server.wait_ready()
+            ports = server.start()
             relay = f"{HOST}:{ports['relay']}"
             _say(f"[{key_type}] server up ({relay}); enrolling {clusters} clusters, "
                  f"{clusters * args.csrs} CSRs")
             fixture = asyncio.run(_prepare(server.store, relay, f"{HOST}:{ports['bootstrap']}",
                                            clusters, args.csrs))
             _say(f"[{key_type}] meshtrust Relay.Renew: {args.concurrency} in flight, "
-                 f"{args.procs} load process(es), {args.seconds}s")
+                 f"{args.servers} server process(es), {args.procs} load process(es), "
+                 f"{args.seconds}s")
             load = run_load("grpc", "meshtrust", relay, fixture, concurrency=args.concurrency,
                             procs=args.procs, warmup=args.warmup, seconds=args.seconds,
-                            server_pid=server.pid)
+                            server_pids=server.pids,
+                            on_window=(lambda: spies.append(start_profiler(
+                                server.pids[0], args.seconds, profile))) if profile else None)
             result.meshtrust = load.summary()
+            for spy in spies:
+                if spy is not None:
+                    spy.wait(timeout=60)
         finally:
             server.stop()
-        if profile is not None and profile.exists() and result.meshtrust:
-            result.profile = summarize_profile(profile, result.meshtrust["issued"])
+        if profile is not None and result.meshtrust:
+            if profile.exists():
+                issued = result.meshtrust["issued"] // args.servers  # the first server's share
+                result.profile = summarize_profile(profile, args.seconds, issued)
+            else:
+                result.notes.append("--profile: py-spy is not installed (.venv/bin/pip install "
+                                    "py-spy), or it could not attach to the server")
         if args.no_cfssl:
             result.notes.append("cfssl skipped (--no-cfssl)")
         elif shutil.which("cfssl") is None:
@@ -669,7 +727,7 @@ def run_case(key_type: str, args: argparse.Namespace) -> CaseResult:
                      f"in flight, {args.procs} load process(es), {args.seconds}s")
                 load = run_load("http", "cfssl", cfssl.target, fixture,
                                 concurrency=args.concurrency, procs=args.procs,
-                                warmup=args.warmup, seconds=args.seconds, server_pid=cfssl.pid)
+                                warmup=args.warmup, seconds=args.seconds, server_pids=[cfssl.pid])
                 result.cfssl = load.summary()
             except RuntimeError as exc:
                 result.notes.append(f"cfssl failed: {exc}")
@@ -753,6 +811,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight in total")
     parser.add_argument("--ca", choices=["rsa-2048", "ecdsa-p256", "both"], default="both")
     parser.add_argument("--procs", type=int, default=1, help="load-generator processes")
+    parser.add_argument("--servers", type=int, default=1,
+                        help="meshtrust server processes sharing the ports (SO_REUSEPORT) "
+                             "and the store")
     parser.add_argument("--clusters", type=int, default=0,
                         help="clusters (connections); default one per call in flight")
     parser.add_argument("--csrs", type=int, default=8, help="pre-made CSRs per cluster")
@@ -760,16 +821,17 @@ def main() -> int:
                         help="openssl speed -seconds (default: --seconds, at most 10)")
     parser.add_argument("--no-cfssl", action="store_true", help="skip the cfssl column")
     parser.add_argument("--profile", action="store_true",
-                        help="run the server under cProfile and summarize where its time goes")
+                        help="sample the (first) server with py-spy during the window and "
+                             "show where its GIL time goes (needs py-spy)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
-    if args.concurrency < 1 or args.seconds <= 0 or args.procs < 1:
-        parser.error("--concurrency, --seconds and --procs must be positive")
+    if min(args.concurrency, args.procs, args.servers) < 1 or args.seconds <= 0:
+        parser.error("--concurrency, --seconds, --procs and --servers must be positive")
     args.openssl_seconds = args.openssl_seconds or max(1, min(10, int(args.seconds)))
     cases = ["rsa-2048", "ecdsa-p256"] if args.ca == "both" else [args.ca]
     results = [run_case(key_type, args) for key_type in cases]
     if args.json:
-        print(json.dumps({"when": dt.datetime.now(dt.timezone.utc).isoformat(),
+        print(json.dumps({"when": dt.datetime.now(dt.UTC).isoformat(),
                           "args": vars(args), "results": [asdict(r) for r in results]},
                          indent=2))
     else:

@@ -274,6 +274,14 @@ class Fleet:
                 await enrollment.install(store, enrolled)
         return enrolled
 
+    def register(self, cluster: str) -> None:
+        """Register ``cluster`` with no token: for bring-your-own certificates and insecure mode."""
+        async def go() -> None:
+            async with opened(self.mgmt_url) as mgmt:
+                await relay_pki.ensure(mgmt, clock_module.SystemClock())
+                await registry.Registry(mgmt, clock_module.SystemClock()).register(cluster)
+        asyncio.run(go())
+
     async def token(self, cluster: str, ttl: dt.timedelta = registry.DEFAULT_TOKEN_TTL) -> str:
         async with opened(self.mgmt_url) as mgmt:
             token = await registry.Registry(mgmt, clock_module.SystemClock()).create_token(
@@ -449,6 +457,22 @@ async def put_secret(url: str, name: str, data: dict[str, bytes], *,
             return await store.create(secret)
         return await store.update(dataclasses.replace(
             secret, resource_version=current.resource_version))
+
+
+def served_certificate(address: str, tmp: Path, credentials: Credentials | None = None) -> Any:
+    """The leaf certificate a listener presents to a new handshake, as ``openssl s_client`` sees it."""
+    args = ["openssl", "s_client", "-connect", address, "-servername", "localhost",
+            "-alpn", "h2", "-showcerts"]
+    if credentials is not None:
+        (tmp / "client.crt").write_bytes(credentials.chain)
+        (tmp / "client.key").write_bytes(credentials.key)
+        args += ["-cert", str(tmp / "client.crt"), "-cert_chain", str(tmp / "client.crt"),
+                 "-key", str(tmp / "client.key")]
+    proc = subprocess.run(args, input="", capture_output=True, text=True, timeout=20)
+    certificates = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                              proc.stdout, re.S)
+    assert certificates, f"openssl s_client got no certificate:\n{proc.stdout}\n{proc.stderr}"
+    return bundle.load_certificate(certificates[0].encode())
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode | None:

@@ -8,6 +8,10 @@ defaults; every component takes them as settings so they can be changed.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import math
+
+from meshtrust import errors
 
 RELAY_NAMESPACE = "gloo-mesh"
 ISTIO_NAMESPACE = "istio-system"
@@ -48,3 +52,26 @@ class SecretNames:
     def root_trust(policy: str) -> str:
         """The secret that holds the generated Istio root of a trust policy."""
         return ROOT_TRUST_SECRET_PREFIX + policy
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str | float, field: str) -> dt.timedelta:
+    """``90s``, ``15m``, ``12h``, ``365d``, ``1y`` or a number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    elif isinstance(text, str) and text.strip():
+        value = text.strip().lower()
+        unit = value[-1]
+        try:
+            seconds = (float(value[:-1]) * _DURATION_UNITS[unit] if unit in _DURATION_UNITS
+                       else float(value))
+        except ValueError:
+            seconds = -1
+    else:
+        seconds = -1
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > 1000 * 365 * 86400:
+        raise errors.ConfigError(
+            f"{field}: {text!r} is not a positive duration such as 90s, 15m, 12h, 365d or 1y")
+    return dt.timedelta(seconds=seconds)

@@ -144,8 +144,9 @@ class Agent:
             if _TLS_FAILURE.search(str(exc)):
                 raise errors.RPCError(
                     f"TLS handshake with {self.config.bootstrap_address} failed: the server's "
-                    f"certificate does not chain to the relay root this agent trusts, "
-                    f"{describe_trust(trust)}") from exc
+                    f"certificate does not chain to the relay root in {where}{names.relay_root};"
+                    f" this agent expects the server to chain to {describe_trust(trust)}"
+                ) from exc
             raise
         chain = bytes(response.certificate_chain)
         if not keys.key_matches(bundle.load_certificate(chain, "certificate chain"), key):

@@ -8,6 +8,7 @@ import datetime as dt
 from typing import Any
 
 from meshtrust import clock as clock_module
+from meshtrust import settings
 from meshtrust.authority import enrollment, registry
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
@@ -74,7 +75,7 @@ def _bootstrap_address(args: argparse.Namespace) -> str:
 
 
 def _register(args: argparse.Namespace, out: Output) -> int:
-    ttl = server_config.parse_duration(args.token_ttl, "--token-ttl")
+    ttl = settings.parse_duration(args.token_ttl, "--token-ttl")
     registry.check_cluster_name(args.name)
     bootstrap = _bootstrap_address(args)
 

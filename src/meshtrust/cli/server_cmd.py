@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="serve Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
     parser.add_argument("--insecure", action="store_true", default=None,
-                        help="plaintext relay with no certificates, for demos only")
+                        help="plaintext relay with no certificates, for demos only (only "
+                             "this flag turns it on; a --config file cannot)")
     common.add_log_option(parser)
     parser.set_defaults(handler=_run)
 
@@ -67,6 +68,10 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         if value is not None:
             values[name] = value
     settings = config.from_mapping(values)
+    if settings.insecure and not args.insecure:
+        raise errors.ConfigError(
+            f"insecure mode needs the --insecure flag on the command line; {args.config} "
+            "sets insecure: true, but a config file alone cannot turn off TLS")
     common.setup_logging(args.log_level)
     if settings.insecure:
         out.warn("insecure mode: the relay is plaintext and agents are not authenticated")

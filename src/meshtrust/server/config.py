@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from meshtrust import errors
+from meshtrust import errors, settings
 from meshtrust.authority import relay
 from meshtrust.pki import keys, profiles
 
@@ -47,29 +47,6 @@ class ServerConfig:
             raise errors.ConfigError("heartbeat must be a positive number of seconds")
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
-
-
-def parse_duration(text: str | float, field: str) -> dt.timedelta:
-    """``90s``, ``15m``, ``12h``, ``365d``, ``1y`` or a number of seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    elif isinstance(text, str) and text.strip():
-        value = text.strip().lower()
-        unit = value[-1]
-        try:
-            seconds = (float(value[:-1]) * _DURATION_UNITS[unit] if unit in _DURATION_UNITS
-                       else float(value))
-        except ValueError:
-            seconds = -1
-    else:
-        seconds = -1
-    if seconds <= 0:
-        raise errors.ConfigError(
-            f"{field}: {text!r} is not a positive duration such as 90s, 15m, 12h, 365d or 1y")
-    return dt.timedelta(seconds=seconds)
-
-
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
 
 
@@ -93,9 +70,9 @@ def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
 def _convert(name: str, key: str, value: Any) -> Any:
     """One setting's value from YAML or a flag, checked; ConfigError names ``key``."""
     if name in ("client_lifetime", "server_lifetime"):
-        return parse_duration(value, key)
+        return settings.parse_duration(value, key)
     if name == "heartbeat":
-        return parse_duration(value, key).total_seconds()
+        return settings.parse_duration(value, key).total_seconds()
     if name == "server_names":
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
