@@ -94,6 +94,15 @@ def describe_key(key: object) -> str:
     return type(key).__name__.lstrip("_")
 
 
+def key_type_of(key: PublicKey | PrivateKey) -> KeyType | None:
+    """The KeyType of a key, or None if it is of no supported type."""
+    if isinstance(key, (rsa.RSAPublicKey, rsa.RSAPrivateKey)):
+        return next((t for t in KeyType if t.value == f"rsa-{key.key_size}"), None)
+    if isinstance(key, (ec.EllipticCurvePublicKey, ec.EllipticCurvePrivateKey)):
+        return {"secp256r1": KeyType.EC_P256, "secp384r1": KeyType.EC_P384}.get(key.curve.name)
+    return None
+
+
 def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """The digest to sign with: SHA-384 for P-384 keys, SHA-256 otherwise."""
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":

@@ -1,0 +1,341 @@
+"""Federated Istio trust: one root per policy, one intermediate per cluster.
+
+For every trust policy the server keeps a root (generated once into
+``root-trust.<policy>``, or the user's ``secretRef``) and, for every selected
+cluster, an ``IssuedCertificate`` resource whose status walks
+PENDING → REQUESTED → ISSUED → FINISHED (or FAILED, with a message). The
+cluster's agent makes the key and sends only a CSR; ``sign`` applies the
+Istio intermediate profile. A spec change — a new root, new options — or the
+grace-ratio renewal time sends the cluster back to PENDING, and the next
+intermediate is made with a new key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography import x509
+
+from meshtrust import clock as clock_module
+from meshtrust import errors, settings
+from meshtrust.authority import registry as registry_module
+from meshtrust.authority import trust_policy
+from meshtrust.pki import bundle, csr, issuer, keys, profiles, rotation
+from meshtrust.store import base
+
+log = logging.getLogger(__name__)
+
+ISSUED_KIND = "IssuedCertificate"
+ISSUED_API = "meshtrust.io/v1"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "meshtrust"}
+TRUST_BUNDLE_KEY = "trust-bundle.pem"  # every root clusters must trust, during a rotation
+_CAS_ATTEMPTS = 5
+
+
+class State(enum.Enum):
+    PENDING = "PENDING"
+    REQUESTED = "REQUESTED"
+    ISSUED = "ISSUED"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Work:
+    """One intermediate a cluster's agent must make a key and a CSR for."""
+
+    id: str
+    cluster: str
+    policy: str
+    key_type: str
+    trust_domain: str
+    organization: str
+    form: str
+    auto_restart_pods: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Signed:
+    certificate: x509.Certificate
+    chain_pem: bytes    # cert-chain.pem: the intermediate and every CA above it
+    root_bundle: bytes  # root-cert.pem: every root the cluster must trust
+
+
+def issued_name(policy: str, cluster: str) -> str:
+    return f"{policy}.{cluster}"
+
+
+def work_id(resource: base.Resource) -> str:
+    return f"{resource.name}/{resource.generation}/{resource.status.get('round', 0)}"
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat()
+
+
+def _time(value: Any) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+class IstioAuthority:
+    """Keeps policies, roots and per-cluster intermediates in the management store."""
+
+    def __init__(self, store: base.Store, clock: clock_module.Clock,
+                 registry: registry_module.Registry, *,
+                 namespace: str = settings.RELAY_NAMESPACE) -> None:
+        self._store = store
+        self._clock = clock
+        self._registry = registry
+        self._ns = namespace
+
+    # -- policies ---------------------------------------------------------------------------
+
+    async def apply(self, document: Mapping[str, Any]) -> tuple[base.Resource, bool]:
+        """Check a RootTrustPolicy or VirtualMesh and store it as a RootTrustPolicy.
+
+        Returns the stored resource and whether it was created.
+        """
+        policy = trust_policy.parse(document)
+        spec = trust_policy.to_document(policy)["spec"]
+        try:
+            current = await self._store.get_resource(trust_policy.POLICY_KIND,
+                                                     policy.namespace, policy.name)
+        except errors.NotFound:
+            return await self._store.create(base.Resource(
+                api_version=trust_policy.POLICY_API, kind=trust_policy.POLICY_KIND,
+                namespace=policy.namespace, name=policy.name, spec=spec)), True
+        return await self._store.update(dataclasses.replace(current, spec=spec)), False
+
+    async def policies(self) -> list[tuple[base.Resource, trust_policy.TrustPolicy]]:
+        found = []
+        for resource in await self._store.list_resources(trust_policy.POLICY_KIND):
+            document = {"apiVersion": resource.api_version, "kind": resource.kind,
+                        "metadata": {"name": resource.name, "namespace": resource.namespace},
+                        "spec": resource.spec}
+            found.append((resource, trust_policy.parse(document)))
+        return found
+
+    async def policy(self, name: str) -> tuple[base.Resource, trust_policy.TrustPolicy]:
+        for resource, policy in await self.policies():
+            if policy.name == name:
+                return resource, policy
+        raise errors.ConfigError(f"no trust policy named {name!r}; apply one with "
+                                 "`meshtrust apply -f policy.yaml`")
+
+    # -- roots ------------------------------------------------------------------------------
+
+    async def root_secret(self, policy: trust_policy.TrustPolicy) -> base.Secret:
+        """The secret holding the policy's signing root, made once if generated."""
+        if isinstance(policy.root, trust_policy.SecretRoot):
+            ref = policy.root
+            try:
+                return await self._store.get_secret(ref.namespace, ref.name)
+            except errors.NotFound:
+                raise errors.ConfigError(
+                    f"policy {policy.name}: secret {ref.namespace}/{ref.name} (secretRef) does "
+                    "not exist; create it with root-cert.pem and key.pem") from None
+        name = settings.SecretNames.root_trust(policy.name)
+        try:
+            return await self._store.get_secret(policy.namespace, name)
+        except errors.NotFound:
+            pass
+        root = issuer.new_root(policy.root.key_type, profiles.ISTIO_ROOT, self._clock.now(),
+                               policy.root.lifetime,
+                               issuer.Subject(organization=policy.root.organization))
+        secret = base.Secret(namespace=policy.namespace, name=name, labels=MANAGED_BY, data={
+            "root-cert.pem": bundle.dump_certificate(root.certificate),
+            "key.pem": keys.dump_private_key(root.key)})
+        try:
+            made = await self._store.create(secret)
+            log.info("generated the Istio root of policy %s in %s/%s", policy.name,
+                     policy.namespace, name)
+            return made
+        except errors.AlreadyExists:
+            return await self._store.get_secret(policy.namespace, name)
+
+    async def signer(self, policy: trust_policy.TrustPolicy) -> tuple[issuer.CA, bytes]:
+        """The CA that signs the policy's intermediates, and the roots clusters must trust."""
+        secret = await self.root_secret(policy)
+        where = f"{secret.namespace}/{secret.name}"
+        try:
+            root_pem, key_pem = secret.data["root-cert.pem"], secret.data["key.pem"]
+        except KeyError as exc:
+            raise errors.ConfigError(f"policy {policy.name}: {where} lacks {exc.args[0]}; it "
+                                     "needs root-cert.pem and key.pem") from None
+        chain = bundle.load_certificates(secret.data.get("cert-chain.pem") or root_pem, where)
+        try:
+            ca = issuer.CA(certificate=chain[0], key=keys.load_private_key(key_pem),
+                           chain=tuple(chain[1:]))
+        except errors.PKIError as exc:
+            raise errors.ConfigError(f"policy {policy.name}: {where} is not a usable CA: "
+                                     f"{exc}") from exc
+        return ca, secret.data.get(TRUST_BUNDLE_KEY) or root_pem
+
+    # -- reconcile --------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Bring every IssuedCertificate in line with the policies, clusters and the clock."""
+        clusters = {c.name for c in await self._registry.list()}
+        wanted: set[str] = set()
+        for resource, policy in await self.policies():
+            try:
+                ca, _ = await self.signer(policy)
+            except errors.MeshTrustError as exc:
+                await self._policy_status(resource, {"state": "FAILED", "message": str(exc)})
+                continue
+            selected = sorted(c for c in clusters if policy.selects(c))
+            await self._policy_status(resource, {
+                "state": "ACCEPTED", "message": "", "clusters": selected,
+                "rootFingerprint": bundle.fingerprint(ca.root)})
+            for cluster in selected:
+                wanted.add(issued_name(policy.name, cluster))
+                await self._ensure(policy, resource.generation, cluster, ca)
+        for item in await self._store.list_resources(ISSUED_KIND, namespace=self._ns):
+            if item.name not in wanted:
+                try:
+                    await self._store.delete(ISSUED_KIND, self._ns, item.name)
+                except errors.NotFound:
+                    pass
+
+    async def _policy_status(self, resource: base.Resource, status: dict[str, Any]) -> None:
+        merged = {**resource.status, **status}
+        if merged != resource.status:
+            try:
+                await self._store.update_status(dataclasses.replace(resource, status=merged))
+            except (errors.Conflict, errors.NotFound):
+                pass  # the next round sees the newer policy
+
+    async def _ensure(self, policy: trust_policy.TrustPolicy, generation: int, cluster: str,
+                      ca: issuer.CA) -> None:
+        spec = {
+            "policy": policy.name, "cluster": cluster, "policyGeneration": generation,
+            "rootFingerprint": bundle.fingerprint(ca.root),
+            "signerFingerprint": bundle.fingerprint(ca.certificate),
+            "lifetimeSeconds": int(policy.intermediate.lifetime.total_seconds()),
+            "keyType": policy.intermediate.key_type.value,
+            "gracePeriodRatio": policy.intermediate.grace_ratio,
+            "organization": policy.intermediate.organization,
+            "trustDomain": policy.trust_domain, "form": policy.form,
+            "autoRestartPods": policy.auto_restart_pods,
+        }
+        name = issued_name(policy.name, cluster)
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                current = await self._store.get_resource(ISSUED_KIND, self._ns, name)
+            except errors.NotFound:
+                try:
+                    made = await self._store.create(base.Resource(
+                        api_version=ISSUED_API, kind=ISSUED_KIND, namespace=self._ns,
+                        name=name, labels={"cluster": cluster, "policy": policy.name},
+                        spec=spec))
+                    await self._set_state(made, State.PENDING, round_=1)
+                    return
+                except errors.AlreadyExists:
+                    continue
+            try:
+                if current.spec != spec:
+                    updated = await self._store.update(dataclasses.replace(current, spec=spec))
+                    await self._set_state(updated, State.PENDING,
+                                          round_=int(updated.status.get("round", 0)) + 1)
+                elif self._renewal_due(current):
+                    await self._set_state(current, State.PENDING,
+                                          round_=int(current.status.get("round", 0)) + 1,
+                                          message="renewal due")
+                return
+            except errors.Conflict:
+                continue
+
+    def _renewal_due(self, resource: base.Resource) -> bool:
+        if resource.status.get("state") not in (State.ISSUED.value, State.FINISHED.value):
+            return False
+        renew_at = _time(resource.status.get("renewAt"))
+        return renew_at is not None and self._clock.now() >= renew_at
+
+    async def _set_state(self, resource: base.Resource, state: State, *,
+                         round_: int | None = None, **extra: Any) -> base.Resource:
+        status = {**resource.status, "state": state.value, "message": "",
+                  "updated": _iso(self._clock.now()), **extra}
+        if round_ is not None:
+            status["round"] = round_
+        return await self._store.update_status(dataclasses.replace(resource, status=status))
+
+    # -- the relay side ---------------------------------------------------------------------
+
+    async def work_for(self, cluster: str) -> list[Work]:
+        """The intermediates ``cluster`` must make keys for; each is marked REQUESTED."""
+        found = []
+        for listed in await self._store.list_resources(ISSUED_KIND, namespace=self._ns,
+                                                       labels={"cluster": cluster}):
+            state = listed.status.get("state")
+            if state not in (State.PENDING.value, State.REQUESTED.value):
+                continue
+            item = listed
+            if state == State.PENDING.value:
+                try:
+                    item = await self._set_state(listed, State.REQUESTED)
+                except (errors.Conflict, errors.NotFound):
+                    continue
+            spec = item.spec
+            found.append(Work(id=work_id(item), cluster=cluster, policy=spec["policy"],
+                              key_type=spec["keyType"], trust_domain=spec["trustDomain"],
+                              organization=spec["organization"], form=spec["form"],
+                              auto_restart_pods=bool(spec["autoRestartPods"])))
+        return found
+
+    async def _current(self, cluster: str, id_: str) -> base.Resource:
+        name = id_.split("/", 1)[0]
+        try:
+            resource = await self._store.get_resource(ISSUED_KIND, self._ns, name)
+        except (errors.NotFound, ValueError):
+            raise errors.ConfigError(f"no work item {id_!r} is waiting for this cluster") from None
+        if resource.spec.get("cluster") != cluster:
+            raise errors.AuthError(f"work item {id_!r} belongs to another cluster")
+        if work_id(resource) != id_:
+            raise errors.ConfigError(f"work item {id_!r} is stale; the server sends a newer one")
+        return resource
+
+    async def sign(self, cluster: str, id_: str, csr_pem: bytes) -> Signed:
+        """Sign a cluster's intermediate CSR for work item ``id_``."""
+        resource = await self._current(cluster, id_)
+        spec = resource.spec
+        _, policy = await self.policy(spec["policy"])
+        request = csr.load_csr(csr_pem)
+        wanted = keys.KeyType.parse(spec["keyType"])
+        if keys.key_type_of(request.public_key) is not wanted:
+            raise errors.ProfileViolation(
+                f"policy {policy.name} asks for {wanted.value} keys, but the CSR has a "
+                f"{keys.describe_key(request.public_key)} key")
+        ca, roots = await self.signer(policy)
+        now = self._clock.now()
+        certificate = issuer.issue(
+            request, ca, profiles.ISTIO_INTERMEDIATE, now,
+            dt.timedelta(seconds=int(spec["lifetimeSeconds"])),
+            issuer.Subject(cluster=cluster, trust_domain=spec["trustDomain"],
+                           organization=spec["organization"]))
+        renew_at = rotation.renew_at(certificate, float(spec["gracePeriodRatio"]))
+        await self._set_state(resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
+                              notAfter=_iso(certificate.not_valid_after_utc),
+                              renewAt=_iso(renew_at), issuedAt=_iso(now),
+                              keySha256=hashlib.sha256(
+                                  keys.public_key_der(request.public_key)).hexdigest())
+        return Signed(certificate=certificate,
+                      chain_pem=bundle.dump_certificates([certificate, *ca.path]),
+                      root_bundle=roots)
+
+    async def report(self, cluster: str, id_: str, *, ok: bool, message: str = "",
+                     pods: list[str] | None = None, restart_needed: bool = False) -> None:
+        """Record how the agent finished a work item: FINISHED, or FAILED with the reason."""
+        resource = await self._current(cluster, id_)
+        await self._set_state(resource, State.FINISHED if ok else State.FAILED,
+                              message=message, bouncedPods=pods or [],
+                              restartNeeded=restart_needed)
+
