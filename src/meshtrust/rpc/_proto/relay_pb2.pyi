@@ -109,28 +109,38 @@ class Heartbeat(_message.Message):
     def __init__(self, server_time_unix: _Optional[int] = ...) -> None: ...
 
 class IssueIntermediate(_message.Message):
-    __slots__ = ("policy", "key_type", "trust_domain", "org", "generation")
+    __slots__ = ("policy", "key_type", "trust_domain", "org", "generation", "form", "auto_restart_pods")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FORM_FIELD_NUMBER: _ClassVar[int]
+    AUTO_RESTART_PODS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     key_type: str
     trust_domain: str
     org: str
     generation: int
-    def __init__(self, policy: _Optional[str] = ..., key_type: _Optional[str] = ..., trust_domain: _Optional[str] = ..., org: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    form: str
+    auto_restart_pods: bool
+    def __init__(self, policy: _Optional[str] = ..., key_type: _Optional[str] = ..., trust_domain: _Optional[str] = ..., org: _Optional[str] = ..., generation: _Optional[int] = ..., form: _Optional[str] = ..., auto_restart_pods: _Optional[bool] = ...) -> None: ...
 
 class WorkResult(_message.Message):
-    __slots__ = ("id", "csr", "error")
+    __slots__ = ("id", "csr", "error", "stage", "pods_bounced", "restart_needed")
     ID_FIELD_NUMBER: _ClassVar[int]
     CSR_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PODS_BOUNCED_FIELD_NUMBER: _ClassVar[int]
+    RESTART_NEEDED_FIELD_NUMBER: _ClassVar[int]
     id: str
     csr: bytes
     error: str
-    def __init__(self, id: _Optional[str] = ..., csr: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+    stage: str
+    pods_bounced: _containers.RepeatedScalarFieldContainer[str]
+    restart_needed: bool
+    def __init__(self, id: _Optional[str] = ..., csr: _Optional[bytes] = ..., error: _Optional[str] = ..., stage: _Optional[str] = ..., pods_bounced: _Optional[_Iterable[str]] = ..., restart_needed: _Optional[bool] = ...) -> None: ...
 
 class WorkAck(_message.Message):
     __slots__ = ("certificate_chain", "root_bundle", "error")
