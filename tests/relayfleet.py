@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,12 +46,6 @@ T = TypeVar("T")
 NAMES = settings.SecretNames()
 NS = NAMES.relay_namespace
 CALL_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def poll(check: Callable[[], T], *, timeout: float, what: str,
@@ -378,7 +371,8 @@ async def bootstrap(address: str, trust: bytes, cluster: str, token: str,
             timeout=CALL_TIMEOUT)
 
 
-async def bootstrap_credentials(fleet: Fleet, cluster: str, token: str | None = None) -> Credentials:
+async def bootstrap_credentials(fleet: Fleet, cluster: str,
+                                token: str | None = None) -> Credentials:
     """A client certificate for ``cluster`` got over Bootstrap, as an agent would."""
     assert fleet.server is not None
     token = token or await fleet.token(cluster)
@@ -460,7 +454,7 @@ async def put_secret(url: str, name: str, data: dict[str, bytes], *,
 
 
 def served_certificate(address: str, tmp: Path, credentials: Credentials | None = None) -> Any:
-    """The leaf certificate a listener presents to a new handshake, as ``openssl s_client`` sees it."""
+    """The leaf certificate a listener shows a new handshake, as openssl s_client sees it."""
     args = ["openssl", "s_client", "-connect", address, "-servername", "localhost",
             "-alpn", "h2", "-showcerts"]
     if credentials is not None:
@@ -468,10 +462,12 @@ def served_certificate(address: str, tmp: Path, credentials: Credentials | None 
         (tmp / "client.key").write_bytes(credentials.key)
         args += ["-cert", str(tmp / "client.crt"), "-cert_chain", str(tmp / "client.crt"),
                  "-key", str(tmp / "client.key")]
-    proc = subprocess.run(args, input="", capture_output=True, text=True, timeout=20)
+    # Bytes, not text: after the handshake the server's HTTP/2 preface may be echoed too.
+    proc = subprocess.run(args, input=b"", capture_output=True, timeout=20, check=False)
+    stdout = proc.stdout.decode("latin-1")
     certificates = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
-                              proc.stdout, re.S)
-    assert certificates, f"openssl s_client got no certificate:\n{proc.stdout}\n{proc.stderr}"
+                              stdout, re.S)
+    assert certificates, f"openssl s_client got no certificate:\n{stdout}\n{proc.stderr!r}"
     return bundle.load_certificate(certificates[0].encode())
 
 

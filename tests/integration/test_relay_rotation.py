@@ -14,7 +14,7 @@ import grpc.aio
 import relayfleet as rf
 from meshtrust.pki import bundle, rotation
 
-PROBLEMS = r" (WARNING|ERROR|CRITICAL) |status report failed|Traceback"
+PROBLEMS = r" (WARNING|ERROR|CRITICAL) |status report failed|relay connection to .* ended|Traceback"
 
 
 RENEWED_BY_AGENT = r"renewed client certificate: serial ([0-9a-f]+)"
@@ -44,7 +44,7 @@ class Load:
 
 class TestClientRotation:
     def test_rotation_over_several_rounds_loses_no_rpc(self, fleet: rf.Fleet) -> None:
-        """With 6 s client certificates and grace ratio 0.5 the agent rotates at least three times while every RPC, on new and long-open connections, succeeds."""
+        """6 s certificates rotate at least 3 times while every RPC, new or long-open, succeeds."""
         server = fleet.start_server(client_lifetime="6s")
         fleet.enroll("cluster-1")
         agent = fleet.start_agent("cluster-1", extra=["--log-level", "debug"])
@@ -91,7 +91,7 @@ class TestClientRotation:
 class TestServerCertificate:
     def test_replaced_server_certificate_reaches_new_handshakes_with_no_failed_rpc(
             self, fleet: rf.Fleet, tmp_path: Path) -> None:
-        """A new relay-server-tls-secret is served to every new handshake while RPCs on open and new connections all succeed."""
+        """A new server certificate reaches new handshakes while no RPC fails, open or new."""
         server = fleet.start_server()
         fleet.enroll("cluster-1")
         agent = fleet.start_agent("cluster-1", extra=["--log-level", "debug"])
@@ -142,7 +142,7 @@ class TestServerCertificate:
 class TestReplicas:
     def test_only_the_leader_rotates_and_a_follower_takes_over_after_sigkill(
             self, fleet: rf.Fleet) -> None:
-        """Of two replicas of one cluster only the leader renews; once it is SIGKILLed the other leads and renews within a few lease TTLs."""
+        """Only the leader replica renews; after it is SIGKILLed the other leads and renews."""
         server = fleet.start_server(client_lifetime="6s")
         fleet.enroll("cluster-1")
         lease_ttl = 2
@@ -175,7 +175,7 @@ class TestReplicas:
 class TestBringYourOwnCertificate:
     def test_provided_certificate_is_used_as_is_and_replacements_are_picked_up(
             self, fleet: rf.Fleet) -> None:
-        """A client certificate put in the store by someone else is used without bootstrap, never renewed, and a replacement is picked up."""
+        """A certificate put there by hand is used without bootstrap or renewal, and replaced."""
         server = fleet.start_server()
         fleet.register("cluster-1")
         ca = asyncio.run(fleet.signing_ca())

@@ -13,10 +13,11 @@ import logging
 import random
 import re
 import signal
+from typing import Any
 
 from meshtrust import __version__, errors, metrics, rpc
 from meshtrust import clock as clock_module
-from meshtrust.agent import identity
+from meshtrust.agent import bounce, identity, istio, simulation
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.connection import RelayClient, describe_trust
 from meshtrust.agent.provider import ClientIdentity, Provider
@@ -52,11 +53,21 @@ class Agent:
         self._lease_name = f"meshtrust-agent-{config.cluster}"
 
         self._said: set[str] = set()
+        self.istio = istio.IstioCA(store, config.cluster, config.names)
+        self.pods = simulation.StorePods(store, clock=self.clock)
+        self._working: set[str] = set()
+        self._done: set[str] = set()
+        self._work_tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         jobs = [self.watcher.run(), self._lead(), self._connect(), self._report(),
                 self._export()]
         served = self.metrics.serve(self.config.metrics) if self.config.metrics else None
+        if self.config.simulate_pods:
+            if not await self.pods.list():
+                await simulation.seed(self.store, clock=self.clock)
+            jobs.append(simulation.SimulatedIstio(self.store, clock=self.clock,
+                                                  ready_after=1.0).run(0.2))
         if not self.config.insecure:
             jobs.append(self._bootstrap())
             if self.config.rotate is not False:
@@ -65,9 +76,9 @@ class Agent:
         try:
             await asyncio.gather(*tasks)
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._work_tasks]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._work_tasks, return_exceptions=True)
             if self.leader.is_set():
                 await self._leases.release(self._lease_name, self.config.replica)
             await self.client.close()
@@ -177,7 +188,9 @@ class Agent:
                 continue
             channel = self.client.open_channel(current)
             try:
-                async for _item in self.client.work(channel, self.leader.is_set()):
+                async for item in self.client.work(channel, self.leader.is_set()):
+                    if item.HasField("issue_intermediate"):
+                        self._start_work(item)
                     if not self.connected.is_set():
                         log.info("connected to %s over %s", self.config.server,
                                  "plaintext" if self.config.insecure else "mTLS")
@@ -191,6 +204,46 @@ class Agent:
                 await channel.close()
             await asyncio.sleep(backoff * (1 + random.random() / 2))
             backoff = min(backoff * 2, self.config.reconnect_max)
+
+    def _start_work(self, item: Any) -> None:
+        """Handle an issuance work item once, on the leader, in the background."""
+        if not self.leader.is_set() or item.id in self._working or item.id in self._done:
+            return
+        self._working.add(item.id)
+        task = asyncio.create_task(self._work(item))
+        self._work_tasks.add(task)
+        task.add_done_callback(self._work_tasks.discard)
+
+    async def _work(self, item: Any) -> None:
+        spec = item.issue_intermediate
+        try:
+            request = istio.Request(id=item.id, policy=spec.policy,
+                                    key_type=keys.KeyType.parse(spec.key_type),
+                                    organization=spec.org or "Istio", form=spec.form or "cacerts",
+                                    auto_restart_pods=spec.auto_restart_pods)
+
+            async def sign(csr_pem: bytes) -> tuple[bytes, bytes]:
+                ack = await self.client.complete_work(messages.WorkResult(
+                    id=item.id, csr=csr_pem, stage="csr"))
+                return bytes(ack.certificate_chain), bytes(ack.root_bundle)
+
+            outcome = await self.istio.handle(request, sign, self._bounce)
+            await self.client.complete_work(messages.WorkResult(
+                id=item.id, stage="finished" if outcome.ok else "failed",
+                error=outcome.message, pods_bounced=list(outcome.pods),
+                restart_needed=outcome.restart_needed))
+            self._done.add(item.id)
+        except errors.MeshTrustError as exc:
+            log.warning("work item %s failed: %s; the server sends it again", item.id, exc)
+        finally:
+            self._working.discard(item.id)
+
+    async def _bounce(self, new_root: bytes) -> list[str]:
+        if not await self.pods.list():
+            return []
+        result = await bounce.Bouncer(self.pods, progress=_log_bounce).bounce(
+            new_root, dry_run=self.config.bounce_dry_run)
+        return list(result.planned if result.dry_run else result.bounced)
 
     def _log_connect_failure(self, exc: errors.MeshTrustError,
                              current: ClientIdentity | None) -> None:
@@ -269,3 +322,7 @@ async def run(config: AgentConfig) -> None:
         log.info("stopping")
     finally:
         await store.close()
+
+
+def _log_bounce(event: bounce.Event) -> None:
+    log.info("pod restart: %s", event)

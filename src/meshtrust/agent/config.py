@@ -31,6 +31,8 @@ class AgentConfig:
     reconnect_max: float = 30.0
     rotate: bool | None = None  # None: rotate unless bring-your-own is detected
     metrics: str | None = None  # host:port to serve Prometheus metrics on
+    simulate_pods: bool = False  # seed and run simulated istiod/gateway/workload pods (demo)
+    bounce_dry_run: bool = False  # say which pods would restart, restart none
     names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
 
     def __post_init__(self) -> None:

@@ -82,6 +82,12 @@ class RelayClient:
         return await transport.call(stub.ReportStatus(report, timeout=CALL_TIMEOUT,
                                                       metadata=self._metadata()))
 
+    async def complete_work(self, result: Any) -> Any:
+        """Answer a work item: send its CSR (the reply holds the certificate) or its outcome."""
+        stub = transport.relay_stub(self._current_channel())
+        return await transport.call(stub.CompleteWork(result, timeout=CALL_TIMEOUT,
+                                                      metadata=self._metadata()))
+
     async def bootstrap(self, trust: bytes, token: str, csr_pem: bytes) -> Any:
         """Call Bootstrap over server-authenticated TLS on the bootstrap listener."""
         channel = transport.secure_channel(self._config.bootstrap_address, trust=trust,

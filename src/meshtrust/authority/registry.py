@@ -79,7 +79,8 @@ class Cluster:
 
 def check_cluster_name(name: str) -> str:
     """Return ``name`` if it can name a cluster; raise ConfigError otherwise."""
-    if not identity.is_dns_name(name) or "." in name or "*" in name or len(name) > 63:
+    if (not identity.is_dns_name(name) or "." in name or "*" in name or len(name) > 63
+            or name != name.lower()):
         raise errors.ConfigError(
             f"cluster name {name!r} is invalid; use lower-case letters, digits and dashes, "
             "such as cluster-1")
@@ -114,7 +115,7 @@ class Registry:
         """The registered cluster ``name``; raise UnknownCluster if it is not registered."""
         try:
             return Cluster.of(await self._store.get_resource(CLUSTER_KIND, self._ns, name))
-        except errors.NotFound:
+        except (errors.NotFound, ValueError):  # ValueError: not even a valid object name
             raise errors.UnknownCluster(
                 f"cluster {name!r} is not registered; register it with "
                 f"`meshtrust cluster register {name}`") from None

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="seconds between status reports (default %(default)s)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    parser.add_argument("--simulate-pods", action="store_true",
+                        help="keep simulated istiod, gateway and workload pods in the store "
+                             "(for the local demo; a Kubernetes pod interface comes later)")
+    parser.add_argument("--bounce-dry-run", action="store_true",
+                        help="on a new Istio CA, log which pods would restart; restart none")
     parser.add_argument("--no-rotate", action="store_true",
                         help="never renew: the client certificate is managed elsewhere")
     parser.add_argument("--insecure", action="store_true",
@@ -59,7 +64,8 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         insecure=args.insecure, grace_ratio=args.grace_ratio, jitter=args.jitter,
         key_type=keys.KeyType.parse(args.key_type), lease_ttl=args.lease_ttl,
         status_interval=args.status_interval, rotate=False if args.no_rotate else None,
-        metrics=args.metrics,
+        metrics=args.metrics, simulate_pods=args.simulate_pods,
+        bounce_dry_run=args.bounce_dry_run,
         **extra)
     common.setup_logging(args.log_level)
     if args.insecure:

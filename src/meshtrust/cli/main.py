@@ -12,7 +12,16 @@ import sys
 from collections.abc import Sequence
 
 from meshtrust import __version__, errors
-from meshtrust.cli import agent_cmd, cluster_cmd, demo_cmd, output, pki_cmd, server_cmd, store_cmd
+from meshtrust.cli import (
+    agent_cmd,
+    cluster_cmd,
+    demo_cmd,
+    output,
+    pki_cmd,
+    server_cmd,
+    store_cmd,
+    trust_cmd,
+)
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -36,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = (demo_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, store_cmd)
+_COMMANDS = (demo_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, trust_cmd, store_cmd)
 
 
 def main(argv: Sequence[str] | None = None, out: output.Output | None = None) -> int:

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="tokens bootstrap accepts: the shared relay-identity-token-secret, "
                              "per-cluster single-use tokens, or either (default any)")
     parser.add_argument("--heartbeat", help="work-stream heartbeat interval (default 10s)")
+    parser.add_argument("--reconcile-interval",
+                        help="how often trust policies are checked for renewals (default 5s)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
@@ -63,7 +65,8 @@ def _run(args: argparse.Namespace, out: Output) -> int:
             raise errors.ConfigError(f"{args.config} must hold a mapping of settings")
         values.update(loaded or {})
     for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_names",
-                 "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics"):
+                 "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics",
+                 "reconcile_interval"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

@@ -18,7 +18,7 @@ from pathlib import Path
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, settings
 from meshtrust.authority import registry as registry_module
-from meshtrust.authority import relay, relay_pki
+from meshtrust.authority import istio, relay, relay_pki, trust_policy
 from meshtrust.pki import bundle
 from meshtrust.rpc import transport
 from meshtrust.server import authn, service
@@ -41,9 +41,11 @@ class Server:
         self.authority = relay.RelayAuthority(store, self.clock, self.registry, relay.Options(
             client_lifetime=config.client_lifetime, token_mode=config.token_mode))
         self.metrics = metrics.Metrics()
+        self.istio = istio.IstioAuthority(store, self.clock, self.registry)
         self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
-                                                  heartbeat=config.heartbeat)
+                                                  heartbeat=config.heartbeat,
+                                                  istio_ca=self.istio)
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server()
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,6 +84,7 @@ class Server:
                 self._credentials.server_credentials(require_client_auth=False))
             self._tasks.append(asyncio.create_task(self._follow_server_secret()))
         self._tasks.append(asyncio.create_task(self._follow_registry()))
+        self._tasks.append(asyncio.create_task(self._reconcile_trust()))
         await self._grpc.start()
         log.info("meshtrust server listening: %s", self.ports)
         if self.config.ready_file:
@@ -148,6 +151,45 @@ class Server:
             except Exception:
                 log.exception("following the cluster registry failed; retrying")
                 await asyncio.sleep(1)
+
+    async def _reconcile_trust(self) -> None:
+        """Keep every cluster's Istio intermediate in line with the trust policies.
+
+        A round runs on every change to a policy or the registry, and at least every
+        ``reconcile_interval`` seconds for renewals; agents with new work are woken.
+        """
+        changed = asyncio.Event()
+        changed.set()
+
+        async def follow(kind: str) -> None:
+            since = await self.store.revision()
+            while True:
+                try:
+                    async for _event in self.store.watch(kind, since=since):
+                        since = _event.resource_version
+                        changed.set()
+                except errors.Conflict:
+                    since = await self.store.revision()
+                    changed.set()
+
+        followers = [asyncio.create_task(follow(kind)) for kind in (
+            trust_policy.POLICY_KIND, registry_module.CLUSTER_KIND)]
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(changed.wait(), self.config.reconcile_interval)
+                except TimeoutError:
+                    pass
+                changed.clear()
+                try:
+                    await self.istio.reconcile()
+                    self.relay_service.kick()
+                except Exception:  # noqa: BLE001 - keep reconciling; log and go on
+                    log.exception("reconciling the trust policies failed; retrying")
+                    await asyncio.sleep(1)
+        finally:
+            for task in followers:
+                task.cancel()
 
     async def stop(self, grace: float = 2.0) -> None:
         for task in self._tasks:

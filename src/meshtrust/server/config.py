@@ -31,6 +31,7 @@ class ServerConfig:
     key_type: keys.KeyType = keys.KeyType.EC_P256
     token_mode: relay.TokenMode = relay.TokenMode.ANY
     heartbeat: float = 10.0
+    reconcile_interval: float = 5.0
     ready_file: str | None = None
     metrics: str | None = None
 
@@ -43,8 +44,8 @@ class ServerConfig:
                     f"{name}: {value!r} is not host:port, such as 127.0.0.1:9900")
         if self.client_lifetime <= dt.timedelta(0) or self.server_lifetime <= dt.timedelta(0):
             raise errors.ConfigError("lifetimes must be positive")
-        if self.heartbeat <= 0:
-            raise errors.ConfigError("heartbeat must be a positive number of seconds")
+        if self.heartbeat <= 0 or self.reconcile_interval <= 0:
+            raise errors.ConfigError("heartbeat and reconcile-interval must be positive")
 
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
@@ -71,7 +72,7 @@ def _convert(name: str, key: str, value: Any) -> Any:
     """One setting's value from YAML or a flag, checked; ConfigError names ``key``."""
     if name in ("client_lifetime", "server_lifetime"):
         return settings.parse_duration(value, key)
-    if name == "heartbeat":
+    if name in ("heartbeat", "reconcile_interval"):
         return settings.parse_duration(value, key).total_seconds()
     if name == "server_names":
         if isinstance(value, str):

@@ -8,6 +8,7 @@ error that ``rpc.transport.abort`` turns into a status code and message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import time
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, rpc, settings
-from meshtrust.authority import relay
+from meshtrust.authority import istio, relay
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
 from meshtrust.server import authn
@@ -74,13 +75,14 @@ class RelayService(transport.services.RelayServicer):
 
     def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock,
                  meters: metrics.Metrics, *, insecure: bool = False,
-                 heartbeat: float = 10.0) -> None:
+                 heartbeat: float = 10.0, istio_ca: istio.IstioAuthority | None = None) -> None:
         self._authority = authority
+        self._istio = istio_ca
         self._meters = meters
         self._clock = clock
         self._insecure = insecure
         self._heartbeat = heartbeat
-        self._streams: dict[str, set[asyncio.Event]] = {}
+        self._streams: dict[str, set[_Stream]] = {}
 
     async def _cluster(self, context: Any, request: Any) -> str:
         """The calling cluster, from its verified certificate (or the header when insecure)."""
@@ -130,24 +132,27 @@ class RelayService(transport.services.RelayServicer):
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
         cluster = await self._cluster(context, request)
         registry = self._authority.registry
-        gone = asyncio.Event()
-        self._streams.setdefault(cluster, set()).add(gone)
+        stream = _Stream()
+        self._streams.setdefault(cluster, set()).add(stream)
         self._meters.connected.set(len(self._streams))
         await registry.update_status(cluster, connected=True, lastSeen=_iso_now(self._clock))
         log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
-            while not gone.is_set():
+            while not stream.gone.is_set():
+                for item in await self._work_items(cluster):
+                    yield item
                 yield messages.WorkItem(heartbeat=messages.Heartbeat(
                     server_time_unix=int(self._clock.now().timestamp())))
                 try:
-                    await asyncio.wait_for(gone.wait(), timeout=self._heartbeat)
+                    await asyncio.wait_for(stream.wake.wait(), timeout=self._heartbeat)
                 except TimeoutError:
                     pass
+                stream.wake.clear()
             await transport.abort(context, errors.UnknownCluster(
                 f"cluster {cluster!r} was deregistered"))
         finally:
             streams = self._streams.get(cluster, set())
-            streams.discard(gone)
+            streams.discard(stream)
             if not streams:
                 self._streams.pop(cluster, None)
                 self._meters.connected.set(len(self._streams))
@@ -157,10 +162,31 @@ class RelayService(transport.services.RelayServicer):
                     pass
             log.info("agent of cluster %s disconnected", cluster)
 
+    async def _work_items(self, cluster: str) -> list[messages.WorkItem]:
+        if self._istio is None:
+            return []
+        try:
+            work = await self._istio.work_for(cluster)
+        except errors.MeshTrustError as exc:
+            log.warning("cannot list work for cluster %s: %s", cluster, exc)
+            return []
+        return [messages.WorkItem(id=w.id, issue_intermediate=messages.IssueIntermediate(
+            policy=w.policy, key_type=w.key_type, trust_domain=w.trust_domain,
+            org=w.organization, form=w.form, auto_restart_pods=w.auto_restart_pods))
+            for w in work]
+
     def drop(self, cluster: str) -> None:
         """End the open work streams of ``cluster`` (it was deregistered)."""
-        for gone in self._streams.get(cluster, ()):
-            gone.set()
+        for stream in self._streams.get(cluster, ()):
+            stream.gone.set()
+            stream.wake.set()
+
+    def kick(self, cluster: str | None = None) -> None:
+        """Make the work streams of ``cluster`` (of every cluster if None) look for work now."""
+        for name, streams in self._streams.items():
+            if cluster is None or name == cluster:
+                for stream in streams:
+                    stream.wake.set()
 
     @property
     def connected(self) -> list[str]:
@@ -168,10 +194,46 @@ class RelayService(transport.services.RelayServicer):
         return sorted(self._streams)
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
-        await self._cluster(context, request)
-        await transport.abort(context, errors.ConfigError(
-            f"no work item {request.id!r} is waiting for this cluster"))
-        raise AssertionError("unreachable")
+        cluster = await self._cluster(context, request)
+        try:
+            if self._istio is None:
+                raise errors.ConfigError(
+                    f"no work item {request.id!r} is waiting for this cluster")
+            if request.stage in ("", "csr"):
+                started = time.perf_counter()
+                signed = await self._istio.sign(cluster, request.id, request.csr)
+                self._meters.issuance.labels("istio-intermediate", "issued").inc()
+                self._meters.issuance_seconds.labels("istio-intermediate").observe(
+                    time.perf_counter() - started)
+                self._meters.certificate(signed.certificate, kind="istio-intermediate",
+                                         cluster=cluster, namespace=settings.ISTIO_NAMESPACE,
+                                         secret=settings.ISTIO_CA_SECRET)
+                log.info("signed the Istio intermediate of cluster %s (%s): %x", cluster,
+                         request.id, signed.certificate.serial_number)
+                return messages.WorkAck(certificate_chain=signed.chain_pem,
+                                        root_bundle=signed.root_bundle)
+            ok = request.stage == "finished"
+            await self._istio.report(cluster, request.id, ok=ok, message=request.error,
+                                     pods=list(request.pods_bounced),
+                                     restart_needed=request.restart_needed)
+            log.log(logging.INFO if ok else logging.WARNING, "cluster %s %s work %s%s",
+                    cluster, "finished" if ok else "failed", request.id,
+                    f": {request.error}" if request.error else "")
+            return messages.WorkAck()
+        except errors.MeshTrustError as exc:
+            if request.stage in ("", "csr"):
+                self._meters.issuance.labels("istio-intermediate", "refused").inc()
+            log.warning("work %s of cluster %s refused: %s", request.id, cluster, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it."""
+
+    gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 def _check_version(request: Any) -> None:
