@@ -47,7 +47,8 @@ class RecordingPods(simulation.StorePods):
         self.restarts: list[Restart] = []
 
     async def restart(self, pod: bounce.Pod) -> None:
-        self.restarts.append(Restart(pod.key, self.clock.now(), await self.root_cert(pod.namespace)))
+        seen = await self.root_cert(pod.namespace)
+        self.restarts.append(Restart(pod.key, self.clock.now(), seen))
         await super().restart(pod)
 
 
@@ -60,14 +61,12 @@ class World:
     sim: simulation.SimulatedIstio
     pods: RecordingPods
     changed: dt.datetime = START  # when the new cacerts was written
-    sleeps: list[float] = dataclasses.field(default_factory=list)
 
     def monotonic(self) -> float:
         return (self.clock.now() - START).total_seconds()
 
     async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.clock.advance(seconds)
+        self.clock.advance(max(round(seconds, 6), 1e-6))  # time passes, as it does for real
         await self.sim.step()
 
     def bouncer(self, progress: Callable[[bounce.Event], None] | None = None,
@@ -84,9 +83,17 @@ class World:
         return await self.store.get_resource("ConfigMap", namespace, "istio-ca-root-cert")
 
     async def write_configmaps(self, pem: bytes) -> None:
-        for cm in await self.store.list_resources("ConfigMap"):
-            await self.store.update(dataclasses.replace(
-                cm, spec={"data": {"root-cert.pem": pem.decode()}}))
+        """Publish ``pem`` in every namespace with pods, as a hot-reloading istiod would."""
+        spec = {"data": {"root-cert.pem": pem.decode()}}
+        for namespace in ("istio-system", "istio-gateways", "bookinfo"):
+            try:
+                cm = await self.configmap(namespace)
+            except errors.NotFound:
+                await self.store.create(base.Resource(
+                    api_version="v1", kind="ConfigMap", namespace=namespace,
+                    name="istio-ca-root-cert", spec=spec))
+            else:
+                await self.store.update(dataclasses.replace(cm, spec=spec))
 
 
 async def write_cacerts(store: base.Store, pem: bytes) -> None:
@@ -111,7 +118,7 @@ def run(scenario: Callable[[World], Awaitable[T]], *, ready_after: float = 2.0,
                       pods=RecordingPods(store, clock))
         await write_cacerts(store, root("old"))
         await simulation.seed(store, workloads_per_namespace=workloads, clock=clock)
-        await world.sim.step()  # istiod publishes the old root everywhere
+        await world.write_configmaps(root("old"))  # what istiod published before the change
         world.changed = clock.advance(60)
         await write_cacerts(store, root("new"))
         try:
@@ -119,6 +126,11 @@ def run(scenario: Callable[[World], Awaitable[T]], *, ready_after: float = 2.0,
         finally:
             await store.close()
     return asyncio.run(main())
+
+
+def deployment(target: str) -> str:
+    """A pod key without its generated suffixes (``bookinfo/details-v1``); namespaces as is."""
+    return re.sub(rf"-{SUFFIX}{{10}}-{SUFFIX}{{5}}$", "", target)
 
 
 def mesh_pod(name: str, role: bounce.Role, namespace: str = "bookinfo",
@@ -167,8 +179,9 @@ class TestStorePods:
     def test_lists_mesh_pods_with_roles(self) -> None:
         """Pods come with their roles and labels; a pod outside the mesh is not listed."""
         async def scenario(w: World) -> None:
-            await w.store.create(base.Resource(api_version="v1", kind="Pod", namespace="kube-system",
-                                               name="coredns-1", labels={"k8s-app": "kube-dns"}))
+            await w.store.create(base.Resource(
+                api_version="v1", kind="Pod", namespace="kube-system", name="coredns-1",
+                labels={"k8s-app": "kube-dns"}))
             pods = await w.pods.list()
             assert sorted((p.role.value, p.namespace) for p in pods) == [
                 ("gateway", "istio-gateways"), ("gateway", "istio-gateways"),
@@ -270,8 +283,10 @@ class TestBouncer:
         async def scenario(w: World) -> bounce.BounceResult:
             return await w.bouncer(rate=100).bounce(root("new"))
         result = run(scenario)
-        roles = [p.split("/")[1].split("-")[0] for p in result.bounced]
-        assert roles == ["istiod", "istio", "istio", "details", "productpage", "reviews"]
+        assert [deployment(p) for p in result.bounced] == [
+            "istio-system/istiod", "istio-gateways/istio-eastwestgateway",
+            "istio-gateways/istio-ingressgateway", "bookinfo/details-v1",
+            "bookinfo/productpage-v1", "bookinfo/reviews-v1"]
         assert result.bounced == result.planned
         assert not result.dry_run and result.skipped == ()
 
@@ -279,8 +294,8 @@ class TestBouncer:
         """Gateways and workloads restart only once their namespace's ConfigMap has the new root."""
         async def scenario(w: World) -> bounce.BounceResult:
             result = await w.bouncer(rate=100, poll=0.5).bounce(root("new"))
-            seen = {r.pod.split("-")[0]: r.root_seen for r in w.pods.restarts}
-            assert seen["istio-system/istiod"] == root("old")  # istiod publishes, so goes first
+            assert deployment(w.pods.restarts[0].pod) == "istio-system/istiod"
+            assert w.pods.restarts[0].root_seen == root("old")  # istiod publishes, so goes first
             assert all(r.root_seen == root("new") for r in w.pods.restarts[1:])
             synced = (await w.configmap("istio-gateways")).updated
             istiod_ready = dt.datetime.fromisoformat((await w.pod("istiod")).status["startedAt"])
@@ -356,12 +371,14 @@ class TestBouncer:
         events: list[str] = []
 
         async def scenario(w: World) -> None:
-            await w.bouncer(lambda e: events.append(f"{e.action} {e.target.split('-')[0]}"),
+            await w.bouncer(lambda e: events.append(f"{e.action} {deployment(e.target)}"),
                             rate=100).bounce(root("new"))
         run(scenario, workloads=1)
         assert events == ["restarted istio-system/istiod", "ready istio-system/istiod",
-                          "synced istio", "restarted istio", "restarted istio",
-                          "synced bookinfo", "restarted bookinfo/productpage"]
+                          "synced istio-gateways",
+                          "restarted istio-gateways/istio-eastwestgateway",
+                          "restarted istio-gateways/istio-ingressgateway",
+                          "synced bookinfo", "restarted bookinfo/productpage-v1"]
 
     def test_pods_started_since_the_change_are_skipped(self) -> None:
         """Bouncing again after a full bounce restarts nothing and reports every pod skipped."""

@@ -16,7 +16,7 @@ from meshtrust.pki import bundle, csr, keys, verify
 from meshtrust.store import base
 from meshtrust.testing import FakeClock, MemoryStore
 
-START = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+START = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
 
 def policy(**config: Any) -> dict[str, Any]:

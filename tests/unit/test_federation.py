@@ -11,7 +11,7 @@ import pytest
 from meshtrust import errors, federation
 from meshtrust.pki import hierarchy, keys
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def _cacerts(clusters: tuple[str, ...]) -> dict[str, dict[str, bytes]]:

@@ -214,12 +214,12 @@ class RateLimiter:
         self._next: float | None = None
 
     async def acquire(self) -> None:
-        """Return when the next acquisition is allowed."""
+        """Take the next free slot and return when it comes; slots are 1/rate apart."""
         now = self._monotonic()
-        while self._next is not None and now < self._next:
-            await self._sleep(self._next - now)
-            now = self._monotonic()
-        self._next = now + self._interval
+        slot = now if self._next is None else max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await self._sleep(slot - now)
 
 
 def _fingerprints(pem: bytes, what: str) -> frozenset[str]:

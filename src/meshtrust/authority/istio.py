@@ -75,6 +75,12 @@ def work_id(resource: base.Resource) -> str:
     return f"{resource.name}/{resource.generation}/{resource.status.get('round', 0)}"
 
 
+def bundle_fingerprint(roots: bytes) -> str:
+    """One fingerprint for a set of roots, whatever their order in the PEM."""
+    prints = sorted(bundle.fingerprint(c) for c in bundle.load_certificates(roots, "roots"))
+    return hashlib.sha256(",".join(prints).encode()).hexdigest()
+
+
 def _iso(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat()
 
@@ -188,7 +194,7 @@ class IstioAuthority:
         wanted: set[str] = set()
         for resource, policy in await self.policies():
             try:
-                ca, _ = await self.signer(policy)
+                ca, roots = await self.signer(policy)
             except errors.MeshTrustError as exc:
                 await self._policy_status(resource, {"state": "FAILED", "message": str(exc)})
                 continue
@@ -198,7 +204,7 @@ class IstioAuthority:
                 "rootFingerprint": bundle.fingerprint(ca.root)})
             for cluster in selected:
                 wanted.add(issued_name(policy.name, cluster))
-                await self._ensure(policy, resource.generation, cluster, ca)
+                await self._ensure(policy, resource.generation, cluster, ca, roots)
         for item in await self._store.list_resources(ISSUED_KIND, namespace=self._ns):
             if item.name not in wanted:
                 try:
@@ -215,11 +221,12 @@ class IstioAuthority:
                 pass  # the next round sees the newer policy
 
     async def _ensure(self, policy: trust_policy.TrustPolicy, generation: int, cluster: str,
-                      ca: issuer.CA) -> None:
+                      ca: issuer.CA, roots: bytes) -> None:
         spec = {
             "policy": policy.name, "cluster": cluster, "policyGeneration": generation,
             "rootFingerprint": bundle.fingerprint(ca.root),
             "signerFingerprint": bundle.fingerprint(ca.certificate),
+            "bundleFingerprint": bundle_fingerprint(roots),
             "lifetimeSeconds": int(policy.intermediate.lifetime.total_seconds()),
             "keyType": policy.intermediate.key_type.value,
             "gracePeriodRatio": policy.intermediate.grace_ratio,

@@ -12,7 +12,7 @@ import yaml
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.authority import istio, registry
+from meshtrust.authority import istio, registry, root_rotation
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
 from meshtrust.store import open_store
@@ -39,6 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common.add_store_option(status, "the management store")
     status.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     status.set_defaults(handler=_status)
+
+    rotate = sub.add_parser("rotate", help="rotate a trust policy's root without loss of trust")
+    rotate.set_defaults(help_parser=rotate)
+    what = rotate.add_subparsers(dest="rotate_command", metavar="WHAT")
+    root = what.add_parser(
+        "root", help="rotate the Istio root of a policy",
+        description="Rotate the generated root of a trust policy in recorded steps that the "
+                    "server carries out: (1) every cluster trusts old and new root, (2) "
+                    "intermediates are re-issued under the new root, (3) the old root is "
+                    "dropped once no cluster runs an intermediate of it. Each step waits "
+                    "until every cluster confirms; a crash resumes where it stopped. "
+                    "--rollback returns to the old root, before step 3.")
+    root.add_argument("--policy", required=True, help="the RootTrustPolicy's name")
+    root.add_argument("--rollback", action="store_true",
+                      help="roll the rotation under way back to the old root")
+    root.add_argument("--wait", type=float, metavar="SECONDS",
+                      help="wait up to SECONDS for the rotation to finish, showing each step")
+    common.add_store_option(root, "the management store")
+    root.set_defaults(handler=_rotate)
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -108,3 +127,44 @@ def _status(args: argparse.Namespace, out: Output) -> int:
     out.table(["policy", "cluster", "state", "serial", "not after", "pods restarted",
                "message"], rows, styles=styles)
     return 0
+
+
+def _rotate(args: argparse.Namespace, out: Output) -> int:
+    async def go() -> str:
+        store = await open_store(common.store_url(args))
+        try:
+            clock = clock_module.SystemClock()
+            authority = istio.IstioAuthority(store, clock, registry.Registry(store, clock))
+            rotations = root_rotation.RootRotations(store, clock, authority)
+            if args.rollback:
+                resource = await rotations.rollback(args.policy)
+            else:
+                resource = await rotations.start(args.policy)
+            out.line(f"root rotation of policy {args.policy}: {resource.status['step']}")
+            if args.wait is None:
+                return str(resource.status["step"])
+            return await _follow(store, args.policy, args.wait, out)
+        finally:
+            await store.close()
+
+    step = asyncio.run(go())
+    if args.wait is not None and step not in (s.value for s in root_rotation.FINAL):
+        out.error(f"the rotation is still at {step}; see `meshtrust trust status` for the "
+                  "clusters that have not confirmed")
+        return 1
+    return 0
+
+
+async def _follow(store: Any, policy: str, seconds: float, out: Output) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    seen = ""
+    while True:
+        resource = await store.get_resource(root_rotation.ROTATION_KIND, "gloo-mesh", policy)
+        step = str(resource.status.get("step"))
+        if step != seen:
+            out.line(f"  step {step}")
+            seen = step
+        if step in (s.value for s in root_rotation.FINAL) or loop.time() >= deadline:
+            return step
+        await asyncio.sleep(0.5)

@@ -18,7 +18,7 @@ from pathlib import Path
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, settings
 from meshtrust.authority import registry as registry_module
-from meshtrust.authority import istio, relay, relay_pki, trust_policy
+from meshtrust.authority import istio, relay, relay_pki, root_rotation, trust_policy
 from meshtrust.pki import bundle
 from meshtrust.rpc import transport
 from meshtrust.server import authn, service
@@ -42,6 +42,7 @@ class Server:
             client_lifetime=config.client_lifetime, token_mode=config.token_mode))
         self.metrics = metrics.Metrics()
         self.istio = istio.IstioAuthority(store, self.clock, self.registry)
+        self.rotations = root_rotation.RootRotations(store, self.clock, self.istio)
         self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
                                                   heartbeat=config.heartbeat,
@@ -173,7 +174,8 @@ class Server:
                     changed.set()
 
         followers = [asyncio.create_task(follow(kind)) for kind in (
-            trust_policy.POLICY_KIND, registry_module.CLUSTER_KIND)]
+            trust_policy.POLICY_KIND, registry_module.CLUSTER_KIND, istio.ISSUED_KIND,
+            root_rotation.ROTATION_KIND)]
         try:
             while True:
                 try:
@@ -182,6 +184,7 @@ class Server:
                     pass
                 changed.clear()
                 try:
+                    await self.rotations.advance()
                     await self.istio.reconcile()
                     self.relay_service.kick()
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
