@@ -21,13 +21,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust import federation
 from meshtrust.agent import watcher
-from meshtrust.authority import enrollment, registry
+from meshtrust.authority import enrollment, istio, registry, root_rotation, trust_policy
 from meshtrust.pki import bundle, rotation, verify
-from meshtrust.store import open_store
+from meshtrust.store import base, open_store
+
+DEMO_POLICY = "mesh"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +41,8 @@ class Plan:
     client_lifetime: int = 20  # seconds
     grace_ratio: float = 0.5
     heartbeat: float = 2.0
+    istio_lifetime: int = 120  # seconds, of each cluster's Istio intermediate
+    rotate_root: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.clusters <= 50:
@@ -64,6 +70,13 @@ class ClusterView:
     renew_at: dt.datetime | None = None
     verified: bool = False
     serials: set[str] = dataclasses.field(default_factory=set)
+    istio_state: str = "-"
+    istio_serial: str | None = None
+    istio_serials: set[str] = dataclasses.field(default_factory=set)
+    pods_bounced: int = 0
+    handshakes: int = 0
+    handshake_failures: int = 0
+    last_handshake: str = "-"
 
     @property
     def bootstrapped(self) -> bool:
@@ -74,8 +87,13 @@ class ClusterView:
         return max(len(self.serials) - 1, 0)
 
     @property
-    def ok(self) -> bool:
+    def relay_ok(self) -> bool:
         return self.bootstrapped and self.ever_connected and self.rotations >= 1 and self.verified
+
+    @property
+    def ok(self) -> bool:
+        return (self.relay_ok and bool(self.istio_serials) and self.handshakes > 0
+                and self.handshake_failures == 0)
 
 
 def _free_port() -> int:
@@ -92,6 +110,7 @@ class Fleet:
         self.views = {name: ClusterView(name=name) for name in plan.names}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.relay = ""
+        self.rotation_step = "-"
 
     def _spawn(self, name: str, *args: str) -> None:
         log = (self.plan.workdir / f"{name}.log").open("ab")
@@ -109,7 +128,8 @@ class Fleet:
         self._spawn("server", "server", "--store", plan.store("mgmt"),
                     "--listen", self.relay, "--bootstrap-listen", f"127.0.0.1:{boot}",
                     "--client-lifetime", f"{plan.client_lifetime}s",
-                    "--heartbeat", f"{plan.heartbeat}s", "--ready-file", str(ready))
+                    "--heartbeat", f"{plan.heartbeat}s", "--reconcile-interval", "1s",
+                    "--ready-file", str(ready))
         deadline = time.monotonic() + 30
         while not ready.exists():
             if self._procs["server"].poll() is not None or time.monotonic() > deadline:
@@ -134,7 +154,28 @@ class Fleet:
             self._spawn(name, "agent", "--cluster", name, "--server", self.relay,
                         "--bootstrap-server", f"127.0.0.1:{ports['bootstrap']}",
                         "--store", plan.store(name), "--grace-ratio", str(plan.grace_ratio),
-                        "--status-interval", "2", "--lease-ttl", "6")
+                        "--status-interval", "2", "--lease-ttl", "6", "--simulate-pods")
+        mgmt = await open_store(plan.store("mgmt"))
+        try:
+            await self._authority(mgmt).apply(self.policy())
+        finally:
+            await mgmt.close()
+
+    def policy(self) -> dict[str, Any]:
+        """The demo's RootTrustPolicy: every cluster, pods restarted, short-lived CAs."""
+        return {"apiVersion": trust_policy.POLICY_API, "kind": trust_policy.POLICY_KIND,
+                "metadata": {"name": DEMO_POLICY, "namespace": settings.RELAY_NAMESPACE},
+                "spec": {"config": {
+                    "autoRestartPods": True,
+                    "mgmtServerCa": {"generated": {"keyType": "ecdsa-p256"}},
+                    "intermediateCertOptions": {
+                        "keyType": "ecdsa-p256", "ttl": f"{self.plan.istio_lifetime}s",
+                        "secretRotationGracePeriodRatio": 0.5}}}}
+
+    @staticmethod
+    def _authority(store: base.Store) -> istio.IstioAuthority:
+        clock = clock_module.SystemClock()
+        return istio.IstioAuthority(store, clock, registry.Registry(store, clock))
 
     async def observe(self) -> dict[str, ClusterView]:
         """Refresh every view from the management store and the clusters' stores."""
@@ -144,15 +185,30 @@ class Fleet:
         try:
             clusters = {c.name: c for c in await registry.Registry(
                 mgmt, clock_module.SystemClock()).list()}
+            issued = {r.spec.get("cluster"): r.status
+                      for r in await mgmt.list_resources(istio.ISSUED_KIND)}
+            await self._rotate(mgmt, issued)
         finally:
             await mgmt.close()
+        cacerts: dict[str, dict[str, bytes]] = {}
         for name, view in self.views.items():
             record = clusters.get(name)
             view.connected = bool(record and record.connected)
             view.ever_connected |= view.connected
+            status = issued.get(name, {})
+            view.istio_state = str(status.get("state", "-"))
+            view.pods_bounced = len(status.get("bouncedPods", []))
             store = await open_store(self.plan.store(name))
             try:
                 held = await watcher.read_identity(store, names)
+                try:
+                    secret = await store.get_secret(names.istio_namespace, names.istio_ca)
+                    cacerts[name] = dict(secret.data)
+                    ca_cert = bundle.load_certificate(secret.data["ca-cert.pem"])
+                    view.istio_serial = f"{ca_cert.serial_number:x}"
+                    view.istio_serials.add(view.istio_serial)
+                except (errors.NotFound, KeyError):
+                    pass
             finally:
                 await store.close()
             if held is None:
@@ -169,7 +225,54 @@ class Fleet:
                 view.verified = True
             except errors.ChainError:
                 view.verified = False
+        await self._handshakes(cacerts, now)
         return self.views
+
+    async def _handshakes(self, cacerts: dict[str, dict[str, bytes]], now: dt.datetime) -> None:
+        """Workloads of cluster-1 and each other cluster complete mTLS through the shared root."""
+        first, *others = self.plan.names
+        if not others or any(n not in cacerts for n in self.plan.names):
+            return
+        for other in others:
+            client = federation.workload(first, cacerts[first], now, service_account="sleep")
+            server = federation.workload(other, cacerts[other], now, service_account="httpbin")
+            pair = (self.views[first], self.views[other])
+            for view in pair:
+                view.handshakes += 1
+            try:
+                await federation.handshake(client, server)
+            except errors.ChainError:
+                for view in pair:
+                    view.handshake_failures += 1
+                    view.last_handshake = "FAILED"
+                continue
+            pair[0].last_handshake = f"ok with {other}"
+            pair[1].last_handshake = f"ok with {first}"
+
+    async def _rotate(self, mgmt: base.Store, issued: dict[Any, dict[str, Any]]) -> None:
+        """With --rotate-root, start the rotation once every cluster runs its first CA."""
+        if not self.plan.rotate_root:
+            return
+        try:
+            rotation = await mgmt.get_resource(root_rotation.ROTATION_KIND,
+                                               settings.RELAY_NAMESPACE, DEMO_POLICY)
+            self.rotation_step = str(rotation.status.get("step", "-"))
+            return
+        except errors.NotFound:
+            pass
+        done = [issued.get(n, {}).get("state") == "FINISHED" for n in self.plan.names]
+        if all(done) and all(v.handshakes for v in self.views.values()):
+            authority = self._authority(mgmt)
+            await root_rotation.RootRotations(mgmt, clock_module.SystemClock(),
+                                              authority).start(DEMO_POLICY)
+            self.rotation_step = root_rotation.Step.ADDING_ROOT.value
+
+    @property
+    def ok(self) -> bool:
+        fleet_ok = all(v.ok for v in self.views.values())
+        if self.plan.rotate_root:
+            return fleet_ok and self.rotation_step == root_rotation.Step.DONE.value
+        return fleet_ok
 
     def alive(self) -> dict[str, bool]:
         return {name: proc.poll() is None for name, proc in self._procs.items()}
