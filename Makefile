@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 
 demo: setup
 	rm -rf demo-out
-	$(BIN)/meshtrust demo --clusters 3 --duration 45 --workdir demo-out
+	$(BIN)/meshtrust demo --clusters 3 --duration 45 --rotate-root --workdir demo-out
 
 test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
