@@ -107,6 +107,17 @@ class TestBootstrap:
         run(scenario)
 
 
+    def test_a_refused_csr_does_not_spend_the_token(self) -> None:
+        """A CSR the profile refuses leaves a single-use token usable for another key."""
+        async def scenario(w: World) -> None:
+            token = await w.registry.create_token("c1")
+            with pytest.raises(errors.ProfileViolation, match="not the cluster name"):
+                await w.authority.bootstrap("c1", token, request("c2"))
+            issued = await w.authority.bootstrap("c1", token, request("c1"))
+            assert identity.subject_alt_names(issued.certificate) == [x509.DNSName("c1")]
+        run(scenario)
+
+
 class TestTokenModes:
     def test_any_mode_accepts_the_shared_and_per_cluster_tokens(self) -> None:
         """In ``any`` mode the shared token works (repeatedly) and so does a cluster token."""

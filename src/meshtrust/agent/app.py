@@ -8,6 +8,7 @@ and rotates, every replica holds a relay connection and reports its status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -228,6 +229,10 @@ class Agent:
                 return bytes(ack.certificate_chain), bytes(ack.root_bundle)
 
             outcome = await self.istio.handle(request, sign, self._bounce)
+            if outcome.ok and request.auto_restart_pods and self.config.bounce_dry_run:
+                outcome = dataclasses.replace(outcome, pods=(), restart_needed=True, message=(
+                    "--bounce-dry-run: no pod was restarted; restart istiod, then the "
+                    "gateways and workloads, to use the new CA"))
             await self.client.complete_work(messages.WorkResult(
                 id=item.id, stage="finished" if outcome.ok else "failed",
                 error=outcome.message, pods_bounced=list(outcome.pods),

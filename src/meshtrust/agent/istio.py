@@ -72,6 +72,17 @@ class IstioCA:
         if pending is not None and pending.annotations.get(WORK_ANNOTATION) == request.id:
             pem = pending.data["ca-key.pem"]
             return keys.load_private_key(pem), pem
+        if pending is None:
+            # cacerts may already hold this work item's key, if its outcome never arrived.
+            try:
+                written = await self._store.get_secret(ns, self._names.istio_ca)
+            except errors.NotFound:
+                written = None
+            if (written is not None and written.labels.get(MANAGED_LABEL) == "meshtrust"
+                    and written.annotations.get(WORK_ANNOTATION) == request.id):
+                held = written.data.get("ca-key.pem") or written.data.get("tls.key")
+                if held:
+                    return keys.load_private_key(held), held
         key = keys.generate_key(request.key_type)
         pem = keys.dump_private_key(key)
         secret = base.Secret(namespace=ns, name=self._pending, labels=MANAGED,

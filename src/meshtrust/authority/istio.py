@@ -278,12 +278,16 @@ class IstioAuthority:
     # -- the relay side ---------------------------------------------------------------------
 
     async def work_for(self, cluster: str) -> list[Work]:
-        """The intermediates ``cluster`` must make keys for; each is marked REQUESTED."""
+        """The intermediates ``cluster`` must make keys for; each is marked REQUESTED.
+
+        An ISSUED item is sent again too: until the agent's outcome arrives (it may
+        have been lost with a server that died) the work is not done.
+        """
         found = []
         for listed in await self._store.list_resources(ISSUED_KIND, namespace=self._ns,
                                                        labels={"cluster": cluster}):
             state = listed.status.get("state")
-            if state not in (State.PENDING.value, State.REQUESTED.value):
+            if state not in (State.PENDING.value, State.REQUESTED.value, State.ISSUED.value):
                 continue
             item = listed
             if state == State.PENDING.value:

@@ -77,6 +77,8 @@ class RelayAuthority:
         registry_module.check_cluster_name(cluster)
         request = csr.load_csr(csr_pem)
         await self.registry.get(cluster)
+        # Refuse a bad CSR before the token is spent on it.
+        issuer.check(request, profiles.RELAY_CLIENT, issuer.Subject(cluster=cluster))
         await self._check_token(cluster, token, request)
         return await self._issue(cluster, request)
 

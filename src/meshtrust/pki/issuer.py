@@ -172,6 +172,11 @@ def new_intermediate(
     return CA(certificate=certificate, key=key, chain=issuer.path)
 
 
+def check(request: csr_mod.Request, profile: Profile, subject: Subject) -> None:
+    """Raise ProfileViolation if ``profile`` would refuse ``request`` (what ``issue`` checks)."""
+    _check_request(request, profile, subject)
+
+
 def _check_request(request: csr_mod.Request, profile: Profile, subject: Subject) -> None:
     if not profile.is_ca:
         if request.requested_ca():

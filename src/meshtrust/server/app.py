@@ -59,6 +59,9 @@ class Server:
             server_lifetime=self.config.server_lifetime))
         for name in made:
             log.info("generated %s/%s", self.names.relay_namespace, name)
+        for cluster in await self.registry.list():
+            if cluster.connected:  # left over from a previous run that ended abruptly
+                await self.registry.update_status(cluster.name, connected=False)
         for kind, name in (("relay-root", self.names.relay_root),
                            ("relay-signing", self.names.relay_signing)):
             secret = await self.store.get_secret(self.names.relay_namespace, name)

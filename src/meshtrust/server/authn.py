@@ -12,6 +12,8 @@ from meshtrust import errors
 class FailureLimiter:
     """Allows ``limit`` refusals per ``window`` seconds from one peer, then refuses it."""
 
+    MAX_PEERS = 10_000  # past this many remembered peers, forget the ones whose window passed
+
     def __init__(self, *, limit: int = 5, window: float = 60.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         if limit < 1 or window <= 0:
@@ -42,4 +44,7 @@ class FailureLimiter:
                 "and check the identity token", retry_after=max(retry_after, 0.1))
 
     def failed(self, peer: str) -> None:
+        if len(self._failures) >= self.MAX_PEERS:
+            for stale in list(self._failures):
+                self._recent(stale)  # drops peers whose refusals are all older than the window
         self._failures.setdefault(peer, collections.deque()).append(self._now())

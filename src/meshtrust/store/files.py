@@ -151,7 +151,12 @@ class DirectoryStore(backend.Backend):
             try:
                 version = os.readlink(os.path.join(folder, DATA))
             except FileNotFoundError:
-                return self._read_plain(folder, namespace, name) if os.path.isdir(folder) else None
+                if not os.path.isdir(folder):
+                    return None
+                plain = self._read_plain(folder, namespace, name)
+                # No files yet: an empty folder, or one whose first version a writer is still
+                # building (its ..data link comes last). Neither is a secret yet.
+                return plain if plain.data else None
             try:
                 secret = self._read_version(folder, version, namespace, name)
                 if os.readlink(os.path.join(folder, DATA)) == version:
