@@ -1,6 +1,7 @@
 """The public Store operations, written once on top of three primitives per backend.
 
-A backend provides ``_get`` (one object by key, or ``errors.NotFound``),
+A backend provides a change ``_feed`` for watches, ``_get`` (one object by
+key, or ``errors.NotFound``),
 ``_list`` (objects of a kind, filtered) and ``_submit`` (apply one checked
 write and return its event); ``Backend`` turns them into the ``Store``
 protocol's typed reads and writes.
@@ -9,12 +10,23 @@ protocol's typed reads and writes.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
-from meshtrust.store import base, change
+from meshtrust.store import base, change, feed
 
 
 class Backend(abc.ABC):
+    _feed: feed.Feed
+
+    @abc.abstractmethod
+    def _check_open(self) -> None:
+        """Raise ``errors.StoreUnavailable`` if the store was closed."""
+
+    def watch(self, kind: str, *, namespace: str | None = None,
+              since: int | None = None) -> AsyncIterator[base.WatchEvent]:
+        self._check_open()
+        return self._feed.watch(kind, namespace, since)
+
     @abc.abstractmethod
     async def _get(self, key: change.Key) -> base.Object:
         """The object at ``key``; raise ``errors.NotFound`` if there is none."""

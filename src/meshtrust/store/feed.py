@@ -73,6 +73,9 @@ class Feed:
                 position = examined
                 continue
             try:
-                await asyncio.wait_for(wakeup.wait(), self._interval)
+                # Not wait_for: on Python 3.11 it loses a cancellation that arrives as the
+                # event is set, and the watch (and whoever awaits its end) never stops.
+                async with asyncio.timeout(self._interval):
+                    await wakeup.wait()
             except TimeoutError:
                 pass

@@ -33,7 +33,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -94,11 +94,6 @@ class DirectoryStore(backend.Backend):
 
     async def revision(self) -> int:
         return await self._run(self._reads, self._journal.head)
-
-    def watch(self, kind: str, *, namespace: str | None = None,
-              since: int | None = None) -> AsyncIterator[base.WatchEvent]:
-        self._check_open()
-        return self._feed.watch(kind, namespace, since)
 
     async def close(self) -> None:
         if self._closed:

@@ -143,11 +143,6 @@ class PostgresStore(backend.Backend):
             " (SELECT value FROM meshtrust_meta WHERE key = 'compacted'))", ())
         return int(rows[0][0])
 
-    def watch(self, kind: str, *, namespace: str | None = None,
-              since: int | None = None) -> AsyncIterator[base.WatchEvent]:
-        self._check_open()
-        return self._feed.watch(kind, namespace, since)
-
     async def close(self) -> None:
         if self._closed:
             return

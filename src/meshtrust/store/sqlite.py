@@ -24,7 +24,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from meshtrust import clock as clock_module
@@ -177,11 +177,6 @@ class SqliteStore(backend.Backend):
 
     async def revision(self) -> int:
         return await self._head()
-
-    def watch(self, kind: str, *, namespace: str | None = None,
-              since: int | None = None) -> AsyncIterator[base.WatchEvent]:
-        self._check_open()
-        return self._feed.watch(kind, namespace, since)
 
     async def close(self) -> None:
         if self._closed:
