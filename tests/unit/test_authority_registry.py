@@ -63,7 +63,7 @@ class TestClusters:
 
     @pytest.mark.parametrize("name", ["c9", "C1", "not a name", ""])
     def test_unregistered_cluster_is_unknown(self, name: str) -> None:
-        """Asking for an unregistered (or impossible) name raises UnknownCluster with the fix."""
+        """An unregistered (or impossible) name raises UnknownCluster saying how to register."""
         async def scenario(w: World) -> None:
             with pytest.raises(errors.UnknownCluster,
                                match=f"'{name}' is not registered; register it with `meshtrust "

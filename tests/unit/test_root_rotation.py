@@ -13,7 +13,7 @@ from meshtrust.authority import istio, registry, root_rotation
 from meshtrust.pki import bundle, csr, keys
 from meshtrust.testing import FakeClock, MemoryStore
 
-START = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+START = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 POLICY = {"apiVersion": "admin.gloo.solo.io/v2", "kind": "RootTrustPolicy",
           "metadata": {"name": "mesh", "namespace": "gloo-mesh"},
           "spec": {"config": {"mgmtServerCa": {"generated": {"keyType": "ecdsa-p256"}},

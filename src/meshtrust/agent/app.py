@@ -278,7 +278,8 @@ class Agent:
         while True:
             if not self.connected.is_set():
                 try:
-                    await asyncio.wait_for(self.connected.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self.connected.wait()
                 except TimeoutError:
                     pass
                 continue

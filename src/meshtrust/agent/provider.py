@@ -66,7 +66,8 @@ class Provider:
             await asyncio.sleep(0)  # always yield, so a caller's loop cannot starve the others
             return self._current
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can lose a cancellation
+                await self._changed.wait()
         except TimeoutError:
             pass
         return self._current

@@ -182,7 +182,9 @@ class Server:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(changed.wait(), self.config.reconcile_interval)
+                    # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
+                    async with asyncio.timeout(self.config.reconcile_interval):
+                        await changed.wait()
                 except TimeoutError:
                     pass
                 changed.clear()

@@ -144,7 +144,9 @@ class RelayService(transport.services.RelayServicer):
                 yield messages.WorkItem(heartbeat=messages.Heartbeat(
                     server_time_unix=int(self._clock.now().timestamp())))
                 try:
-                    await asyncio.wait_for(stream.wake.wait(), timeout=self._heartbeat)
+                    # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
+                    async with asyncio.timeout(self._heartbeat):
+                        await stream.wake.wait()
                 except TimeoutError:
                     pass
                 stream.wake.clear()
