@@ -60,6 +60,7 @@ _LAYOUT: dict[Step, tuple[str, tuple[str, ...]]] = {
 _NEXT = {Step.ADDING_ROOT: Step.REISSUING, Step.REISSUING: Step.DROPPING_OLD,
          Step.DROPPING_OLD: Step.DONE, Step.ROLLING_BACK: Step.ROLLED_BACK}
 FINAL = (Step.DONE, Step.ROLLED_BACK)
+_CAS_ATTEMPTS = 5
 
 
 def _iso(value: dt.datetime) -> str:
@@ -163,7 +164,19 @@ class RootRotations:
                    and i.status.get("state") == istio.State.FINISHED.value for i in items)
 
     async def _apply(self, policy: trust_policy.TrustPolicy, step: Step) -> None:
-        """Make ``root-trust.<policy>`` say what ``step`` signs with and trusts."""
+        """Make ``root-trust.<policy>`` say what ``step`` signs with and trusts.
+
+        The server and a ``meshtrust rotate`` command may both write it at once:
+        on a Conflict it is read again and the layout worked out anew.
+        """
+        for _ in range(_CAS_ATTEMPTS - 1):
+            try:
+                return await self._apply_once(policy, step)
+            except errors.Conflict:
+                continue
+        await self._apply_once(policy, step)
+
+    async def _apply_once(self, policy: trust_policy.TrustPolicy, step: Step) -> None:
         secret = await self._istio.root_secret(policy)
         data = dict(secret.data)
         if "old-root-cert.pem" not in data or "new-root-cert.pem" not in data:
