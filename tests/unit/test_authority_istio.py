@@ -126,6 +126,36 @@ class TestIssuance:
             assert (await state(store, "mesh.cluster-2"))["state"] == "PENDING"
         run(scenario)
 
+    def test_failed_work_is_retried_with_backoff(self) -> None:
+        """A FAILED cluster returns to PENDING after 10 s, then after 20 s, then succeeds."""
+        async def scenario(auth: istio.IstioAuthority, store: MemoryStore,
+                           clock: FakeClock) -> None:
+            await auth.apply(policy())
+            await auth.reconcile()
+            [work] = await auth.work_for("cluster-1")
+            await auth.report("cluster-1", work.id, ok=False, message="cacerts left alone")
+            clock.advance(9)
+            await auth.reconcile()
+            assert (await state(store, "mesh.cluster-1"))["state"] == "FAILED"
+            clock.advance(2)
+            await auth.reconcile()
+            status = await state(store, "mesh.cluster-1")
+            assert status["state"] == "PENDING" and status["round"] == 2
+            assert "cacerts left alone" in status["message"]
+            [again] = await auth.work_for("cluster-1")
+            await auth.report("cluster-1", again.id, ok=False, message="still there")
+            clock.advance(15)
+            await auth.reconcile()
+            assert (await state(store, "mesh.cluster-1"))["state"] == "FAILED"
+            clock.advance(6)
+            await auth.reconcile()
+            [third] = await auth.work_for("cluster-1")
+            await auth.sign("cluster-1", third.id, request()[1])
+            await auth.report("cluster-1", third.id, ok=True)
+            status = await state(store, "mesh.cluster-1")
+            assert status["state"] == "FINISHED" and status["failures"] == 0
+        run(scenario)
+
     def test_another_clusters_work_is_refused(self) -> None:
         """A cluster cannot answer another cluster's work item."""
         async def scenario(auth: istio.IstioAuthority, store: MemoryStore,

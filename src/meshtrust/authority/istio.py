@@ -36,6 +36,8 @@ ISSUED_API = "meshtrust.io/v1"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshtrust"}
 TRUST_BUNDLE_KEY = "trust-bundle.pem"  # every root clusters must trust, during a rotation
 _CAS_ATTEMPTS = 5
+RETRY_FIRST = 10.0  # seconds before a FAILED intermediate is tried again; doubles each time
+RETRY_MAX = 300.0
 
 
 class State(enum.Enum):
@@ -257,9 +259,25 @@ class IstioAuthority:
                     await self._set_state(current, State.PENDING,
                                           round_=int(current.status.get("round", 0)) + 1,
                                           message="renewal due")
+                elif self._retry_due(current):
+                    failures = int(current.status.get("failures", 0)) + 1
+                    await self._set_state(current, State.PENDING,
+                                          round_=int(current.status.get("round", 0)) + 1,
+                                          message=f"retry {failures}: "
+                                                  f"{current.status.get('message')}",
+                                          failures=failures)
                 return
             except errors.Conflict:
                 continue
+
+    def _retry_due(self, resource: base.Resource) -> bool:
+        """A FAILED intermediate is tried again, backing off from 10 s to 5 minutes."""
+        if resource.status.get("state") != State.FAILED.value:
+            return False
+        failed_at = _time(resource.status.get("updated"))
+        failures = int(resource.status.get("failures", 0))
+        backoff = dt.timedelta(seconds=min(RETRY_FIRST * 2 ** failures, RETRY_MAX))
+        return failed_at is None or self._clock.now() >= failed_at + backoff
 
     def _renewal_due(self, resource: base.Resource) -> bool:
         if resource.status.get("state") not in (State.ISSUED.value, State.FINISHED.value):
@@ -348,5 +366,6 @@ class IstioAuthority:
         resource = await self._current(cluster, id_)
         await self._set_state(resource, State.FINISHED if ok else State.FAILED,
                               message=message, bouncedPods=pods or [],
+                              **({"failures": 0} if ok else {}),
                               restartNeeded=restart_needed)
 
