@@ -1,4 +1,4 @@
-"""The agent's Istio CA: key kept before the CSR leaves, cacerts in both forms, foreign ones kept."""
+"""The agent's Istio CA: the key is kept before the CSR leaves; cacerts in both forms."""
 
 from __future__ import annotations
 
