@@ -22,15 +22,20 @@ What it measures, for each relay CA key type (RSA 2048 and ECDSA P-256):
   the same concurrency, from the same kind of Python load generator
   (asyncio, HTTP/1.1 keep-alive connections, one per cluster).
 
-Run it from the repository root (the default run takes under two minutes):
+Run it from the repository root (the default run takes about 1.5 minutes on
+a quiet machine):
 
     .venv/bin/python bench/relay.py
     .venv/bin/python bench/relay.py --seconds 10 --concurrency 64 --ca both
     .venv/bin/python bench/relay.py --ca rsa-2048 --json
-    .venv/bin/python bench/relay.py --profile   # also sample the server with py-spy
+    .venv/bin/python bench/relay.py --servers 2   # two server processes, one port
+    .venv/bin/python bench/relay.py --profile     # also sample the server with py-spy
 
 The cfssl column needs ``cfssl`` on PATH (Debian: ``apt-get install -y
-golang-cfssl``); without it the column is skipped with a note.
+golang-cfssl``); without it the column is skipped with a note. ``--profile``
+needs py-spy (``.venv/bin/pip install py-spy``). Before each measured run the
+script waits up to ``--quiet-wait`` seconds for other processes to leave the
+CPUs, and it reports how many cores they kept busy during each window.
 """
 
 from __future__ import annotations
@@ -187,12 +192,20 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open while choosing)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    held = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            held.append(sock)
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 class ServerProcess:
@@ -238,7 +251,7 @@ class ServerProcess:
         if self.count == 1:
             self.ports = self._wait(self._spawn(0, f"{HOST}:0", f"{HOST}:0"))
             return self.ports
-        listen, bootstrap = f"{HOST}:{_free_port()}", f"{HOST}:{_free_port()}"
+        listen, bootstrap = (f"{HOST}:{port}" for port in _free_ports(2))
         for index in range(self.count):
             self.ports = self._wait(self._spawn(index, listen, bootstrap))
         return self.ports
@@ -571,9 +584,7 @@ class CfsslProcess:
                  "config.json": json.dumps(CFSSL_CONFIG).encode()}
         for name, data in files.items():
             (d / name).write_bytes(data)
-        with __import__("socket").socket() as s:
-            s.bind((HOST, 0))
-            self.port = int(s.getsockname()[1])
+        self.port = _free_ports(1)[0]
         self.log = d / "cfssl.log"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -625,11 +636,11 @@ PROFILE_RATE = 100  # samples per second
 # is somewhere in the stack (py-spy's frames "function (file:line)").
 PROFILE_GROUPS = [
     ("CSR parse + signature check (csr.load_csr)", ["load_csr ("]),
+    ("peer certificate parse (authorize)", ["load_certificate (", "cluster_of ("]),
     ("signing (CertificateBuilder.sign)", ["CertificateBuilder.sign ("]),
     ("certificate build, PEM, reply (issuer, bundle)",
      ["issue (meshtrust/pki/issuer.py", "bundle.py", "_response (", "_issued (",
       "Issued.serial"]),
-    ("peer certificate parse (authorize)", ["load_certificate (", "cluster_of ("]),
     ("logging", ["Logger."]),
     ("store watch feed (server follows registry/secrets)",
      ["Feed.", "_follow_registry", "_follow_server_secret", "_read_changes"]),
