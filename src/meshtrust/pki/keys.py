@@ -139,11 +139,6 @@ def load_private_key(data: bytes, passphrase: bytes | None = None) -> PrivateKey
     return key
 
 
-def dump_public_key(key: PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def public_key_der(key: PublicKey | PrivateKey) -> bytes:
     """The SubjectPublicKeyInfo DER of a key, for comparing keys."""
     public = key.public_key() if isinstance(key, (rsa.RSAPrivateKey,

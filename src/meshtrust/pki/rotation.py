@@ -49,7 +49,3 @@ def renewal_time(
     spread = (rng or random.Random()).random() * jitter if jitter else 0.0
     return max(not_before, not_after - grace * (1.0 + spread))
 
-
-def is_due(certificate: x509.Certificate, grace_ratio: float, now: dt.datetime) -> bool:
-    """True once ``now`` has reached the renewal time (without jitter)."""
-    return now >= renew_at(certificate, grace_ratio)
