@@ -28,5 +28,16 @@ $(STAMP): pyproject.toml
 system-deps:
 	scripts/system-deps
 
+# Not part of the two README commands: the checks the tests also run, and the benchmarks.
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
+	$(BIN)/lint-imports
+
+bench: setup
+	$(BIN)/python bench/issue.py
+	$(BIN)/python bench/store.py
+	$(BIN)/python bench/relay.py
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
