@@ -7,13 +7,12 @@ provider gets the new certificate. The relay root comes from the secret's
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from meshtrust import errors, settings
 from meshtrust.agent.provider import ClientIdentity, Provider
 from meshtrust.pki import bundle, keys
-from meshtrust.store import base
+from meshtrust.store import base, follow
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +68,10 @@ class Watcher:
     async def run(self) -> None:
         names = self._names
         watched = {names.relay_client, names.relay_root}
-        since = await self._store.revision()
-        await self.refresh()
-        while True:
-            try:
-                async for event in self._store.watch(base.SECRET_KIND,
-                                                     namespace=names.relay_namespace,
-                                                     since=since):
-                    since = event.resource_version
-                    if event.object.name in watched:
-                        await self.refresh()
-            except errors.Conflict:
-                since = await self._store.revision()
+
+        async def changed(event: base.WatchEvent) -> None:
+            if event.object.name in watched:
                 await self.refresh()
-            except Exception:
-                log.exception("watching %s failed; retrying", names.relay_client)
-                await asyncio.sleep(1)
+
+        await follow.follow(self._store, base.SECRET_KIND, changed,
+                            namespace=names.relay_namespace, resync=self.refresh)

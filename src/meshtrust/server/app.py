@@ -23,7 +23,7 @@ from meshtrust.pki import bundle
 from meshtrust.rpc import transport
 from meshtrust.server import authn, service
 from meshtrust.server.config import ServerConfig
-from meshtrust.store import base, open_store
+from meshtrust.store import base, follow, open_store
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +110,14 @@ class Server:
 
     async def _follow_server_secret(self) -> None:
         """Put every new relay-server-tls-secret into the listeners' credentials."""
-        assert self._credentials is not None
-        since = await self.store.revision()
-        await self._reload()
-        while True:
-            try:
-                async for event in self.store.watch(base.SECRET_KIND,
-                                                    namespace=self.names.relay_namespace,
-                                                    since=since):
-                    since = event.resource_version
-                    if event.object.name in (self.names.relay_server, self.names.relay_root):
-                        await self._reload()
-            except errors.Conflict:
-                since = await self.store.revision()
+        watched = (self.names.relay_server, self.names.relay_root)
+
+        async def changed(event: base.WatchEvent) -> None:
+            if event.object.name in watched:
                 await self._reload()
-            except Exception:
-                log.exception("following the server certificate failed; retrying")
-                await asyncio.sleep(1)
+
+        await follow.follow(self.store, base.SECRET_KIND, changed,
+                            namespace=self.names.relay_namespace, resync=self._reload)
 
     async def _reload(self) -> None:
         assert self._credentials is not None
@@ -141,20 +132,12 @@ class Server:
 
     async def _follow_registry(self) -> None:
         """End the open streams of clusters that are deregistered."""
-        since = await self.store.revision()
-        while True:
-            try:
-                async for event in self.store.watch(registry_module.CLUSTER_KIND, since=since):
-                    since = event.resource_version
-                    if event.type is base.EventType.DELETED:
-                        log.info("cluster %s deregistered; closing its streams",
-                                 event.object.name)
-                        self.relay_service.drop(event.object.name)
-            except errors.Conflict:
-                since = await self.store.revision()
-            except Exception:
-                log.exception("following the cluster registry failed; retrying")
-                await asyncio.sleep(1)
+        async def changed(event: base.WatchEvent) -> None:
+            if event.type is base.EventType.DELETED:
+                log.info("cluster %s deregistered; closing its streams", event.object.name)
+                self.relay_service.drop(event.object.name)
+
+        await follow.follow(self.store, registry_module.CLUSTER_KIND, changed)
 
     async def _reconcile_trust(self) -> None:
         """Keep every cluster's Istio intermediate in line with the trust policies.
@@ -165,18 +148,11 @@ class Server:
         changed = asyncio.Event()
         changed.set()
 
-        async def follow(kind: str) -> None:
-            since = await self.store.revision()
-            while True:
-                try:
-                    async for _event in self.store.watch(kind, since=since):
-                        since = _event.resource_version
-                        changed.set()
-                except errors.Conflict:
-                    since = await self.store.revision()
-                    changed.set()
+        async def wake(_event: base.WatchEvent | None = None) -> None:
+            changed.set()
 
-        followers = [asyncio.create_task(follow(kind)) for kind in (
+        followers = [asyncio.create_task(follow.follow(self.store, kind, wake, resync=wake))
+                     for kind in (
             trust_policy.POLICY_KIND, registry_module.CLUSTER_KIND, istio.ISSUED_KIND,
             root_rotation.ROTATION_KIND)]
         try:
