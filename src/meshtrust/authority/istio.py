@@ -27,7 +27,7 @@ from meshtrust import errors, settings
 from meshtrust.authority import registry as registry_module
 from meshtrust.authority import trust_policy
 from meshtrust.pki import bundle, csr, issuer, keys, profiles, rotation
-from meshtrust.store import base
+from meshtrust.store import base, manifest
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,8 @@ def bundle_fingerprint(roots: bytes) -> str:
     return hashlib.sha256(",".join(prints).encode()).hexdigest()
 
 
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat()
 
 
-def _time(value: Any) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
 
 
 class IstioAuthority:
@@ -274,7 +267,7 @@ class IstioAuthority:
         """A FAILED intermediate is tried again, backing off from 10 s to 5 minutes."""
         if resource.status.get("state") != State.FAILED.value:
             return False
-        failed_at = _time(resource.status.get("updated"))
+        failed_at = manifest.read_time(resource.status.get("updated"))
         failures = int(resource.status.get("failures", 0))
         backoff = dt.timedelta(seconds=min(RETRY_FIRST * 2 ** failures, RETRY_MAX))
         return failed_at is None or self._clock.now() >= failed_at + backoff
@@ -282,13 +275,13 @@ class IstioAuthority:
     def _renewal_due(self, resource: base.Resource) -> bool:
         if resource.status.get("state") not in (State.ISSUED.value, State.FINISHED.value):
             return False
-        renew_at = _time(resource.status.get("renewAt"))
+        renew_at = manifest.read_time(resource.status.get("renewAt"))
         return renew_at is not None and self._clock.now() >= renew_at
 
     async def _set_state(self, resource: base.Resource, state: State, *,
                          round_: int | None = None, **extra: Any) -> base.Resource:
         status = {**resource.status, "state": state.value, "message": "",
-                  "updated": _iso(self._clock.now()), **extra}
+                  "updated": manifest.dump_time(self._clock.now()), **extra}
         if round_ is not None:
             status["round"] = round_
         return await self._store.update_status(dataclasses.replace(resource, status=status))
@@ -352,8 +345,9 @@ class IstioAuthority:
                            organization=spec["organization"]))
         renew_at = rotation.renew_at(certificate, float(spec["gracePeriodRatio"]))
         await self._set_state(resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
-                              notAfter=_iso(certificate.not_valid_after_utc),
-                              renewAt=_iso(renew_at), issuedAt=_iso(now),
+                              notAfter=manifest.dump_time(certificate.not_valid_after_utc),
+                              renewAt=manifest.dump_time(renew_at),
+                              issuedAt=manifest.dump_time(now),
                               keySha256=hashlib.sha256(
                                   keys.public_key_der(request.public_key)).hexdigest())
         return Signed(certificate=certificate,

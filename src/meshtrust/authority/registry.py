@@ -25,7 +25,7 @@ from typing import Any
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
 from meshtrust.pki import identity
-from meshtrust.store import base
+from meshtrust.store import base, manifest
 
 CLUSTER_KIND = "KubernetesCluster"
 CLUSTER_API = "admin.gloo.solo.io/v2"
@@ -37,17 +37,8 @@ DEFAULT_RETRY_WINDOW = dt.timedelta(minutes=5)
 _CAS_ATTEMPTS = 5
 
 
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat()
 
 
-def _parse_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
 
 
 def _digest(text: str | bytes) -> str:
@@ -70,10 +61,11 @@ class Cluster:
     def of(cls, resource: base.Resource) -> Cluster:
         status = resource.status
         client = status.get("clientCertificate") or {}
-        return cls(name=resource.name, registered=_parse_time(resource.spec.get("registeredAt")),
-                   last_seen=_parse_time(status.get("lastSeen")),
+        return cls(name=resource.name,
+                   registered=manifest.read_time(resource.spec.get("registeredAt")),
+                   last_seen=manifest.read_time(status.get("lastSeen")),
                    client_serial=client.get("serial"),
-                   client_not_after=_parse_time(client.get("notAfter")),
+                   client_not_after=manifest.read_time(client.get("notAfter")),
                    connected=bool(status.get("connected")))
 
 
@@ -106,7 +98,7 @@ class Registry:
         try:
             resource = await self._store.create(base.Resource(
                 api_version=CLUSTER_API, kind=CLUSTER_KIND, namespace=self._ns, name=name,
-                spec={"registeredAt": _iso(self._clock.now())}))
+                spec={"registeredAt": manifest.dump_time(self._clock.now())}))
         except errors.AlreadyExists:
             resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
         return Cluster.of(resource)
@@ -163,7 +155,7 @@ class Registry:
         if (not changes and cluster.last_seen is not None
                 and now - cluster.last_seen < min_interval):
             return
-        await self.update_status(name, lastSeen=_iso(now), **changes)
+        await self.update_status(name, lastSeen=manifest.dump_time(now), **changes)
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -178,7 +170,8 @@ class Registry:
         await self._store.create(base.Resource(
             api_version=TOKEN_API, kind=TOKEN_KIND, namespace=self._ns,
             name=f"{cluster}.{token_id}", labels={"cluster": cluster},
-            spec={"cluster": cluster, "sha256": _digest(secret), "expiresAt": _iso(expires)}))
+            spec={"cluster": cluster, "sha256": _digest(secret),
+                  "expiresAt": manifest.dump_time(expires)}))
         return f"{TOKEN_PREFIX}.{token_id}.{secret}"
 
     @staticmethod
@@ -203,12 +196,12 @@ class Registry:
             if not hmac.compare_digest(str(spec.get("sha256", "")), _digest(secret)):
                 raise rejected
             now = self._clock.now()
-            expires = _parse_time(spec.get("expiresAt"))
+            expires = manifest.read_time(spec.get("expiresAt"))
             if expires is None or now >= expires:
                 raise errors.AuthError(
                     f"identity token for cluster {cluster!r} expired; mint a new one with "
                     f"`meshtrust cluster token {cluster}`")
-            consumed = _parse_time(status.get("consumedAt"))
+            consumed = manifest.read_time(status.get("consumedAt"))
             if consumed is not None:
                 same_key = hmac.compare_digest(str(status.get("keySha256", "")),
                                                key_fingerprint)
@@ -219,7 +212,8 @@ class Registry:
                     f"with `meshtrust cluster token {cluster}`")
             try:
                 await self._store.update_status(dataclasses.replace(
-                    resource, status={"consumedAt": _iso(now), "keySha256": key_fingerprint}))
+                    resource, status={"consumedAt": manifest.dump_time(now),
+                                      "keySha256": key_fingerprint}))
                 return
             except errors.Conflict:
                 continue

@@ -21,7 +21,6 @@ returns to the old root the same way, in reverse.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import enum
 import logging
 from typing import Any
@@ -30,7 +29,7 @@ from meshtrust import clock as clock_module
 from meshtrust import errors, settings
 from meshtrust.authority import istio, trust_policy
 from meshtrust.pki import bundle, issuer, keys, profiles
-from meshtrust.store import base
+from meshtrust.store import base, manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,6 @@ FINAL = (Step.DONE, Step.ROLLED_BACK)
 _CAS_ATTEMPTS = 5
 
 
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat()
 
 
 class RootRotations:
@@ -200,7 +197,7 @@ class RootRotations:
                 from None
 
     def _entry(self, step: Step) -> dict[str, Any]:
-        return {"step": step.value, "at": _iso(self._clock.now())}
+        return {"step": step.value, "at": manifest.dump_time(self._clock.now())}
 
     async def _record(self, rotation: base.Resource, step: Step) -> base.Resource:
         status = {**rotation.status, "step": step.value,

@@ -43,8 +43,8 @@ class Holding:
         holder = spec.get("holderIdentity") or None
         return cls(holder=holder if isinstance(holder, str) else None,
                    duration=dt.timedelta(seconds=_number(spec.get("leaseDurationSeconds"))),
-                   acquired=_time(spec.get("acquireTime")),
-                   renewed=_time(spec.get("renewTime")),
+                   acquired=manifest.read_time(spec.get("acquireTime")),
+                   renewed=manifest.read_time(spec.get("renewTime")),
                    transitions=_number(spec.get("leaseTransitions")))
 
 
@@ -158,11 +158,6 @@ def _spec(holder: str, duration: dt.timedelta, *, acquired: dt.datetime | None,
     }
 
 
-def _time(value: Any) -> dt.datetime | None:
-    try:
-        return manifest.load_time(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
 
 
 def _number(value: Any) -> int:

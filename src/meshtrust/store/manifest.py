@@ -188,6 +188,16 @@ def load_time(value: object) -> dt.datetime:
     return parsed.astimezone(dt.UTC)
 
 
+def read_time(value: object) -> dt.datetime | None:
+    """``load_time`` for fields that may be absent or wrong: None instead of an error."""
+    if value is None:
+        return None
+    try:
+        return load_time(value)
+    except ValueError:
+        return None
+
+
 def dump_time(value: dt.datetime) -> str:
     """RFC 3339 in UTC with a ``Z``, to the microsecond, as Kubernetes writes times."""
     return value.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
