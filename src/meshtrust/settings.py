@@ -24,6 +24,9 @@ RELAY_CLIENT_SECRET = "relay-client-tls-secret"
 ISTIO_CA_SECRET = "cacerts"
 ROOT_TRUST_SECRET_PREFIX = "root-trust."
 
+MANAGED_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = {MANAGED_LABEL: "meshtrust"}  # the label on everything meshtrust writes
+
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_POLICY_NAME = "default"
 DEFAULT_GRACE_RATIO = 0.1

@@ -14,7 +14,6 @@ from meshtrust import errors, settings
 from meshtrust.pki import csr, keys
 from meshtrust.store import base
 
-MANAGED = {"app.kubernetes.io/managed-by": "meshtrust"}
 
 
 def pending_name(names: settings.SecretNames) -> str:
@@ -33,7 +32,7 @@ async def pending_key(store: base.Store, names: settings.SecretNames,
         pass
     key = keys.generate_key(key_type)
     pem = keys.dump_private_key(key)
-    secret = base.Secret(namespace=ns, name=pending_name(names), labels=MANAGED,
+    secret = base.Secret(namespace=ns, name=pending_name(names), labels=settings.MANAGED_BY,
                          data={"tls.key": pem})
     try:
         await store.create(secret)
@@ -54,7 +53,7 @@ async def store_certificate(store: base.Store, names: settings.SecretNames, *, c
     """Write ``relay-client-tls-secret`` and drop the pending key."""
     ns = names.relay_namespace
     secret = base.Secret(namespace=ns, name=names.relay_client, type="kubernetes.io/tls",
-                         labels=MANAGED,
+                         labels=settings.MANAGED_BY,
                          data={"ca.crt": trust, "tls.crt": chain, "tls.key": key_pem})
     try:
         current = await store.get_secret(ns, names.relay_client)

@@ -21,8 +21,6 @@ from meshtrust.store import base
 
 log = logging.getLogger(__name__)
 
-MANAGED_LABEL = "app.kubernetes.io/managed-by"
-MANAGED = {MANAGED_LABEL: "meshtrust"}
 WORK_ANNOTATION = "meshtrust.io/work-id"
 POLICY_ANNOTATION = "meshtrust.io/policy"
 
@@ -78,14 +76,14 @@ class IstioCA:
                 written = await self._store.get_secret(ns, self._names.istio_ca)
             except errors.NotFound:
                 written = None
-            if (written is not None and written.labels.get(MANAGED_LABEL) == "meshtrust"
+            if (written is not None and written.labels.get(settings.MANAGED_LABEL) == "meshtrust"
                     and written.annotations.get(WORK_ANNOTATION) == request.id):
                 held = written.data.get("ca-key.pem") or written.data.get("tls.key")
                 if held:
                     return keys.load_private_key(held), held
         key = keys.generate_key(request.key_type)
         pem = keys.dump_private_key(key)
-        secret = base.Secret(namespace=ns, name=self._pending, labels=MANAGED,
+        secret = base.Secret(namespace=ns, name=self._pending, labels=settings.MANAGED_BY,
                              annotations={WORK_ANNOTATION: request.id},
                              data={"ca-key.pem": pem})
         if pending is None:
@@ -102,7 +100,7 @@ class IstioCA:
                                                    self._names.istio_ca)
         except errors.NotFound:
             return False
-        return current.labels.get(MANAGED_LABEL) != "meshtrust"
+        return current.labels.get(settings.MANAGED_LABEL) != "meshtrust"
 
     async def handle(self, request: Request, sign: Sign, bounce: Bounce | None) -> Outcome:
         """Make the key, get it signed, write ``cacerts``, restart what needs it."""
@@ -143,7 +141,7 @@ class IstioCA:
         else:
             data = {"ca-cert.pem": bundle.dump_certificate(chain[0]), "ca-key.pem": key_pem,
                     "root-cert.pem": root_pem, "cert-chain.pem": chain_pem}
-        secret = base.Secret(namespace=ns, name=name, labels=MANAGED, data=data,
+        secret = base.Secret(namespace=ns, name=name, labels=settings.MANAGED_BY, data=data,
                              annotations={WORK_ANNOTATION: request.id,
                                           POLICY_ANNOTATION: request.policy})
         try:

@@ -16,7 +16,6 @@ from meshtrust.store import base, follow
 
 log = logging.getLogger(__name__)
 
-MANAGED_LABEL = "app.kubernetes.io/managed-by"
 
 
 async def read_trust(store: base.Store, names: settings.SecretNames) -> bytes | None:
@@ -50,7 +49,7 @@ async def read_identity(store: base.Store, names: settings.SecretNames) -> Clien
         return None
     return ClientIdentity(chain=chain, key=key, trust=trust,
                           resource_version=secret.resource_version,
-                          managed=secret.labels.get(MANAGED_LABEL) == "meshtrust")
+                          managed=secret.labels.get(settings.MANAGED_LABEL) == "meshtrust")
 
 
 class Watcher:

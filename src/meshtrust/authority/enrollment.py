@@ -59,7 +59,7 @@ async def install(store: base.Store, enrollment: Enrollment,
     for name, data in ((names.relay_root, {"ca.crt": enrollment.ca_cert}),
                        (names.relay_token, {"token": enrollment.token.encode()})):
         secret = base.Secret(namespace=ns, name=name, data=data,
-                             labels={"app.kubernetes.io/managed-by": "meshtrust"})
+                             labels=settings.MANAGED_BY)
         try:
             await store.create(secret)
         except errors.AlreadyExists:

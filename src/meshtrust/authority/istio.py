@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 ISSUED_KIND = "IssuedCertificate"
 ISSUED_API = "meshtrust.io/v1"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "meshtrust"}
 TRUST_BUNDLE_KEY = "trust-bundle.pem"  # every root clusters must trust, during a rotation
 _CAS_ATTEMPTS = 5
 RETRY_FIRST = 10.0  # seconds before a FAILED intermediate is tried again; doubles each time
@@ -152,9 +151,9 @@ class IstioAuthority:
         root = issuer.new_root(policy.root.key_type, profiles.ISTIO_ROOT, self._clock.now(),
                                policy.root.lifetime,
                                issuer.Subject(organization=policy.root.organization))
-        secret = base.Secret(namespace=policy.namespace, name=name, labels=MANAGED_BY, data={
-            "root-cert.pem": bundle.dump_certificate(root.certificate),
-            "key.pem": keys.dump_private_key(root.key)})
+        secret = base.Secret(namespace=policy.namespace, name=name, labels=settings.MANAGED_BY,
+                             data={"root-cert.pem": bundle.dump_certificate(root.certificate),
+                                   "key.pem": keys.dump_private_key(root.key)})
         try:
             made = await self._store.create(secret)
             log.info("generated the Istio root of policy %s in %s/%s", policy.name,

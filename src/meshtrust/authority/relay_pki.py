@@ -19,7 +19,6 @@ from meshtrust import errors, settings
 from meshtrust.pki import bundle, csr, hierarchy, issuer, keys, profiles
 from meshtrust.store import base
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "meshtrust"}
 TLS_TYPE = "kubernetes.io/tls"
 
 
@@ -73,14 +72,14 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
             root = issuer.new_root(options.key_type, profiles.RELAY_ROOT, now)
             root_pem = bundle.dump_certificate(root.certificate)
             root_secret = await _create(store, base.Secret(
-                namespace=ns, name=n.relay_root, type=TLS_TYPE, labels=MANAGED_BY,
+                namespace=ns, name=n.relay_root, type=TLS_TYPE, labels=settings.MANAGED_BY,
                 data={"ca.crt": root_pem, "tls.crt": root_pem,
                       "tls.key": keys.dump_private_key(root.key)}))
             made.append(n.relay_root)
         root_ca = _load_ca(root_secret, n.relay_root)
         signing = issuer.new_intermediate(options.key_type, root_ca, profiles.RELAY_SIGNING, now)
         signing_secret = await _create(store, base.Secret(
-            namespace=ns, name=n.relay_signing, type=TLS_TYPE, labels=MANAGED_BY,
+            namespace=ns, name=n.relay_signing, type=TLS_TYPE, labels=settings.MANAGED_BY,
             data={"ca.crt": bundle.dump_certificate(signing.root),
                   "tls.crt": bundle.dump_certificates(signing.path[:-1]),
                   "tls.key": keys.dump_private_key(signing.key)}))
@@ -88,7 +87,7 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
     elif root_secret is None:
         # Bring-your-own signing CA with no root secret: publish its root (ca.crt only).
         root_secret = await _create(store, base.Secret(
-            namespace=ns, name=n.relay_root, labels=MANAGED_BY,
+            namespace=ns, name=n.relay_root, labels=settings.MANAGED_BY,
             data={"ca.crt": _require(signing_secret, "ca.crt", n.relay_signing)}))
         made.append(n.relay_root)
     if await _get(store, ns, n.relay_server) is None:
@@ -99,12 +98,12 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
                             options.server_lifetime,
                             issuer.Subject(names=options.server_names))
         await _create(store, base.Secret(
-            namespace=ns, name=n.relay_server, type=TLS_TYPE, labels=MANAGED_BY,
+            namespace=ns, name=n.relay_server, type=TLS_TYPE, labels=settings.MANAGED_BY,
             data=hierarchy.tls_data(cert, server_key, signing_ca)))
         made.append(n.relay_server)
     if await _get(store, ns, n.relay_token) is None:
         await _create(store, base.Secret(
-            namespace=ns, name=n.relay_token, labels=MANAGED_BY,
+            namespace=ns, name=n.relay_token, labels=settings.MANAGED_BY,
             data={"token": secrets_module.token_urlsafe(32).encode()}))
         made.append(n.relay_token)
     return made

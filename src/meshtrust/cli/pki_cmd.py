@@ -128,7 +128,7 @@ async def _write_secrets(target: Path, secrets: tuple[hierarchy.SecretFiles, ...
             for item in items:
                 secret = store_base.Secret(namespace=item.namespace, name=item.name,
                                            type=item.type, data=item.data,
-                                           labels={"app.kubernetes.io/managed-by": "meshtrust"})
+                                           labels=settings.MANAGED_BY)
                 try:
                     current = await store.get_secret(item.namespace, item.name)
                 except errors.NotFound:
