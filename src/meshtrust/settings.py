@@ -32,6 +32,12 @@ DEFAULT_POLICY_NAME = "default"
 DEFAULT_GRACE_RATIO = 0.1
 
 
+def bootstrap_address(relay: str) -> str:
+    """The bootstrap listener that goes with a relay address: the same host, port + 1."""
+    host, _, port = relay.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SecretNames:
     """Where each piece of relay and Istio material is kept."""

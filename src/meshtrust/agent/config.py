@@ -53,7 +53,4 @@ class AgentConfig:
     @property
     def bootstrap_address(self) -> str:
         """Where to bootstrap: the given address, else the relay port + 1."""
-        if self.bootstrap_server:
-            return self.bootstrap_server
-        host, _, port = self.server.rpartition(":")
-        return f"{host}:{int(port) + 1}"
+        return self.bootstrap_server or settings.bootstrap_address(self.server)

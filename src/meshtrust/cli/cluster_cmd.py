@@ -67,17 +67,10 @@ def _token_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
 
 
-def _bootstrap_address(args: argparse.Namespace) -> str:
-    if args.bootstrap_server:
-        return str(args.bootstrap_server)
-    host, _, port = str(args.server).rpartition(":")
-    return f"{host}:{int(port) + 1}"
-
-
 def _register(args: argparse.Namespace, out: Output) -> int:
     ttl = settings.parse_duration(args.token_ttl, "--token-ttl")
     registry.check_cluster_name(args.name)
-    bootstrap = _bootstrap_address(args)
+    bootstrap = args.bootstrap_server or settings.bootstrap_address(args.server)
 
     async def go() -> enrollment.Enrollment:
         store = await open_store(common.store_url(args))
