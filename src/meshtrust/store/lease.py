@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from meshtrust import clock as clock_module
@@ -89,25 +90,18 @@ class Leases:
 
     async def renew(self, name: str, holder: str) -> bool:
         """Extend the lease ``holder`` holds by its duration; False if it holds it no more."""
-        _check_holder(holder)
-        for _ in range(_ATTEMPTS):
-            try:
-                lease = await self._store.get_resource(KIND, self._namespace, name)
-            except errors.NotFound:
-                return False
-            held = Holding.of(lease)
-            if held.holder != holder:
-                return False
-            spec = dict(lease.spec, renewTime=manifest.dump_time(self._clock.now()))
-            try:
-                await self._store.update(dataclasses.replace(lease, spec=spec))
-                return True
-            except errors.Conflict:
-                continue
-        return False
+        return await self._edit_held(name, holder, lambda spec: dict(
+            spec, renewTime=manifest.dump_time(self._clock.now())))
 
     async def release(self, name: str, holder: str) -> bool:
         """Give the lease up so another can take it at once; False if ``holder`` had it not."""
+        return await self._edit_held(name, holder, lambda spec: {
+            key: value for key, value in spec.items()
+            if key not in ("holderIdentity", "renewTime")})
+
+    async def _edit_held(self, name: str, holder: str,
+                         edit: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+        """Change the spec of a lease ``holder`` holds, by compare-and-swap; False if not held."""
         _check_holder(holder)
         for _ in range(_ATTEMPTS):
             try:
@@ -116,10 +110,8 @@ class Leases:
                 return False
             if Holding.of(lease).holder != holder:
                 return False
-            spec = {key: value for key, value in lease.spec.items()
-                    if key not in ("holderIdentity", "renewTime")}
             try:
-                await self._store.update(dataclasses.replace(lease, spec=spec))
+                await self._store.update(dataclasses.replace(lease, spec=edit(lease.spec)))
                 return True
             except errors.Conflict:
                 continue
