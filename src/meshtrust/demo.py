@@ -29,7 +29,7 @@ from meshtrust import federation
 from meshtrust.agent import watcher
 from meshtrust.authority import enrollment, istio, registry, root_rotation, trust_policy
 from meshtrust.pki import bundle, rotation, verify
-from meshtrust.store import base, open_store
+from meshtrust.store import base, opened_store
 
 DEMO_POLICY = "mesh"
 
@@ -137,29 +137,20 @@ class Fleet:
                     f"the server did not start; see {plan.workdir / 'server.log'}")
             await asyncio.sleep(0.1)
         ports = json.loads(ready.read_text())
-        mgmt = await open_store(plan.store("mgmt"))
-        try:
+        async with opened_store(plan.store("mgmt")) as mgmt:
             for name in plan.names:
                 enrolled = await enrollment.enroll(
                     mgmt, clock_module.SystemClock(), name, server=self.relay,
                     bootstrap_server=f"127.0.0.1:{ports['bootstrap']}")
-                cluster_store = await open_store(plan.store(name))
-                try:
+                async with opened_store(plan.store(name)) as cluster_store:
                     await enrollment.install(cluster_store, enrolled)
-                finally:
-                    await cluster_store.close()
-        finally:
-            await mgmt.close()
         for name in plan.names:
             self._spawn(name, "agent", "--cluster", name, "--server", self.relay,
                         "--bootstrap-server", f"127.0.0.1:{ports['bootstrap']}",
                         "--store", plan.store(name), "--grace-ratio", str(plan.grace_ratio),
                         "--status-interval", "2", "--lease-ttl", "6", "--simulate-pods")
-        mgmt = await open_store(plan.store("mgmt"))
-        try:
+        async with opened_store(plan.store("mgmt")) as mgmt:
             await self._authority(mgmt).apply(self.policy())
-        finally:
-            await mgmt.close()
 
     def policy(self) -> dict[str, Any]:
         """The demo's RootTrustPolicy: every cluster, pods restarted, short-lived CAs."""
@@ -181,15 +172,12 @@ class Fleet:
         """Refresh every view from the management store and the clusters' stores."""
         now = dt.datetime.now(dt.UTC)
         names = settings.SecretNames()
-        mgmt = await open_store(self.plan.store("mgmt"))
-        try:
+        async with opened_store(self.plan.store("mgmt")) as mgmt:
             clusters = {c.name: c for c in await registry.Registry(
                 mgmt, clock_module.SystemClock()).list()}
             issued = {r.spec.get("cluster"): r.status
                       for r in await mgmt.list_resources(istio.ISSUED_KIND)}
             await self._rotate(mgmt, issued)
-        finally:
-            await mgmt.close()
         cacerts: dict[str, dict[str, bytes]] = {}
         for name, view in self.views.items():
             record = clusters.get(name)
@@ -198,8 +186,7 @@ class Fleet:
             status = issued.get(name, {})
             view.istio_state = str(status.get("state", "-"))
             view.pods_bounced = len(status.get("bouncedPods", []))
-            store = await open_store(self.plan.store(name))
-            try:
+            async with opened_store(self.plan.store(name)) as store:
                 held = await watcher.read_identity(store, names)
                 try:
                     secret = await store.get_secret(names.istio_namespace, names.istio_ca)
@@ -209,8 +196,6 @@ class Fleet:
                     view.istio_serials.add(view.istio_serial)
                 except (errors.NotFound, KeyError):
                     pass
-            finally:
-                await store.close()
             if held is None:
                 continue
             cert = held.certificate

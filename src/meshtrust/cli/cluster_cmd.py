@@ -13,7 +13,7 @@ from meshtrust.authority import enrollment, registry
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
 from meshtrust.server import config as server_config
-from meshtrust.store import open_store
+from meshtrust.store import opened_store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -73,22 +73,16 @@ def _register(args: argparse.Namespace, out: Output) -> int:
     bootstrap = args.bootstrap_server or settings.bootstrap_address(args.server)
 
     async def go() -> enrollment.Enrollment:
-        store = await open_store(common.store_url(args))
-        try:
+        async with opened_store(common.store_url(args)) as store:
             clock = clock_module.SystemClock()
             if args.cluster_command == "token":
                 await registry.Registry(store, clock).get(args.name)
             result = await enrollment.enroll(store, clock, args.name,
                                              server=args.server, bootstrap_server=bootstrap,
                                              shared_token=args.shared_token, token_ttl=ttl)
-        finally:
-            await store.close()
         if args.write_to:
-            target = await open_store(args.write_to)
-            try:
+            async with opened_store(args.write_to) as target:
                 await enrollment.install(target, result)
-            finally:
-                await target.close()
         return result
 
     result = asyncio.run(go())
@@ -98,11 +92,8 @@ def _register(args: argparse.Namespace, out: Output) -> int:
 
 def _list(args: argparse.Namespace, out: Output) -> int:
     async def go() -> list[registry.Cluster]:
-        store = await open_store(common.store_url(args))
-        try:
+        async with opened_store(common.store_url(args)) as store:
             return await registry.Registry(store, clock_module.SystemClock()).list()
-        finally:
-            await store.close()
 
     clusters = asyncio.run(go())
     items: list[dict[str, Any]] = [{
@@ -121,11 +112,8 @@ def _list(args: argparse.Namespace, out: Output) -> int:
 
 def _deregister(args: argparse.Namespace, out: Output) -> int:
     async def go() -> None:
-        store = await open_store(common.store_url(args))
-        try:
+        async with opened_store(common.store_url(args)) as store:
             await registry.Registry(store, clock_module.SystemClock()).deregister(args.name)
-        finally:
-            await store.close()
 
     asyncio.run(go())
     out.line(f"cluster {args.name} deregistered; its certificate is refused from now on")

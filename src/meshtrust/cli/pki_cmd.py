@@ -21,7 +21,7 @@ from meshtrust import errors, settings
 from meshtrust.cli.output import Output
 from meshtrust.pki import bundle, hierarchy, keys, profiles, verify
 from meshtrust.store import base as store_base
-from meshtrust.store import open_store
+from meshtrust.store import opened_store
 
 CERT_SUFFIXES = (".crt", ".pem", ".cer", ".der")
 MAIN_CERT_KEYS = ("ca-cert.pem", "tls.crt", "root-cert.pem", "ca.crt")
@@ -123,8 +123,7 @@ async def _write_secrets(target: Path, secrets: tuple[hierarchy.SecretFiles, ...
     for cluster, items in by_cluster.items():
         folder = (target / cluster).resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        store = await open_store(f"dir://{folder}")
-        try:
+        async with opened_store(f"dir://{folder}") as store:
             for item in items:
                 secret = store_base.Secret(namespace=item.namespace, name=item.name,
                                            type=item.type, data=item.data,
@@ -136,8 +135,6 @@ async def _write_secrets(target: Path, secrets: tuple[hierarchy.SecretFiles, ...
                 else:
                     await store.update(dataclasses.replace(
                         secret, resource_version=current.resource_version))
-        finally:
-            await store.close()
 
 
 def _print_inventory(out: Output, built: hierarchy.Hierarchy, now: dt.datetime) -> None:

@@ -15,7 +15,7 @@ from meshtrust import errors
 from meshtrust.authority import istio, registry, root_rotation
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
-from meshtrust.store import open_store
+from meshtrust.store import opened_store
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,8 +80,7 @@ def _apply(args: argparse.Namespace, out: Output) -> int:
     documents = _documents(args.filename)
 
     async def go() -> list[str]:
-        store = await open_store(common.store_url(args))
-        try:
+        async with opened_store(common.store_url(args)) as store:
             clock = clock_module.SystemClock()
             authority = istio.IstioAuthority(store, clock, registry.Registry(store, clock))
             done = []
@@ -93,8 +92,6 @@ def _apply(args: argparse.Namespace, out: Output) -> int:
                 done.append(f"roottrustpolicy/{resource.name} "
                             f"{'created' if created else 'configured'}")
             return done
-        finally:
-            await store.close()
 
     for line in asyncio.run(go()):
         out.line(line)
@@ -103,11 +100,8 @@ def _apply(args: argparse.Namespace, out: Output) -> int:
 
 def _status(args: argparse.Namespace, out: Output) -> int:
     async def go() -> list[dict[str, Any]]:
-        store = await open_store(common.store_url(args))
-        try:
+        async with opened_store(common.store_url(args)) as store:
             items = await store.list_resources(istio.ISSUED_KIND)
-        finally:
-            await store.close()
         return [{"policy": i.spec.get("policy"), "cluster": i.spec.get("cluster"),
                  "state": i.status.get("state"), "round": i.status.get("round"),
                  "serial": i.status.get("serial"), "notAfter": i.status.get("notAfter"),
@@ -131,8 +125,7 @@ def _status(args: argparse.Namespace, out: Output) -> int:
 
 def _rotate(args: argparse.Namespace, out: Output) -> int:
     async def go() -> str:
-        store = await open_store(common.store_url(args))
-        try:
+        async with opened_store(common.store_url(args)) as store:
             clock = clock_module.SystemClock()
             authority = istio.IstioAuthority(store, clock, registry.Registry(store, clock))
             rotations = root_rotation.RootRotations(store, clock, authority)
@@ -144,8 +137,6 @@ def _rotate(args: argparse.Namespace, out: Output) -> int:
             if args.wait is None:
                 return str(resource.status["step"])
             return await _follow(store, args.policy, args.wait, out)
-        finally:
-            await store.close()
 
     step = asyncio.run(go())
     if args.wait is not None and step not in (s.value for s in root_rotation.FINAL):

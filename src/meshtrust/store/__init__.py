@@ -16,8 +16,21 @@ password masked. ``meshtrust.testing.MemoryStore`` is the in-memory fake.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from meshtrust import clock as clock_module
 from meshtrust.store import base, url
+
+
+@contextlib.asynccontextmanager
+async def opened_store(location: str) -> AsyncIterator[base.Store]:
+    """``open_store`` for an ``async with`` block: the store is closed when it ends."""
+    store = await open_store(location)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def open_store(location: str, *, clock: clock_module.Clock | None = None,
