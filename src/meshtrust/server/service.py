@@ -22,6 +22,7 @@ from meshtrust.authority import istio, relay
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
 from meshtrust.server import authn
+from meshtrust.store import manifest
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class RelayService(transport.services.RelayServicer):
         stream = _Stream()
         self._streams.setdefault(cluster, set()).add(stream)
         self._meters.connected.set(len(self._streams))
-        await registry.update_status(cluster, connected=True, lastSeen=_iso_now(self._clock))
+        await registry.seen(cluster, connected=True)
         log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
             while not stream.gone.is_set():
@@ -248,11 +249,7 @@ def _check_version(request: Any) -> None:
 
 
 def _iso(unix: int) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat() if unix else ""
-
-
-def _iso_now(clock: clock_module.Clock) -> str:
-    return clock.now().isoformat()
+    return manifest.dump_time(dt.datetime.fromtimestamp(unix, dt.UTC)) if unix else ""
 
 
 def _issued(meters: metrics.Metrics, issued: relay.Issued, cluster: str, started: float) -> None:
