@@ -22,6 +22,7 @@ RELAY_SERVER_SECRET = "relay-server-tls-secret"
 RELAY_TOKEN_SECRET = "relay-identity-token-secret"
 RELAY_CLIENT_SECRET = "relay-client-tls-secret"
 ISTIO_CA_SECRET = "cacerts"
+ISTIO_SIGNING_SECRET = "istio-tls-signing-secret"  # a local CA that signs cluster CAs
 ROOT_TRUST_SECRET_PREFIX = "root-trust."
 
 MANAGED_LABEL = "app.kubernetes.io/managed-by"
@@ -50,6 +51,7 @@ class SecretNames:
     relay_token: str = RELAY_TOKEN_SECRET
     relay_client: str = RELAY_CLIENT_SECRET
     istio_ca: str = ISTIO_CA_SECRET
+    istio_signing: str = ISTIO_SIGNING_SECRET
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

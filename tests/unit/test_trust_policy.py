@@ -96,7 +96,7 @@ class TestParse:
     @pytest.mark.parametrize("change, message", [
         ({"autoRestartPods": "yes"}, r"spec\.config\.autoRestartPods: must be true or false"),
         ({"mgmtServerCa": {"generated": {}, "secretRef": {"name": "x"}}},
-         "exactly one of generated or secretRef"),
+         "exactly one of generated, secretRef, awsPca"),
         ({"mgmtServerCa": {"secretRef": {"name": "cacerts"}}}, "cannot be 'cacerts'"),
         ({"mgmtServerCa": {"generated": {"rsaKeySizeBytes": 1024}}}, "2048, 3072 or 4096"),
         ({"intermediateCertOptions": {"secretRotationGracePeriodRatio": 1.5}},
@@ -106,11 +106,25 @@ class TestParse:
         ({"intermediateCertOptions": {"ttl": "soon"}}, "not a positive duration"),
         ({"bogus": 1}, r"spec\.config\.bogus: unknown field; allowed here"),
         ({"secretForm": "pkcs12"}, "one of cacerts, tls"),
+        ({"mgmtServerCa": {"awsPca": {"certificateAuthorityArn": "arn:aws:s3:::bucket"}}},
+         r"certificateAuthorityArn: 'arn:aws:s3:::bucket' is not an AWS Private CA ARN"),
+        ({"mgmtServerCa": {"awsPca": {"arn": "x"}}}, r"awsPca\.arn: unknown field"),
     ])
     def test_mistakes_are_named(self, change: dict[str, Any], message: str) -> None:
         """Each invalid field is refused with its path and what is allowed."""
         with pytest.raises(errors.ConfigError, match=message):
             trust_policy.parse(policy_with(**change))
+
+    def test_aws_pca_signer(self) -> None:
+        """awsPca names the CA that signs; it survives the round trip through storage."""
+        arn = ("arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/"
+               "11111111-2222-3333-4444-555555555555")
+        policy = trust_policy.parse(policy_with(
+            mgmtServerCa={"awsPca": {"certificateAuthorityArn": arn}}))
+        assert policy.root == trust_policy.ExternalRoot(provider="aws-pca", arn=arn)
+        assert isinstance(policy.root, trust_policy.ExternalRoot)
+        assert policy.root.region == "eu-west-1"
+        assert trust_policy.parse(trust_policy.to_document(policy)) == policy
 
     def test_bad_mesh_name(self) -> None:
         """A VirtualMesh mesh name that names no istiod is refused."""

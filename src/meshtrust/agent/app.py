@@ -16,7 +16,7 @@ import re
 import signal
 from typing import Any
 
-from meshtrust import __version__, errors, metrics, rpc
+from meshtrust import __version__, errors, metrics, rpc, settings
 from meshtrust import clock as clock_module
 from meshtrust.agent import bounce, identity, istio, simulation
 from meshtrust.agent.config import AgentConfig
@@ -221,6 +221,7 @@ class Agent:
             request = istio.Request(id=item.id, policy=spec.policy,
                                     key_type=keys.KeyType.parse(spec.key_type),
                                     organization=spec.org or "Istio", form=spec.form or "cacerts",
+                                    trust_domain=spec.trust_domain or settings.DEFAULT_TRUST_DOMAIN,
                                     auto_restart_pods=spec.auto_restart_pods)
 
             async def sign(csr_pem: bytes) -> tuple[bytes, bytes]:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from meshtrust import errors, settings
-from meshtrust.pki import bundle, csr, keys
+from meshtrust.pki import bundle, csr, identity, issuer, keys
 from meshtrust.store import base
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Request:
     organization: str
     form: str
     auto_restart_pods: bool
+    trust_domain: str = settings.DEFAULT_TRUST_DOMAIN
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,9 +113,13 @@ class IstioCA:
             log.warning("%s", message)
             return Outcome(ok=False, message=message)
         key, key_pem = await self.key_for(request)
+        # The names the server's profile gives anyway, proposed so that an external CA
+        # that copies them from the CSR (AWS Private CA's templates do) gives the same.
         request_pem = csr.dump_csr(csr.build_csr(
             key, common_name="Intermediate CA", organization=request.organization,
-            locality=self._cluster, ca=True))
+            locality=self._cluster, ca=True,
+            names=[issuer.ISTIOD_DNS,
+                   identity.spiffe_id(request.trust_domain, "istio-system", "istiod")]))
         chain_pem, root_pem = await sign(request_pem)
         chain = bundle.load_certificates(chain_pem, "certificate chain")
         if not keys.key_matches(chain[0], key):

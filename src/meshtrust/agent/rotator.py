@@ -25,6 +25,7 @@ from meshtrust.store import base
 
 log = logging.getLogger(__name__)
 
+WARN_EVERY = 300.0  # how often to repeat that a brought certificate needs renewing (seconds)
 MAX_STEP = 1.0  # re-check leadership and the certificate at least this often (seconds)
 MIN_SPACING = 1.0  # never renew more often than this, whatever the settings say (seconds)
 
@@ -66,8 +67,13 @@ class Rotator:
             if not self._leader.is_set() or self._provider.current != current:
                 continue
             if not current.managed and self._config.rotate is None:
-                # Bring your own: someone else renews; the watcher picks it up.
-                await self._provider.wait_for_change(current, timeout=None)
+                # Bring your own: someone else renews; the watcher picks it up. Say so
+                # while it is due, and on until the certificate changes.
+                log.warning("the client certificate %s in %s is past its renewal time and "
+                            "expires at %s; it is not managed by meshtrust, so renew it "
+                            "yourself", current.serial, self._config.names.relay_client,
+                            current.certificate.not_valid_after_utc.isoformat())
+                await self._provider.wait_for_change(current, timeout=WARN_EVERY)
                 continue
             if current.expired(self._clock.now()):
                 # Renewal needs a valid certificate; the agent re-bootstraps instead.

@@ -25,8 +25,9 @@ from cryptography import x509
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
 from meshtrust.authority import registry as registry_module
-from meshtrust.authority import trust_policy
+from meshtrust.authority import signers, trust_policy
 from meshtrust.pki import bundle, csr, issuer, keys, profiles, rotation
+from meshtrust.providers import base as providers
 from meshtrust.store import base, manifest
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,19 @@ class Signed:
     root_bundle: bytes  # root-cert.pem: every root the cluster must trust
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Signer:
+    """What signs a policy's intermediates: a provider, its CA and the roots to trust."""
+
+    provider: providers.CAProvider
+    ca: providers.Description
+    roots: bytes  # root-cert.pem: every root the clusters must trust
+
+
+def _key_sha256(request: csr.Request) -> str:
+    return hashlib.sha256(keys.public_key_der(request.public_key)).hexdigest()
+
+
 def issued_name(policy: str, cluster: str) -> str:
     return f"{policy}.{cluster}"
 
@@ -91,11 +105,13 @@ class IstioAuthority:
 
     def __init__(self, store: base.Store, clock: clock_module.Clock,
                  registry: registry_module.Registry, *,
-                 namespace: str = settings.RELAY_NAMESPACE) -> None:
+                 namespace: str = settings.RELAY_NAMESPACE,
+                 signer_cache: signers.Signers | None = None) -> None:
         self._store = store
         self._clock = clock
         self._registry = registry
         self._ns = namespace
+        self._signers = signer_cache or signers.Signers()
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -134,7 +150,10 @@ class IstioAuthority:
     # -- roots ------------------------------------------------------------------------------
 
     async def root_secret(self, policy: trust_policy.TrustPolicy) -> base.Secret:
-        """The secret holding the policy's signing root, made once if generated."""
+        """The secret holding the policy's signing CA, made once if generated."""
+        if isinstance(policy.root, trust_policy.ExternalRoot):
+            raise errors.ConfigError(f"policy {policy.name} signs at {policy.root.arn}; its "
+                                     "key is not in a secret")
         if isinstance(policy.root, trust_policy.SecretRoot):
             ref = policy.root
             try:
@@ -162,23 +181,22 @@ class IstioAuthority:
         except errors.AlreadyExists:
             return await self._store.get_secret(policy.namespace, name)
 
-    async def signer(self, policy: trust_policy.TrustPolicy) -> tuple[issuer.CA, bytes]:
-        """The CA that signs the policy's intermediates, and the roots clusters must trust."""
+    async def signer(self, policy: trust_policy.TrustPolicy) -> Signer:
+        """What signs the policy's intermediates, and the roots clusters must trust."""
+        if isinstance(policy.root, trust_policy.ExternalRoot):
+            provider = self._signers.external(policy.root.provider, policy.root.arn)
+            described = await provider.describe()
+            return Signer(provider=provider, ca=described,
+                          roots=bundle.dump_certificate(described.root))
         secret = await self.root_secret(policy)
-        where = f"{secret.namespace}/{secret.name}"
         try:
-            root_pem, key_pem = secret.data["root-cert.pem"], secret.data["key.pem"]
-        except KeyError as exc:
-            raise errors.ConfigError(f"policy {policy.name}: {where} lacks {exc.args[0]}; it "
-                                     "needs root-cert.pem and key.pem") from None
-        chain = bundle.load_certificates(secret.data.get("cert-chain.pem") or root_pem, where)
-        try:
-            ca = issuer.CA(certificate=chain[0], key=keys.load_private_key(key_pem),
-                           chain=tuple(chain[1:]))
-        except errors.PKIError as exc:
-            raise errors.ConfigError(f"policy {policy.name}: {where} is not a usable CA: "
-                                     f"{exc}") from exc
-        return ca, secret.data.get(TRUST_BUNDLE_KEY) or root_pem
+            local = self._signers.local(secret)
+        except errors.MeshTrustError as exc:
+            raise errors.ConfigError(f"policy {policy.name}: {exc}") from exc
+        described = await local.describe()
+        roots = (secret.data.get(TRUST_BUNDLE_KEY) or secret.data.get("root-cert.pem")
+                 or secret.data.get("ca.crt") or bundle.dump_certificate(described.root))
+        return Signer(provider=local, ca=described, roots=roots)
 
     # -- reconcile --------------------------------------------------------------------------
 
@@ -188,17 +206,18 @@ class IstioAuthority:
         wanted: set[str] = set()
         for resource, policy in await self.policies():
             try:
-                ca, roots = await self.signer(policy)
+                current = await self.signer(policy)
             except errors.MeshTrustError as exc:
                 await self._policy_status(resource, {"state": "FAILED", "message": str(exc)})
                 continue
             selected = sorted(c for c in clusters if policy.selects(c))
             await self._policy_status(resource, {
                 "state": "ACCEPTED", "message": "", "clusters": selected,
-                "rootFingerprint": bundle.fingerprint(ca.root)})
+                "rootFingerprint": bundle.fingerprint(current.ca.root),
+                "signer": current.ca.provider})
             for cluster in selected:
                 wanted.add(issued_name(policy.name, cluster))
-                await self._ensure(policy, resource.generation, cluster, ca, roots)
+                await self._ensure(policy, resource.generation, cluster, current)
         for item in await self._store.list_resources(ISSUED_KIND, namespace=self._ns):
             if item.name not in wanted:
                 try:
@@ -215,12 +234,12 @@ class IstioAuthority:
                 pass  # the next round sees the newer policy
 
     async def _ensure(self, policy: trust_policy.TrustPolicy, generation: int, cluster: str,
-                      ca: issuer.CA, roots: bytes) -> None:
+                      signer: Signer) -> None:
         spec = {
             "policy": policy.name, "cluster": cluster, "policyGeneration": generation,
-            "rootFingerprint": bundle.fingerprint(ca.root),
-            "signerFingerprint": bundle.fingerprint(ca.certificate),
-            "bundleFingerprint": bundle_fingerprint(roots),
+            "rootFingerprint": bundle.fingerprint(signer.ca.root),
+            "signerFingerprint": bundle.fingerprint(signer.ca.certificate),
+            "bundleFingerprint": bundle_fingerprint(signer.roots),
             "lifetimeSeconds": int(policy.intermediate.lifetime.total_seconds()),
             "keyType": policy.intermediate.key_type.value,
             "gracePeriodRatio": policy.intermediate.grace_ratio,
@@ -335,23 +354,24 @@ class IstioAuthority:
             raise errors.ProfileViolation(
                 f"policy {policy.name} asks for {wanted.value} keys, but the CSR has a "
                 f"{keys.describe_key(request.public_key)} key")
-        ca, roots = await self.signer(policy)
+        current = await self.signer(policy)
         now = self._clock.now()
-        certificate = issuer.issue(
-            request, ca, profiles.ISTIO_INTERMEDIATE, now,
-            dt.timedelta(seconds=int(spec["lifetimeSeconds"])),
-            issuer.Subject(cluster=cluster, trust_domain=spec["trustDomain"],
-                           organization=spec["organization"]))
+        signed = await signers.sign(current.provider, providers.SignRequest(
+            request=request, profile=profiles.ISTIO_INTERMEDIATE,
+            lifetime=dt.timedelta(seconds=int(spec["lifetimeSeconds"])),
+            subject=issuer.Subject(cluster=cluster, trust_domain=spec["trustDomain"],
+                                   organization=spec["organization"]),
+            idempotency_key=f"istio/{id_}/{_key_sha256(request)}"), now)
+        certificate = signed.certificate
         renew_at = rotation.renew_at(certificate, float(spec["gracePeriodRatio"]))
         await self._set_state(resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
                               notAfter=manifest.dump_time(certificate.not_valid_after_utc),
                               renewAt=manifest.dump_time(renew_at),
                               issuedAt=manifest.dump_time(now),
-                              keySha256=hashlib.sha256(
-                                  keys.public_key_der(request.public_key)).hexdigest())
+                              keySha256=_key_sha256(request))
         return Signed(certificate=certificate,
-                      chain_pem=bundle.dump_certificates([certificate, *ca.path]),
-                      root_bundle=roots)
+                      chain_pem=bundle.dump_certificates([certificate, *signed.chain]),
+                      root_bundle=current.roots)
 
     async def report(self, cluster: str, id_: str, *, ok: bool, message: str = "",
                      pods: list[str] | None = None, restart_needed: bool = False) -> None:

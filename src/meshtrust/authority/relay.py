@@ -17,9 +17,10 @@ from cryptography import x509
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust.authority import ca_config, relay_pki, signers
 from meshtrust.authority import registry as registry_module
-from meshtrust.authority import relay_pki
 from meshtrust.pki import bundle, csr, identity, issuer, keys, profiles
+from meshtrust.providers import base as providers
 from meshtrust.store import base
 
 
@@ -49,28 +50,42 @@ class Options:
     client_lifetime: dt.timedelta = profiles.RELAY_CLIENT.default_lifetime
     token_mode: TokenMode = TokenMode.ANY
     names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
+    # Who signs: the key in relay-tls-signing-secret unless `meshtrust init` said otherwise.
+    signer: ca_config.RelaySigner = ca_config.RelaySigner.LOCAL
+    signer_arn: str = ""
 
 
 class RelayAuthority:
     """Issues and renews relay client certificates for registered clusters."""
 
     def __init__(self, store: base.Store, clock: clock_module.Clock,
-                 registry: registry_module.Registry, options: Options | None = None) -> None:
+                 registry: registry_module.Registry, options: Options | None = None,
+                 signer_cache: signers.Signers | None = None) -> None:
         self._store = store
         self._clock = clock
         self.registry = registry
         self.options = options or Options()
-        self._signer: tuple[int, issuer.CA, bytes] | None = None
+        self._signers = signer_cache or signers.Signers()
+        self._trust: tuple[int, bytes] | None = None
 
-    async def _signing_ca(self) -> tuple[issuer.CA, bytes]:
-        """The signing CA and trust bundle, reloaded when the signing secret changes."""
+    async def _signer(self) -> tuple[providers.CAProvider, bytes]:
+        """The relay signer and the trust bundle, reloaded when their secrets change."""
         names = self.options.names
-        secret = await self._store.get_secret(names.relay_namespace, names.relay_signing)
-        if self._signer is None or self._signer[0] != secret.resource_version:
-            ca = await relay_pki.load_signing_ca(self._store, names)
-            trust = await relay_pki.trust_bundle(self._store, names)
-            self._signer = (secret.resource_version, ca, trust)
-        return self._signer[1], self._signer[2]
+        if self.options.signer is ca_config.RelaySigner.NONE:
+            raise errors.ConfigError(
+                "this management server does not issue relay certificates: its CAs are "
+                "managed outside meshtrust (placement external). Put the cluster's client "
+                f"certificate in {names.relay_client} yourself and renew it before it expires")
+        signing = await relay_pki.signing_secret(self._store, names)
+        if self.options.signer is ca_config.RelaySigner.AWS_PCA:
+            provider: providers.CAProvider = self._signers.external(
+                self.options.signer.value, self.options.signer_arn)
+        else:
+            provider = self._signers.local(signing)
+        if self._trust is None or self._trust[0] != signing.resource_version:
+            self._trust = (signing.resource_version,
+                           await relay_pki.trust_bundle(self._store, names))
+        return provider, self._trust[1]
 
     async def bootstrap(self, cluster: str, token: str, csr_pem: bytes) -> Issued:
         """Check the token and issue the cluster's first client certificate."""
@@ -105,11 +120,15 @@ class RelayAuthority:
         raise errors.AuthError(f"identity token rejected for cluster {cluster!r}")
 
     async def _issue(self, cluster: str, request: csr.Request) -> Issued:
-        ca, trust = await self._signing_ca()
-        certificate = issuer.issue(request, ca, profiles.RELAY_CLIENT, self._clock.now(),
-                                   self.options.client_lifetime, issuer.Subject(cluster=cluster))
+        provider, trust = await self._signer()
+        signed = await signers.sign(provider, providers.SignRequest(
+            request=request, profile=profiles.RELAY_CLIENT,
+            lifetime=self.options.client_lifetime, subject=issuer.Subject(cluster=cluster),
+            idempotency_key=f"relay-client/{cluster}/{_key_fingerprint(request)}"),
+            self._clock.now())
+        certificate = signed.certificate
         issued = Issued(certificate=certificate,
-                        chain_pem=bundle.dump_certificates([certificate, *ca.path[:-1]]),
+                        chain_pem=bundle.dump_certificates([certificate, *signed.chain[:-1]]),
                         ca_bundle=trust)
         await self.registry.seen(cluster, clientCertificate={
             "serial": issued.serial,

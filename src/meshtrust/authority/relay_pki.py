@@ -16,6 +16,7 @@ import secrets as secrets_module
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust.authority import signers
 from meshtrust.pki import bundle, csr, hierarchy, issuer, keys, profiles
 from meshtrust.store import base
 
@@ -30,6 +31,8 @@ class Options:
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     server_lifetime: dt.timedelta = profiles.RELAY_SERVER.default_lifetime
     names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
+    # False once `meshtrust init` has set the CAs up: then a missing CA is an error.
+    generate_cas: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,8 +69,14 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
     made: list[str] = []
     now = clock.now()
     root_secret = await _get(store, ns, n.relay_root)
-    signing_secret = await _get(store, ns, n.relay_signing)
-    if signing_secret is None:
+    signing = await _get(store, ns, n.relay_signing)
+    if not options.generate_cas:
+        if signing is None:
+            raise errors.ConfigError(
+                f"secret {ns}/{n.relay_signing} is missing, and this store's CAs were set up "
+                "by `meshtrust init`, so the server does not make new ones; restore it or "
+                "run `meshtrust init --force`")
+    elif signing is None:
         if root_secret is None:
             root = issuer.new_root(options.key_type, profiles.RELAY_ROOT, now)
             root_pem = bundle.dump_certificate(root.certificate)
@@ -76,22 +85,25 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
                 data={"ca.crt": root_pem, "tls.crt": root_pem,
                       "tls.key": keys.dump_private_key(root.key)}))
             made.append(n.relay_root)
-        root_ca = _load_ca(root_secret, n.relay_root)
-        signing = issuer.new_intermediate(options.key_type, root_ca, profiles.RELAY_SIGNING, now)
-        signing_secret = await _create(store, base.Secret(
+        root_ca = signers.ca_from_secret(root_secret)
+        made_ca = issuer.new_intermediate(options.key_type, root_ca, profiles.RELAY_SIGNING, now)
+        signing = await _create(store, base.Secret(
             namespace=ns, name=n.relay_signing, type=TLS_TYPE, labels=settings.MANAGED_BY,
-            data={"ca.crt": bundle.dump_certificate(signing.root),
-                  "tls.crt": bundle.dump_certificates(signing.path[:-1]),
-                  "tls.key": keys.dump_private_key(signing.key)}))
+            data={"ca.crt": bundle.dump_certificate(made_ca.root),
+                  "tls.crt": bundle.dump_certificates(made_ca.path[:-1]),
+                  "tls.key": keys.dump_private_key(made_ca.key)}))
         made.append(n.relay_signing)
     elif root_secret is None:
         # Bring-your-own signing CA with no root secret: publish its root (ca.crt only).
         root_secret = await _create(store, base.Secret(
             namespace=ns, name=n.relay_root, labels=settings.MANAGED_BY,
-            data={"ca.crt": _require(signing_secret, "ca.crt", n.relay_signing)}))
+            data={"ca.crt": _require(signing, "ca.crt", n.relay_signing)}))
         made.append(n.relay_root)
     if await _get(store, ns, n.relay_server) is None:
-        signing_ca = _load_ca(signing_secret, n.relay_signing)
+        if not options.generate_cas:
+            raise errors.ConfigError(f"secret {ns}/{n.relay_server} is missing; restore it or "
+                                     "run `meshtrust init --force`")
+        signing_ca = signers.ca_from_secret(signing)
         server_key = keys.generate_key(options.key_type)
         request = csr.Request(csr=csr.build_csr(server_key), public_key=server_key.public_key())
         cert = issuer.issue(request, signing_ca, profiles.RELAY_SERVER, now,
@@ -118,27 +130,23 @@ def _require(secret: base.Secret, key: str, name: str) -> bytes:
             "ca.crt, tls.crt and tls.key") from None
 
 
-def _load_ca(secret: base.Secret, name: str) -> issuer.CA:
-    """An issuing CA from a ``tls.crt``/``tls.key``/``ca.crt`` secret."""
-    chain = bundle.load_certificates(_require(secret, "tls.crt", name), f"{name}/tls.crt")
-    key = keys.load_private_key(_require(secret, "tls.key", name))
-    roots = (bundle.load_certificates(secret.data["ca.crt"], f"{name}/ca.crt")
-             if secret.data.get("ca.crt") else [])
-    path = bundle.order_chain(chain[0], [*chain[1:], *roots])
-    return issuer.CA(certificate=chain[0], key=key, chain=tuple(path[1:]))
-
-
-async def load_signing_ca(store: base.Store,
-                          names: settings.SecretNames | None = None) -> issuer.CA:
-    """The CA that signs relay client certificates, from ``relay-tls-signing-secret``."""
+async def signing_secret(store: base.Store,
+                         names: settings.SecretNames | None = None) -> base.Secret:
+    """``relay-tls-signing-secret``: the CA that signs relay certificates, or its certificate."""
     names = names or settings.SecretNames()
     secret = await _get(store, names.relay_namespace, names.relay_signing)
     if secret is None:
         raise errors.ConfigError(
             f"secret {names.relay_namespace}/{names.relay_signing} is missing; start "
-            "`meshtrust server` once to generate the relay PKI, or create it with ca.crt, "
-            "tls.crt and tls.key")
-    return _load_ca(secret, names.relay_signing)
+            "`meshtrust server` once to generate the relay PKI, set one up with "
+            "`meshtrust init`, or create it with ca.crt, tls.crt and tls.key")
+    return secret
+
+
+async def load_signing_ca(store: base.Store,
+                          names: settings.SecretNames | None = None) -> issuer.CA:
+    """The CA that signs relay client certificates, from ``relay-tls-signing-secret``."""
+    return signers.ca_from_secret(await signing_secret(store, names))
 
 
 async def trust_bundle(store: base.Store, names: settings.SecretNames | None = None) -> bytes:

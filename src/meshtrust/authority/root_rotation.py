@@ -76,10 +76,14 @@ class RootRotations:
     async def start(self, policy_name: str) -> base.Resource:
         """Begin rotating the root of a generated policy; refuse if one is under way."""
         _, policy = await self._istio.policy(policy_name)
-        if not isinstance(policy.root, trust_policy.GeneratedRoot):
+        if isinstance(policy.root, trust_policy.SecretRoot):
             raise errors.ConfigError(
                 f"policy {policy_name} uses a root from secret {policy.root.name}; rotate it "
                 "by pointing secretRef at a secret with the new root")
+        if isinstance(policy.root, trust_policy.ExternalRoot):
+            raise errors.ConfigError(
+                f"policy {policy_name} signs at the external CA {policy.root.arn}; rotate it "
+                "by pointing awsPca at the new CA")
         try:
             current = await self._store.get_resource(ROTATION_KIND, self._ns, policy_name)
         except errors.NotFound:
@@ -151,9 +155,9 @@ class RootRotations:
 
     async def _converged(self, policy: trust_policy.TrustPolicy) -> bool:
         """True when every selected cluster finished under the current signer and roots."""
-        ca, roots = await self._istio.signer(policy)
-        signer = bundle.fingerprint(ca.certificate)
-        trust = istio.bundle_fingerprint(roots)
+        current = await self._istio.signer(policy)
+        signer = bundle.fingerprint(current.ca.certificate)
+        trust = istio.bundle_fingerprint(current.roots)
         items = await self._store.list_resources(istio.ISSUED_KIND,
                                                  labels={"policy": policy.name})
         return all(i.spec.get("signerFingerprint") == signer

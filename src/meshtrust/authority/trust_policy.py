@@ -3,8 +3,9 @@
 Two shapes say the same thing and both are accepted:
 
 * ``admin.gloo.solo.io/v2`` ``RootTrustPolicy``: ``spec.applyToMeshes``
-  (selectors by cluster), ``spec.config.mgmtServerCa.generated`` or
-  ``.secretRef``, ``spec.config.intermediateCertOptions`` and
+  (selectors by cluster), ``spec.config.mgmtServerCa.generated``,
+  ``.secretRef`` or ``.awsPca`` (an AWS Private CA signs the intermediates),
+  ``spec.config.intermediateCertOptions`` and
   ``spec.config.autoRestartPods``;
 * the older ``networking.mesh.gloo.solo.io/v1`` ``VirtualMesh``:
   ``spec.mtlsConfig.shared.rootCertificateAuthority`` (``generated`` or
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +53,18 @@ class SecretRoot:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ExternalRoot:
+    """An external CA that signs the intermediates itself: its key never leaves it."""
+
+    provider: str
+    arn: str
+
+    @property
+    def region(self) -> str:
+        return self.arn.split(":")[3]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class IntermediateOptions:
     lifetime: dt.timedelta = dt.timedelta(days=365)
     key_type: keys.KeyType = keys.KeyType.RSA_4096
@@ -63,7 +77,7 @@ class TrustPolicy:
     name: str
     namespace: str
     clusters: tuple[str, ...] | None  # None: every registered cluster
-    root: GeneratedRoot | SecretRoot
+    root: GeneratedRoot | SecretRoot | ExternalRoot
     intermediate: IntermediateOptions
     auto_restart_pods: bool = False
     trust_domain: str = settings.DEFAULT_TRUST_DOMAIN
@@ -156,11 +170,27 @@ def _secret_ref(spec: Mapping[str, Any], path: str) -> SecretRoot:
     return SecretRoot(name=name, namespace=namespace)
 
 
+AWS_PCA_ARN = re.compile(r"^arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:\d{12}:certificate-authority/[\w-]+$")
+
+
+def _aws_pca(spec: Mapping[str, Any], path: str) -> ExternalRoot:
+    _only(spec, path, ("certificateAuthorityArn",))
+    arn = spec.get("certificateAuthorityArn")
+    if not isinstance(arn, str) or not AWS_PCA_ARN.match(arn):
+        raise _fail(f"{path}.certificateAuthorityArn",
+                    f"{arn!r} is not an AWS Private CA ARN such as arn:aws:acm-pca:us-east-1:"
+                    "123456789012:certificate-authority/11111111-2222-3333-4444-555555555555")
+    return ExternalRoot(provider="aws-pca", arn=arn)
+
+
 def _root(spec: Mapping[str, Any], path: str,
-          secret_key: str) -> GeneratedRoot | SecretRoot:
-    _only(spec, path, ("generated", secret_key))
-    if ("generated" in spec) == (secret_key in spec):
-        raise _fail(path, f"give exactly one of generated or {secret_key}")
+          secret_key: str, *external: str) -> GeneratedRoot | SecretRoot | ExternalRoot:
+    kinds = ("generated", secret_key, *external)
+    _only(spec, path, kinds)
+    if sum(kind in spec for kind in kinds) != 1:
+        raise _fail(path, f"give exactly one of {', '.join(kinds)}")
+    if "awsPca" in spec:
+        return _aws_pca(_mapping(spec["awsPca"], f"{path}.awsPca"), f"{path}.awsPca")
     if "generated" in spec:
         return _generated(_mapping(spec["generated"], f"{path}.generated"), f"{path}.generated")
     return _secret_ref(_mapping(spec[secret_key], f"{path}.{secret_key}"), f"{path}.{secret_key}")
@@ -245,7 +275,8 @@ def _parse_root_trust_policy(document: Mapping[str, Any]) -> TrustPolicy:
     _only(cfg, "spec.config", ("mgmtServerCa", "intermediateCertOptions", "autoRestartPods",
                                "trustDomain", "secretForm"))
     ca = _mapping(cfg.get("mgmtServerCa"), "spec.config.mgmtServerCa")
-    root = (_root(ca, "spec.config.mgmtServerCa", "secretRef") if ca else GeneratedRoot())
+    root = (_root(ca, "spec.config.mgmtServerCa", "secretRef", "awsPca") if ca
+            else GeneratedRoot())
     return TrustPolicy(
         name=name, namespace=namespace,
         clusters=_selected_clusters(spec.get("applyToMeshes"), "spec.applyToMeshes"),
@@ -307,6 +338,8 @@ def to_document(policy: TrustPolicy) -> dict[str, Any]:
     root: dict[str, Any]
     if isinstance(policy.root, SecretRoot):
         root = {"secretRef": {"name": policy.root.name, "namespace": policy.root.namespace}}
+    elif isinstance(policy.root, ExternalRoot):
+        root = {"awsPca": {"certificateAuthorityArn": policy.root.arn}}
     else:
         root = {"generated": {"ttl": f"{int(policy.root.lifetime.total_seconds())}s",
                               "keyType": policy.root.key_type.value,

@@ -16,9 +16,11 @@ from meshtrust.cli import (
     agent_cmd,
     cluster_cmd,
     demo_cmd,
+    init_cmd,
     output,
     pki_cmd,
     server_cmd,
+    status_cmd,
     store_cmd,
     trust_cmd,
 )
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = (demo_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, trust_cmd, store_cmd)
+_COMMANDS = (demo_cmd, init_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, trust_cmd,
+             status_cmd, store_cmd)
 
 
 def main(argv: Sequence[str] | None = None, out: output.Output | None = None) -> int:

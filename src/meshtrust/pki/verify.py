@@ -173,3 +173,40 @@ def _is_rsa(cert: x509.Certificate) -> bool:
 def _usage_label(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.capitalize() for part in rest)
+
+
+def check_issued(
+    certificate: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    public_key: keys.PublicKey,
+    profile: Profile,
+    now: dt.datetime,
+    *,
+    cluster: str | None = None,
+    trust_domain: str = "cluster.local",
+) -> None:
+    """Refuse a certificate an external CA returned unless it fits ``profile``.
+
+    An external CA signs with its own templates, so what comes back is checked
+    as strictly as a bring-your-own bundle: it must certify the requested key,
+    chain to ``chain``'s root, and carry the profile's constraints, usages and
+    names. Raises ProfileViolation listing every problem.
+    """
+    problems: list[str] = []
+    if keys.public_key_der(certificate.public_key()) != keys.public_key_der(public_key):  # type: ignore[arg-type]
+        problems.append("it certifies another public key than the one requested")
+    if not chain:
+        problems.append("it came without the chain to its root")
+    else:
+        try:
+            verify_chain(certificate, chain[:-1], chain[-1:], now)
+        except errors.ChainError as exc:
+            problems.append(str(exc))
+    problems.extend(_check_constraints(profile, certificate))
+    problems.extend(_check_usages(profile, certificate))
+    problems.extend(_check_names(profile, certificate, cluster, trust_domain))
+    if problems:
+        raise errors.ProfileViolation(
+            f"the certificate {_describe(certificate)} returned by the CA does not fit the "
+            f"{profile.name} profile: " + "; ".join(problems)
+            + ". Check the CA's certificate template")

@@ -9,6 +9,7 @@ cluster registry (a deregistered cluster's open streams are ended).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,15 @@ from pathlib import Path
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, settings
 from meshtrust.authority import registry as registry_module
-from meshtrust.authority import istio, relay, relay_pki, root_rotation, trust_policy
+from meshtrust.authority import (
+    ca_config,
+    istio,
+    relay,
+    relay_pki,
+    root_rotation,
+    signers,
+    trust_policy,
+)
 from meshtrust.pki import bundle
 from meshtrust.rpc import transport
 from meshtrust.server import authn, service
@@ -38,10 +47,13 @@ class Server:
         self.clock = clock or clock_module.SystemClock()
         self.names = settings.SecretNames()
         self.registry = registry_module.Registry(store, self.clock)
+        self.signers = signers.Signers()
         self.authority = relay.RelayAuthority(store, self.clock, self.registry, relay.Options(
-            client_lifetime=config.client_lifetime, token_mode=config.token_mode))
+            client_lifetime=config.client_lifetime, token_mode=config.token_mode),
+            signer_cache=self.signers)
         self.metrics = metrics.Metrics()
-        self.istio = istio.IstioAuthority(store, self.clock, self.registry)
+        self.istio = istio.IstioAuthority(store, self.clock, self.registry,
+                                          signer_cache=self.signers)
         self.rotations = root_rotation.RootRotations(store, self.clock, self.istio)
         self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
@@ -54,17 +66,16 @@ class Server:
         self._metrics_server: object | None = None
 
     async def start(self) -> None:
-        made = await relay_pki.ensure(self.store, self.clock, relay_pki.Options(
-            key_type=self.config.key_type, server_names=self.config.server_names,
-            server_lifetime=self.config.server_lifetime))
-        for name in made:
-            log.info("generated %s/%s", self.names.relay_namespace, name)
+        await self._prepare_cas()
         for cluster in await self.registry.list():
             if cluster.connected:  # left over from a previous run that ended abruptly
                 await self.registry.update_status(cluster.name, connected=False)
         for kind, name in (("relay-root", self.names.relay_root),
                            ("relay-signing", self.names.relay_signing)):
-            secret = await self.store.get_secret(self.names.relay_namespace, name)
+            try:
+                secret = await self.store.get_secret(self.names.relay_namespace, name)
+            except errors.NotFound:
+                continue  # brought CAs may not be in the store at all
             pem = secret.data.get("tls.crt") or secret.data.get("ca.crt")
             if pem:
                 self._record_expiry(pem, kind, name)
@@ -93,6 +104,24 @@ class Server:
         log.info("meshtrust server listening: %s", self.ports)
         if self.config.ready_file:
             _write_ready(Path(self.config.ready_file), {"pid": os.getpid(), **self.ports})
+
+    async def _prepare_cas(self) -> None:
+        """Make what relay PKI is missing, or check what `meshtrust init` set up is there."""
+        cas = await ca_config.load(self.store)
+        if cas is not None:
+            self.authority.options = dataclasses.replace(
+                self.authority.options, signer=cas.relay_signer, signer_arn=cas.relay_signer_arn)
+            log.info("certificate architecture %s, placement %s; relay certificates signed "
+                     "by %s", cas.architecture, cas.placement.value, cas.relay_signer.value)
+            if not cas.issues_relay:
+                log.warning("this server issues no relay certificates: they are brought and "
+                            "renewed outside meshtrust, which only watches and reports them")
+                return
+        made = await relay_pki.ensure(self.store, self.clock, relay_pki.Options(
+            key_type=self.config.key_type, server_names=self.config.server_names,
+            server_lifetime=self.config.server_lifetime, generate_cas=cas is None))
+        for name in made:
+            log.info("generated %s/%s", self.names.relay_namespace, name)
 
     async def _identity(self) -> transport.Identity:
         creds = await relay_pki.server_credentials(self.store, self.names)
