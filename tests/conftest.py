@@ -1,4 +1,5 @@
-"""Shared fixtures: one real PostgreSQL server per test session, a database per test."""
+"""Shared fixtures: one real PostgreSQL server per test session, a database per test, and
+one fake AWS Private CA server per session."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import pcaserver
 import pgserver
 
 _databases = itertools.count(1)
@@ -30,3 +32,14 @@ def postgres_server() -> Iterator[pgserver.Server]:
 def postgres_url(postgres_server: pgserver.Server) -> str:
     """The URL of a new, empty database on the session's server."""
     return postgres_server.create_database(f"test_{next(_databases)}")
+
+
+@pytest.fixture(scope="session")
+def pca_server() -> Iterator[pcaserver.Server]:
+    """A fake AWS Private CA (moto, as documented, with faults on demand) for the session."""
+    server = pcaserver.Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -16,6 +16,8 @@ import re
 import signal
 from typing import Any
 
+from cryptography import x509
+
 from meshtrust import __version__, errors, metrics, rpc, settings
 from meshtrust import clock as clock_module
 from meshtrust.agent import bounce, identity, istio, simulation
@@ -24,7 +26,7 @@ from meshtrust.agent.connection import RelayClient, describe_trust
 from meshtrust.agent.provider import ClientIdentity, Provider
 from meshtrust.agent.rotator import Rotator
 from meshtrust.agent.watcher import Watcher, read_trust
-from meshtrust.pki import bundle, keys
+from meshtrust.pki import bundle, keys, rotation
 from meshtrust.rpc.transport import messages
 from meshtrust.store import base, lease, open_store
 
@@ -287,27 +289,57 @@ class Agent:
             current = self.provider.current
             if current is not None or self.config.insecure:
                 try:
-                    await self.client.report(self._status(current))
+                    held = await self._istio_ca_held()
+                    await self.client.report(self._status(current, held))
                 except errors.MeshTrustError as exc:
                     log.debug("status report failed: %s", exc)
             await self.provider.wait_for_change(current, timeout=interval)
 
-    def _status(self, current: ClientIdentity | None) -> messages.StatusReport:
+    async def _istio_ca_held(self) -> list[messages.HeldCertificate]:
+        """The Istio CA in ``cacerts``, as the server's inventory should see it.
+
+        A ``cacerts`` meshtrust did not write is the user's to renew: the agent
+        says so in its log once it is due, and reports it all the same.
+        """
+        names = self.config.names
+        try:
+            secret = await self.store.get_secret(names.istio_namespace, names.istio_ca)
+            cert = bundle.load_bundle(secret.data).certificate
+        except (errors.NotFound, errors.PKIError):
+            return []
+        managed = secret.labels.get(settings.MANAGED_LABEL) == "meshtrust"
+        renew_at = rotation.renew_at(cert, self.config.grace_ratio)
+        if not managed and renew_at <= self.clock.now():
+            self._say_once(f"cacerts-due-{cert.serial_number:x}",
+                           "%s/%s (serial %x) is past its renewal time and expires at %s; it is "
+                           "not managed by meshtrust, so renew it yourself",
+                           names.istio_namespace, names.istio_ca, cert.serial_number,
+                           cert.not_valid_after_utc.isoformat())
+        return [_held("istio-intermediate", names.istio_namespace, names.istio_ca, cert,
+                      renew_at, managed)]
+
+    def _status(self, current: ClientIdentity | None,
+                extra: list[messages.HeldCertificate] | None = None) -> messages.StatusReport:
         held = []
         if current is not None:
-            cert = current.certificate
             names = self.config.names
-            held.append(messages.HeldCertificate(
-                kind="relay-client", namespace=names.relay_namespace, secret=names.relay_client,
-                serial=current.serial, subject=cert.subject.rfc4514_string(),
-                issuer=cert.issuer.rfc4514_string(),
-                not_before_unix=_unix(cert.not_valid_before_utc),
-                not_after_unix=_unix(cert.not_valid_after_utc),
-                renew_at_unix=_unix(self.rotator.due_at(current)),
-                fingerprint_sha256=bundle.fingerprint(cert)))
+            held.append(_held("relay-client", names.relay_namespace, names.relay_client,
+                              current.certificate, self.rotator.due_at(current),
+                              current.managed))
+        held += extra or []
         return messages.StatusReport(protocol_version=rpc.PROTOCOL_VERSION,
                                      agent_version=__version__, replica=self.config.replica,
                                      leader=self.leader.is_set(), certificates=held)
+
+
+def _held(kind: str, namespace: str, secret: str, cert: x509.Certificate,
+          renew_at: dt.datetime, managed: bool) -> messages.HeldCertificate:
+    return messages.HeldCertificate(
+        kind=kind, namespace=namespace, secret=secret, serial=f"{cert.serial_number:x}",
+        subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+        not_before_unix=_unix(cert.not_valid_before_utc),
+        not_after_unix=_unix(cert.not_valid_after_utc), renew_at_unix=_unix(renew_at),
+        fingerprint_sha256=bundle.fingerprint(cert), managed=managed)
 
 
 def _unix(value: dt.datetime) -> int:

@@ -181,6 +181,9 @@ async def collect(store: base.Store, clock: clock_module.Clock, *,
     for resource in await store.list_resources(istio.ISSUED_KIND):
         item = reader.intermediate_item(resource, names)
         by_cluster.setdefault(item.cluster, []).append(item)
+    for resource in await store.list_resources(registry.CLUSTER_KIND, namespace=ns):
+        if not any(i.kind == ISTIO_INTERMEDIATE for i in by_cluster.get(resource.name, [])):
+            by_cluster[resource.name] += reader.reported_intermediates(resource)
     for cluster in sorted(by_cluster):
         items += sorted(by_cluster[cluster], key=lambda i: (i.kind != RELAY_CLIENT, i.policy))
     return items
@@ -318,6 +321,28 @@ class _Reader:
                     issuer=str(record.get("issuer") or ""), serial=serial,
                     not_after=not_after, days_left=self._days_left(not_after),
                     renew_at=renew_at, managed_by=managed_by, message=message)
+
+    def reported_intermediates(self, resource: base.Resource) -> list[Item]:
+        """The Istio CA an agent reported when no policy of meshtrust's made it: brought."""
+        found = []
+        for record in map(_mapping, _list(resource.status.get("certificates"))):
+            if record.get("kind") != ISTIO_INTERMEDIATE:
+                continue
+            not_after = manifest.read_time(record.get("notAfter"))
+            renew_at = manifest.read_time(record.get("renewAt"))
+            where = _Where(kind=ISTIO_INTERMEDIATE, cluster=resource.name,
+                           namespace=str(record.get("namespace") or ""),
+                           secret=str(record.get("secret") or ""))
+            if not_after is None:
+                continue
+            found.append(Item(**where, state=self._timing(not_after, renew_at),
+                              subject=str(record.get("subject") or ""),
+                              issuer=str(record.get("issuer") or ""),
+                              serial=str(record.get("serial") or ""), not_after=not_after,
+                              days_left=self._days_left(not_after), renew_at=renew_at,
+                              managed_by=MANAGED if record.get("managed") else BRING_YOUR_OWN,
+                              message="reported by the cluster's agent"))
+        return found
 
     def intermediate_item(self, resource: base.Resource, names: settings.SecretNames) -> Item:
         """A cluster's Istio intermediate, from its ``IssuedCertificate`` resource."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from meshtrust import __version__, errors
 from meshtrust.cli import (
     agent_cmd,
+    backup_cmd,
     cluster_cmd,
     demo_cmd,
     init_cmd,
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = (demo_cmd, init_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, trust_cmd,
-             status_cmd, store_cmd)
+_COMMANDS = (demo_cmd, init_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, trust_cmd, status_cmd,
+             store_cmd, backup_cmd)
 
 
 def main(argv: Sequence[str] | None = None, out: output.Output | None = None) -> int:

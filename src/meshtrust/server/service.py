@@ -122,7 +122,7 @@ class RelayService(transport.services.RelayServicer):
             "kind": c.kind, "namespace": c.namespace, "secret": c.secret, "serial": c.serial,
             "subject": c.subject, "issuer": c.issuer,
             "notAfter": _iso(c.not_after_unix), "renewAt": _iso(c.renew_at_unix),
-            "fingerprint": c.fingerprint_sha256,
+            "fingerprint": c.fingerprint_sha256, "managed": c.managed,
         } for c in request.certificates]
         await self._authority.registry.seen(
             cluster, certificates=held,

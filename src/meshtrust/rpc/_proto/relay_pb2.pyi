@@ -39,7 +39,7 @@ class CertificateResponse(_message.Message):
     def __init__(self, certificate_chain: _Optional[bytes] = ..., ca_bundle: _Optional[bytes] = ..., serial: _Optional[str] = ..., not_after_unix: _Optional[int] = ...) -> None: ...
 
 class HeldCertificate(_message.Message):
-    __slots__ = ("kind", "namespace", "secret", "serial", "subject", "issuer", "not_before_unix", "not_after_unix", "renew_at_unix", "fingerprint_sha256")
+    __slots__ = ("kind", "namespace", "secret", "serial", "subject", "issuer", "not_before_unix", "not_after_unix", "renew_at_unix", "fingerprint_sha256", "managed")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class HeldCertificate(_message.Message):
     NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
     RENEW_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MANAGED_FIELD_NUMBER: _ClassVar[int]
     kind: str
     namespace: str
     secret: str
@@ -60,7 +61,8 @@ class HeldCertificate(_message.Message):
     not_after_unix: int
     renew_at_unix: int
     fingerprint_sha256: str
-    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., secret: _Optional[str] = ..., serial: _Optional[str] = ..., subject: _Optional[str] = ..., issuer: _Optional[str] = ..., not_before_unix: _Optional[int] = ..., not_after_unix: _Optional[int] = ..., renew_at_unix: _Optional[int] = ..., fingerprint_sha256: _Optional[str] = ...) -> None: ...
+    managed: bool
+    def __init__(self, kind: _Optional[str] = ..., namespace: _Optional[str] = ..., secret: _Optional[str] = ..., serial: _Optional[str] = ..., subject: _Optional[str] = ..., issuer: _Optional[str] = ..., not_before_unix: _Optional[int] = ..., not_after_unix: _Optional[int] = ..., renew_at_unix: _Optional[int] = ..., fingerprint_sha256: _Optional[str] = ..., managed: _Optional[bool] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("protocol_version", "agent_version", "replica", "leader", "certificates")
