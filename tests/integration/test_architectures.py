@@ -11,19 +11,24 @@ With separate roots, a relay certificate must not validate as an Istio peer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 import istiofleet as im
 import openssl_cli
+import pcaserver
 import relayfleet as rf
-from meshtrust import federation, settings
-from meshtrust.authority import ca_config
-from meshtrust.pki import bundle, hierarchy, issuer, keys, profiles
+from meshtrust import clock, federation, settings
+from meshtrust.authority import ca_config, registry
+from meshtrust.pki import bundle, csr, hierarchy, issuer, keys, profiles
+from meshtrust.store import base
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +151,53 @@ def test_hybrid_with_brought_intermediates(mesh: im.Mesh, tmp_path: Path,
     _converge(mesh, tmp_path, architecture)
 
 
+@pytest.fixture
+def aws(pca_server: pcaserver.Server, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> pcaserver.Server:
+    """The fake AWS Private CA, reached by the CLI and by the server process alike."""
+    pcaserver.use_fake_credentials(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_ACM_PCA", pca_server.endpoint_url)
+    pca_server.clear_faults()
+    return pca_server
+
+
+@pytest.mark.parametrize("placement", ["hybrid", "external"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_aws_private_ca(mesh: im.Mesh, tmp_path: Path, aws: pcaserver.Server,
+                        architecture: str, placement: str) -> None:
+    """Roots (hybrid) or every CA (external) at AWS Private CA; the rest as with local keys."""
+    out = _init(mesh, "--architecture", architecture, "--placement", placement,
+                "--provider", "aws-pca", "--region", aws.region, "-o", "json")
+    document = json.loads(out)
+    keys_at = _key_locations(document["hierarchy"])
+    assert any(k.startswith("arn:aws:acm-pca:") for k in keys_at)
+    cas_in_store = [k for k in keys_at if k.startswith("management store")
+                    and "server" not in k]
+    if placement == "external":
+        assert cas_in_store == [], keys_at
+        assert document["relaySigner"]["provider"] == "aws-pca"
+    else:
+        assert cas_in_store, keys_at  # meshtrust keeps the intermediates it issues with
+    before = aws.counters().backend.get("IssueCertificate", 0)
+    _converge(mesh, tmp_path, architecture)
+    signed_at_aws = aws.counters().backend.get("IssueCertificate", 0) - before
+    if placement == "external":
+        # Both bootstraps and both Istio intermediates went through AWS, once each.
+        assert signed_at_aws == 2 * len(CLUSTERS)
+    elif architecture == "split":
+        assert signed_at_aws == len(CLUSTERS)  # the relay intermediate is at AWS
+    else:
+        assert signed_at_aws == 0
+
+
+def _key_locations(nodes: list[dict[str, Any]]) -> list[str]:
+    found = []
+    for node in nodes:
+        found.append(node["key"])
+        found += _key_locations(node["signs"])
+    return found
+
+
 def test_brought_ca_is_checked(mesh: im.Mesh, tmp_path: Path) -> None:
     """A brought CA that is no CA, or under the wrong roots, is refused before writing."""
     now = dt.datetime.now(dt.UTC)
@@ -179,3 +231,100 @@ def test_init_refuses_a_store_set_up(mesh: im.Mesh) -> None:
     assert "relay-root-tls-secret" in err and "--force" in err
     out = _init(mesh, "--architecture", "split", "--force", "-o", "json")
     assert '"architecture": "split"' in out
+
+
+def test_external_bring_your_own(mesh: im.Mesh, tmp_path: Path) -> None:
+    """Placement external with no provider: meshtrust issues nothing, watches, reloads, warns.
+
+    Every certificate comes from the user's own CA (an offline hierarchy here).
+    Agents connect with the client certificates they were given; a replaced
+    server or client certificate is picked up with no restart; one that is due
+    for renewal is reported by `meshtrust status` and in the agent's log.
+    """
+    fleet = mesh.fleet
+    now = dt.datetime.now(dt.UTC)
+    built = hierarchy.build(hierarchy.Options(
+        architecture=hierarchy.Architecture.SEPARATE, clusters=CLUSTERS,
+        server_names=("localhost", "127.0.0.1"), istio_key_type=keys.KeyType.EC_P256), now)
+    wanted = {settings.RELAY_ROOT_SECRET, settings.RELAY_SERVER_SECRET,
+              settings.RELAY_CLIENT_SECRET, settings.ISTIO_CA_SECRET}
+
+    async def bring() -> None:
+        for item in built.secrets:
+            if item.name not in wanted:
+                continue
+            async with rf.opened(fleet.store_url(item.cluster)) as store:
+                await store.create(base.Secret(namespace=item.namespace, name=item.name,
+                                               type=item.type, data=item.data))
+        async with rf.opened(fleet.mgmt_url) as mgmt:
+            for cluster in CLUSTERS:
+                await registry.Registry(mgmt, clock.SystemClock()).register(cluster)
+
+    asyncio.run(bring())
+    out = _init(mesh, "--architecture", "separate", "--placement", "external",
+                "--provider", "none")
+    assert "outside meshtrust" in out
+    server = fleet.start_server(extra=["--reconcile-interval", "1s"])
+    server.process.wait_for_log("issues no relay certificates", timeout=10)
+    agents = {cluster: fleet.start_agent(cluster) for cluster in CLUSTERS}
+    for cluster in CLUSTERS:
+        fleet.wait_connected(cluster, timeout=30)
+
+    def reissue_client(cluster: str, lifetime: dt.timedelta, age: dt.timedelta) -> str:
+        """Put a client certificate from the user's CA, issued ``age`` ago, in the store."""
+        key = keys.generate_key(keys.KeyType.EC_P256)
+        request = csr.Request(csr=csr.build_csr(key, common_name=cluster, names=[cluster]),
+                              public_key=key.public_key())
+        cert = issuer.issue(request, built.relay_signing, profiles.RELAY_CLIENT,
+                            dt.datetime.now(dt.UTC) - age, lifetime,
+                            issuer.Subject(cluster=cluster))
+
+        async def put() -> None:
+            async with rf.opened(fleet.store_url(cluster)) as store:
+                current = await store.get_secret(NS, settings.RELAY_CLIENT_SECRET)
+                await store.update(dataclasses.replace(
+                    current, data=hierarchy.tls_data(cert, key, built.relay_signing)))
+
+        asyncio.run(put())
+        return f"{cert.serial_number:x}"
+
+    # A new client certificate, past its renewal time: used at once, and reported.
+    serial = reissue_client(CLUSTERS[0], dt.timedelta(minutes=10), dt.timedelta(minutes=8))
+    agents[CLUSTERS[0]].wait_for_log(f"client certificate {serial} .* renew it yourself",
+                                     timeout=20)
+
+    def reported() -> dict[str, Any] | None:
+        code, text, _ = im.cli("status", "--store", fleet.mgmt_url, "-o", "json")
+        items = json.loads(text)["items"]
+        mine = [i for i in items if i["cluster"] == CLUSTERS[0] and i["kind"] == "relay-client"]
+        if not mine or mine[0]["serial"] != serial:
+            return None
+        return {"code": code, "items": items, "client": mine[0]}
+
+    seen = rf.poll(reported, timeout=20, what="the new client certificate in the inventory")
+    assert seen["client"]["managedBy"] == "bring-your-own"
+    assert seen["client"]["state"] == "renewal-due"
+    assert seen["code"] == 3  # something needs attention
+    intermediates = [i for i in seen["items"] if i["kind"] == "istio-intermediate"]
+    assert {i["cluster"] for i in intermediates} == set(CLUSTERS)
+    assert {i["managedBy"] for i in intermediates} == {"bring-your-own"}
+    # A new server certificate from the user's CA is served without a restart.
+    key = keys.generate_key(keys.KeyType.EC_P256)
+    cert = issuer.issue(csr.Request(csr=csr.build_csr(key), public_key=key.public_key()),
+                        built.relay_signing, profiles.RELAY_SERVER, dt.datetime.now(dt.UTC),
+                        dt.timedelta(days=30), issuer.Subject(names=("localhost", "127.0.0.1")))
+
+    async def replace_server() -> None:
+        async with rf.opened(fleet.mgmt_url) as mgmt:
+            current = await mgmt.get_secret(NS, settings.RELAY_SERVER_SECRET)
+            await mgmt.update(dataclasses.replace(
+                current, data=hierarchy.tls_data(cert, key, built.relay_signing)))
+
+    asyncio.run(replace_server())
+    server.process.wait_for_log("server certificate reloaded", timeout=10)
+    served = openssl_cli.run("s_client", "-connect", server.relay, "-servername", "localhost",
+                             input=b"", check=False).stdout
+    printed = openssl_cli.run("x509", "-noout", "-serial", input=served.encode()).stdout
+    assert int(printed.strip().split("=", 1)[1], 16) == cert.serial_number
+    # Nothing was issued by meshtrust.
+    assert not server.process.lines("bootstrapped cluster|signed the Istio")

@@ -145,7 +145,10 @@ async def initialize(store: base.Store, clock: Clock, options: Options, *,
         raise errors.ConfigError("--provider aws-pca needs an AWS region: pass --region")
     names = options.names
     if not force:
-        await _refuse_existing(store, names, options.policy)
+        # Bringing your own means the certificates are there already: only a previous
+        # set-up is in the way then.
+        await _refuse_existing(store, names, options.policy,
+                               secrets=options.chosen_provider != "none")
     now = clock.now()
     plan = await _plan(options, now, external)
     written: list[str] = []
@@ -185,10 +188,11 @@ async def initialize(store: base.Store, clock: Clock, options: Options, *,
     return Result(config=config, tree=tuple(plan.tree), secrets=tuple(written), policy=policy)
 
 
-async def _refuse_existing(store: base.Store, names: settings.SecretNames, policy: str) -> None:
+async def _refuse_existing(store: base.Store, names: settings.SecretNames, policy: str, *,
+                           secrets: bool) -> None:
     found = []
     for name in (names.relay_root, names.relay_signing, names.relay_server,
-                 names.istio_signing, settings.SecretNames.root_trust(policy)):
+                 names.istio_signing, settings.SecretNames.root_trust(policy)) if secrets else ():
         try:
             await store.get_secret(names.relay_namespace, name)
             found.append(f"{names.relay_namespace}/{name}")

@@ -106,6 +106,11 @@ class CA:
         return keys.signature_hash(self.key)
 
 
+def backdated(now: dt.datetime, lifetime: dt.timedelta) -> dt.datetime:
+    """The NotBefore of a certificate issued ``now`` for ``lifetime``: a little in the past."""
+    return now - min(BACKDATE, lifetime / 20)
+
+
 def random_serial() -> int:
     """A random positive serial number of 128 bits."""
     return secrets.randbits(128) or 1
@@ -142,7 +147,7 @@ def self_sign(
         raise ValueError(f"cannot self-sign with leaf profile {profile.name}")
     subject = subject or Subject()
     lifetime = lifetime or profile.default_lifetime
-    not_before = now - min(BACKDATE, lifetime / 20)
+    not_before = backdated(now, lifetime)
     builder = _base_builder(profile, subject, key.public_key(), not_before, now + lifetime)
     name = _subject_name(profile, subject)
     builder = builder.issuer_name(name)
@@ -223,7 +228,7 @@ def _validity(now: dt.datetime, lifetime: dt.timedelta,
             f"the issuing CA {issuer.subject.rfc4514_string()} expired at "
             f"{issuer_after.isoformat()}; renew it before issuing"
         )
-    not_before = max(now - min(BACKDATE, lifetime / 20), issuer.not_valid_before_utc)
+    not_before = max(backdated(now, lifetime), issuer.not_valid_before_utc)
     return not_before, min(now + lifetime, issuer_after)
 
 

@@ -216,8 +216,10 @@ class AwsPca:
         arn = self._create("ROOT", _subject(common_name, organization, organizational_unit),
                            idempotency)
         csr_pem = self._ca_csr(arn)
-        end = _validity_end(self._clock.now(), lifetime, None, arn.text)
-        cert_arn = self._issue_once(arn, csr_pem, ROOT_TEMPLATE, end, "SHA256WITHRSA",
+        now = self._clock.now()
+        validity = (issuer.backdated(now, lifetime),
+                    _validity_end(now, lifetime, None, arn.text))
+        cert_arn = self._issue_once(arn, csr_pem, ROOT_TEMPLATE, validity, "SHA256WITHRSA",
                                     f"{idempotency}/root-certificate")
         certificate, _ = self._fetch(arn.text, cert_arn)
         self._install(arn.text, certificate, ())
@@ -233,8 +235,10 @@ class AwsPca:
         arn = self._create("SUBORDINATE",
                            _subject(common_name, organization, organizational_unit), idempotency)
         csr_pem = self._ca_csr(arn)
-        end = _validity_end(self._clock.now(), lifetime, parent.not_after, parent_arn)
-        cert_arn = self._issue_once(parent.arn, csr_pem, template, end,
+        now = self._clock.now()
+        validity = (issuer.backdated(now, lifetime),
+                    _validity_end(now, lifetime, parent.not_after, parent_arn))
+        cert_arn = self._issue_once(parent.arn, csr_pem, template, validity,
                                     parent.signing_algorithm, f"{idempotency}/ca-certificate")
         certificate, chain = self._fetch(parent_arn, cert_arn)
         self._install(arn.text, certificate, chain)
@@ -250,8 +254,10 @@ class AwsPca:
         template = subordinate_template(path_length)
         request = csr_mod.load_csr(csr_pem)
         parent = self._authority(parent_arn)
-        end = _validity_end(self._clock.now(), lifetime, parent.not_after, parent_arn)
-        cert_arn = self._issue_once(parent.arn, request.dump(), template, end,
+        now = self._clock.now()
+        validity = (issuer.backdated(now, lifetime),
+                    _validity_end(now, lifetime, parent.not_after, parent_arn))
+        cert_arn = self._issue_once(parent.arn, request.dump(), template, validity,
                                     parent.signing_algorithm, idempotency_key)
         return self._fetch(parent_arn, cert_arn)
 
@@ -279,9 +285,13 @@ class AwsPca:
         issuer.check(request.request, request.profile, request.subject)
         template = template_for(request.profile)
         authority = self._authority(arn)
-        end = _validity_end(now, request.lifetime, authority.not_after, arn)
-        cert_arn = self._issue_once(authority.arn, request.request.dump(), template, end,
-                                    authority.signing_algorithm, request.idempotency_key)
+        # NotBefore is ours, not AWS's default of an hour back: that would make a short
+        # certificate look older than it is, and due for renewal at once.
+        validity = (issuer.backdated(now, request.lifetime),
+                    _validity_end(now, request.lifetime, authority.not_after, arn))
+        cert_arn = self._issue_once(authority.arn, request.request.dump(), template,
+                                    validity, authority.signing_algorithm,
+                                    request.idempotency_key)
         certificate, chain = self._fetch(arn, cert_arn)
         if not _same_key(certificate, request.request.public_key):
             raise errors.ProviderError(
@@ -289,7 +299,8 @@ class AwsPca:
                 "retry with a new idempotency key")
         return base.Signed(certificate=certificate, chain=chain)
 
-    def _issue_once(self, ca: Arn, csr_pem: bytes, template: str, end: dt.datetime,
+    def _issue_once(self, ca: Arn, csr_pem: bytes, template: str,
+                    validity: tuple[dt.datetime, dt.datetime],
                     signing_algorithm: str, key: str) -> str:
         """IssueCertificate for ``key`` unless it was issued already; return the certificate ARN."""
         digest = hashlib.sha256(csr_pem).hexdigest()
@@ -306,7 +317,10 @@ class AwsPca:
                                       CertificateAuthorityArn=ca.text, Csr=csr_pem,
                                       SigningAlgorithm=signing_algorithm,
                                       TemplateArn=ca.template(template),
-                                      Validity={"Type": "ABSOLUTE", "Value": int(end.timestamp())},
+                                      Validity={"Type": "ABSOLUTE",
+                                                "Value": int(validity[1].timestamp())},
+                                      ValidityNotBefore={"Type": "ABSOLUTE",
+                                                         "Value": int(validity[0].timestamp())},
                                       IdempotencyToken=idempotency_token(key)))
             cert_arn = str(response["CertificateArn"])
             with self._lock:
