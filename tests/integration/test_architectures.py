@@ -178,9 +178,15 @@ def test_aws_private_ca(mesh: im.Mesh, tmp_path: Path, aws: pcaserver.Server,
         assert document["relaySigner"]["provider"] == "aws-pca"
     else:
         assert cas_in_store, keys_at  # meshtrust keeps the intermediates it issues with
-    before = aws.counters().backend.get("IssueCertificate", 0)
+    before = aws.counters()
+    if placement == "external":
+        aws.inject("IssueCertificate", count=3)  # AWS throttles the first bootstraps
     _converge(mesh, tmp_path, architecture)
-    signed_at_aws = aws.counters().backend.get("IssueCertificate", 0) - before
+    after = aws.counters()
+    signed_at_aws = (after.backend.get("IssueCertificate", 0)
+                     - before.backend.get("IssueCertificate", 0))
+    made = {token: n - before.issued.get(token, 0) for token, n in after.issued.items()}
+    assert all(n <= 1 for n in made.values()), made  # never two for one request
     if placement == "external":
         # Both bootstraps and both Istio intermediates went through AWS, once each.
         assert signed_at_aws == 2 * len(CLUSTERS)
@@ -188,6 +194,34 @@ def test_aws_private_ca(mesh: im.Mesh, tmp_path: Path, aws: pcaserver.Server,
         assert signed_at_aws == len(CLUSTERS)  # the relay intermediate is at AWS
     else:
         assert signed_at_aws == 0
+
+
+def test_aws_misconfiguration_is_one_clear_error(mesh: im.Mesh, aws: pcaserver.Server) -> None:
+    """A root in another region, a root in the wrong state, missing permissions."""
+    client = aws.client()
+    arn = client.create_root("meshtrust-test-root", lifetime=dt.timedelta(days=30),
+                             idempotency=f"misconfigured-{id(client)}")
+    base_args = ["init", "--store", mesh.fleet.mgmt_url, "--architecture", "shared",
+                 "--placement", "hybrid"]
+    code, _, err = im.cli(*base_args, "--region", "eu-west-1", "--root-arn", arn)
+    assert code == 1 and f"pass --region {aws.region}" in err, err
+    aws.boto3().update_certificate_authority(CertificateAuthorityArn=arn, Status="DISABLED")
+    code, _, err = im.cli(*base_args, "--region", aws.region, "--root-arn", arn)
+    assert code == 1 and "DISABLED" in err, err
+    aws.inject("CreateCertificateAuthority", "AccessDeniedException",
+               message="not authorized to perform acm-pca:CreateCertificateAuthority")
+    try:
+        code, _, err = im.cli(*base_args, "--region", aws.region)
+    finally:
+        aws.clear_faults()
+    assert code == 1 and "acm-pca:CreateCertificateAuthority" in err, err
+    assert err.count("error:") == 1
+
+    async def untouched() -> None:
+        async with rf.opened(mesh.fleet.mgmt_url) as mgmt:
+            assert await mgmt.list_secrets() == []
+
+    asyncio.run(untouched())
 
 
 def _key_locations(nodes: list[dict[str, Any]]) -> list[str]:
