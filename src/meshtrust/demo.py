@@ -110,6 +110,7 @@ class Fleet:
         self.views = {name: ClusterView(name=name) for name in plan.names}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.relay = ""
+        self.dashboard = ""  # the server's expiry dashboard, once it serves
         self.rotation_step = "-"
 
     def _spawn(self, name: str, *args: str) -> None:
@@ -123,13 +124,13 @@ class Fleet:
         plan.workdir.mkdir(parents=True, exist_ok=True)
         ready = plan.workdir / "server.ready"
         ready.unlink(missing_ok=True)
-        relay, boot = _free_port(), _free_port()
+        relay, boot, meters = _free_port(), _free_port(), _free_port()
         self.relay = f"127.0.0.1:{relay}"
         self._spawn("server", "server", "--store", plan.store("mgmt"),
                     "--listen", self.relay, "--bootstrap-listen", f"127.0.0.1:{boot}",
                     "--client-lifetime", f"{plan.client_lifetime}s",
                     "--heartbeat", f"{plan.heartbeat}s", "--reconcile-interval", "1s",
-                    "--ready-file", str(ready))
+                    "--ready-file", str(ready), "--metrics", f"127.0.0.1:{meters}")
         deadline = time.monotonic() + 30
         while not ready.exists():
             if self._procs["server"].poll() is not None or time.monotonic() > deadline:
@@ -137,6 +138,7 @@ class Fleet:
                     f"the server did not start; see {plan.workdir / 'server.log'}")
             await asyncio.sleep(0.1)
         ports = json.loads(ready.read_text())
+        self.dashboard = f"http://127.0.0.1:{ports.get('metrics', meters)}/ui"
         async with opened_store(plan.store("mgmt")) as mgmt:
             for name in plan.names:
                 enrolled = await enrollment.enroll(

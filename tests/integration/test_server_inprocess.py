@@ -73,7 +73,7 @@ class TestServerMetrics:
         assert samples[("meshtrust_bootstrap_attempts_total", (("outcome", "accepted"),))] == 1
         assert samples[("meshtrust_bootstrap_attempts_total", (("outcome", "refused"),))] == 1
         assert samples[("meshtrust_issuance_total",
-                        (("outcome", "issued"), ("profile", "relay-client")))] == 1
+                        (("outcome", "ok"), ("profile", "relay-client")))] == 1
         expiry = [v for (name, labels), v in samples.items()
                   if name == "meshtrust_certificate_expiration_timestamp_seconds"]
         kinds = {dict(labels)["kind"] for (name, labels) in samples

@@ -70,6 +70,7 @@ class Options:
     intermediate_lifetime: dt.timedelta = profiles.RELAY_SIGNING.default_lifetime
     server_lifetime: dt.timedelta = profiles.RELAY_SERVER.default_lifetime
     names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
+    key_lock: keys.KeyLock = dataclasses.field(default_factory=keys.KeyLock)
     # Names this run's requests to the external CA: a retried call within the run is not
     # done twice, and another run makes its own CAs.
     run_id: str = dataclasses.field(default_factory=lambda: secrets_module.token_hex(6))
@@ -162,7 +163,7 @@ async def initialize(store: base.Store, clock: Clock, options: Options, *,
         root_pem = bundle.dump_certificate(plan.relay_root)
         data = {"ca.crt": root_pem}
         if plan.relay_root_key is not None:
-            data |= {"tls.crt": root_pem, "tls.key": keys.dump_private_key(plan.relay_root_key)}
+            data |= {"tls.crt": root_pem, "tls.key": options.key_lock.seal(plan.relay_root_key)}
         await put(base.Secret(namespace=ns, name=names.relay_root, type=TLS_TYPE,
                               labels=settings.MANAGED_BY, data=data))
     if plan.relay_signing is not None:
@@ -244,11 +245,11 @@ def _leaves(options: Options, signs_istio: bool, signs_relay: bool = True) -> tu
     return tuple(found)
 
 
-def _tls(ca: issuer.CA) -> dict[str, bytes]:
+def _tls(ca: issuer.CA, lock: keys.KeyLock) -> dict[str, bytes]:
     """A CA in the tls form: its chain without the root, its key, the root as ca.crt."""
     return {"ca.crt": bundle.dump_certificate(ca.root),
             "tls.crt": bundle.dump_certificates(ca.path[:-1] or ca.path),
-            "tls.key": keys.dump_private_key(ca.key)}
+            "tls.key": lock.seal(ca.key)}
 
 
 def _secret_ref(name: str, namespace: str) -> dict[str, Any]:
@@ -303,13 +304,13 @@ def _internal(options: Options, now: dt.datetime) -> _Plan:
             plan.extra.append(base.Secret(
                 namespace=ns, name=secret_name, labels=settings.MANAGED_BY,
                 data={"root-cert.pem": bundle.dump_certificate(istio_root.certificate),
-                      "key.pem": keys.dump_private_key(istio_root.key)}))
+                      "key.pem": options.key_lock.seal(istio_root.key)}))
             plan.istio_ca = {"generated": {}}
             plan.tree = [_node("relay root", root.certificate, where, relay_node),
                          _node("Istio root", istio_root.certificate,
                                f"{IN_STORE} ({secret_name})",
                                *_leaves(options, True, signs_relay=False))]
-    plan.relay_signing = _tls(signing)
+    plan.relay_signing = _tls(signing, options.key_lock)
     plan.relay_signer = local.LocalProvider(signing)
     return plan
 
@@ -322,7 +323,7 @@ def _brought(options: Options, now: dt.datetime) -> _Plan:
     relay_profile = profiles.SHARED_SIGNING if shared else profiles.RELAY_SIGNING
     relay = secret.load(options.relay_ca, relay_profile, now, where="--relay-ca")
     plan = _Plan(relay_root=relay.ca.root, relay_signer=relay,
-                 relay_signing=_tls(relay.ca))
+                 relay_signing=_tls(relay.ca, options.key_lock))
     relay_node = _node("shared signing CA" if shared else "relay signing CA",
                        relay.ca.certificate, f"{IN_STORE} ({names.relay_signing})",
                        *_leaves(options, shared))
@@ -340,7 +341,7 @@ def _brought(options: Options, now: dt.datetime) -> _Plan:
             "the separate architecture needs --relay-ca and --istio-ca under different roots")
     plan.extra.append(base.Secret(namespace=names.relay_namespace, name=names.istio_signing,
                                   type=TLS_TYPE, labels=settings.MANAGED_BY,
-                                  data=_tls(istio_ca.ca)))
+                                  data=_tls(istio_ca.ca, options.key_lock)))
     plan.istio_ca = _secret_ref(names.istio_signing, names.relay_namespace)
     istio_node = _node("Istio signing CA", istio_ca.ca.certificate,
                        f"{IN_STORE} ({names.istio_signing})",
@@ -438,7 +439,7 @@ async def _hybrid_pca(options: Options, now: dt.datetime, external: providers.Ex
                                      "meshtrust-signing-ca" if shared
                                      else "meshtrust-relay-signing-ca")
         plan.relay_signer = local.LocalProvider(signing)
-        plan.relay_signing = _tls(signing)
+        plan.relay_signing = _tls(signing, options.key_lock)
         relay_node = _node("shared signing CA" if shared else "relay signing CA",
                            signing.certificate, f"{IN_STORE} ({names.relay_signing})",
                            *_leaves(options, shared))
@@ -453,7 +454,8 @@ async def _hybrid_pca(options: Options, now: dt.datetime, external: providers.Ex
     istio_signing = await _local_under(external, istio_root, profiles.SHARED_SIGNING, options,
                                        now, "meshtrust-istio-signing-ca")
     plan.extra.append(base.Secret(namespace=ns, name=names.istio_signing, type=TLS_TYPE,
-                                  labels=settings.MANAGED_BY, data=_tls(istio_signing)))
+                                  labels=settings.MANAGED_BY,
+                                  data=_tls(istio_signing, options.key_lock)))
     plan.istio_ca = _secret_ref(names.istio_signing, ns)
     istio_node = _node("Istio signing CA", istio_signing.certificate,
                        f"{IN_STORE} ({names.istio_signing})",

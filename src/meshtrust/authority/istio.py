@@ -24,6 +24,7 @@ from cryptography import x509
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust.authority import audit as audit_module
 from meshtrust.authority import registry as registry_module
 from meshtrust.authority import signers, trust_policy
 from meshtrust.pki import bundle, csr, issuer, keys, profiles, rotation
@@ -90,6 +91,13 @@ def work_id(resource: base.Resource) -> str:
     return f"{resource.name}/{resource.generation}/{resource.status.get('round', 0)}"
 
 
+def _policy_of(id_: str, cluster: str) -> str | None:
+    """The policy a work item ID names, if it is one of ``cluster``'s."""
+    name = id_.split("/", 1)[0]
+    suffix = f".{cluster}"
+    return name[:-len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
+
+
 def bundle_fingerprint(roots: bytes) -> str:
     """One fingerprint for a set of roots, whatever their order in the PEM."""
     prints = sorted(bundle.fingerprint(c) for c in bundle.load_certificates(roots, "roots"))
@@ -106,12 +114,14 @@ class IstioAuthority:
     def __init__(self, store: base.Store, clock: clock_module.Clock,
                  registry: registry_module.Registry, *,
                  namespace: str = settings.RELAY_NAMESPACE,
-                 signer_cache: signers.Signers | None = None) -> None:
+                 signer_cache: signers.Signers | None = None,
+                 audit: audit_module.AuditLog | None = None) -> None:
         self._store = store
         self._clock = clock
         self._registry = registry
         self._ns = namespace
         self._signers = signer_cache or signers.Signers()
+        self.audit = audit or registry.audit
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -120,16 +130,29 @@ class IstioAuthority:
 
         Returns the stored resource and whether it was created.
         """
-        policy = trust_policy.parse(document)
+        try:
+            policy = trust_policy.parse(document)
+        except errors.ConfigError as exc:
+            metadata = document.get("metadata")
+            name = metadata.get("name") if isinstance(metadata, Mapping) else None
+            await self.audit.refused(audit_module.Kind.POLICY, exc,
+                                     policy=name if isinstance(name, str) else None)
+            raise
         spec = trust_policy.to_document(policy)["spec"]
         try:
             current = await self._store.get_resource(trust_policy.POLICY_KIND,
                                                      policy.namespace, policy.name)
         except errors.NotFound:
-            return await self._store.create(base.Resource(
+            stored, created = await self._store.create(base.Resource(
                 api_version=trust_policy.POLICY_API, kind=trust_policy.POLICY_KIND,
                 namespace=policy.namespace, name=policy.name, spec=spec)), True
-        return await self._store.update(dataclasses.replace(current, spec=spec)), False
+        else:
+            stored = await self._store.update(dataclasses.replace(current, spec=spec))
+            created = False
+        await self.audit.record(audit_module.Kind.POLICY, policy=policy.name,
+                                message=f"{'created' if created else 'configured'} in "
+                                        f"{policy.namespace} (generation {stored.generation})")
+        return stored, created
 
     async def policies(self) -> list[tuple[base.Resource, trust_policy.TrustPolicy]]:
         found = []
@@ -175,11 +198,14 @@ class IstioAuthority:
                                    "key.pem": keys.dump_private_key(root.key)})
         try:
             made = await self._store.create(secret)
-            log.info("generated the Istio root of policy %s in %s/%s", policy.name,
-                     policy.namespace, name)
-            return made
         except errors.AlreadyExists:
             return await self._store.get_secret(policy.namespace, name)
+        log.info("generated the Istio root of policy %s in %s/%s", policy.name,
+                 policy.namespace, name)
+        await self.audit.record(audit_module.Kind.ISSUE, policy=policy.name,
+                                profile=profiles.ISTIO_ROOT.name, certificate=root.certificate,
+                                message=f"generated in {policy.namespace}/{name}")
+        return made
 
     async def signer(self, policy: trust_policy.TrustPolicy) -> Signer:
         """What signs the policy's intermediates, and the roots clusters must trust."""
@@ -344,7 +370,16 @@ class IstioAuthority:
         return resource
 
     async def sign(self, cluster: str, id_: str, csr_pem: bytes) -> Signed:
-        """Sign a cluster's intermediate CSR for work item ``id_``."""
+        """Sign a cluster's intermediate CSR for work item ``id_``; refusals are recorded."""
+        try:
+            return await self._sign(cluster, id_, csr_pem)
+        except errors.MeshTrustError as exc:
+            await self.audit.refused(audit_module.Kind.ISSUE, exc, actor=cluster,
+                                     cluster=cluster, profile=profiles.ISTIO_INTERMEDIATE.name,
+                                     policy=_policy_of(id_, cluster))
+            raise
+
+    async def _sign(self, cluster: str, id_: str, csr_pem: bytes) -> Signed:
         resource = await self._current(cluster, id_)
         spec = resource.spec
         _, policy = await self.policy(spec["policy"])
@@ -363,6 +398,10 @@ class IstioAuthority:
                                    organization=spec["organization"]),
             idempotency_key=f"istio/{id_}/{_key_sha256(request)}"), now)
         certificate = signed.certificate
+        # Recorded before it is handed out: no record, no intermediate.
+        await self.audit.record(audit_module.Kind.ISSUE, actor=cluster, cluster=cluster,
+                                policy=policy.name, profile=profiles.ISTIO_INTERMEDIATE.name,
+                                certificate=certificate, message=f"work {id_}")
         renew_at = rotation.renew_at(certificate, float(spec["gracePeriodRatio"]))
         await self._set_state(resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
                               notAfter=manifest.dump_time(certificate.not_valid_after_utc),

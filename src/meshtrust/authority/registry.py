@@ -24,6 +24,7 @@ from typing import Any
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust.authority import audit as audit_module
 from meshtrust.pki import identity
 from meshtrust.store import base, manifest
 
@@ -84,11 +85,14 @@ class Registry:
 
     def __init__(self, store: base.Store, clock: clock_module.Clock, *,
                  namespace: str = settings.RELAY_NAMESPACE,
-                 retry_window: dt.timedelta = DEFAULT_RETRY_WINDOW) -> None:
+                 retry_window: dt.timedelta = DEFAULT_RETRY_WINDOW,
+                 audit: audit_module.AuditLog | None = None) -> None:
         self._store = store
         self._clock = clock
         self._ns = namespace
         self._retry_window = retry_window
+        # On by default: without one given, actions are recorded as the operator's.
+        self.audit = audit or audit_module.AuditLog(store, clock, namespace=namespace)
 
     # -- clusters ---------------------------------------------------------------------------
 
@@ -101,6 +105,9 @@ class Registry:
                 spec={"registeredAt": manifest.dump_time(self._clock.now())}))
         except errors.AlreadyExists:
             resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
+        else:
+            await self.audit.record(audit_module.Kind.REGISTER, cluster=name,
+                                    message="registered")
         return Cluster.of(resource)
 
     async def get(self, name: str) -> Cluster:
@@ -120,14 +127,21 @@ class Registry:
         """Remove ``name`` and its unused tokens; its certificates are refused from now on."""
         try:
             await self._store.delete(CLUSTER_KIND, self._ns, name)
-        except errors.NotFound:
-            raise errors.UnknownCluster(f"cluster {name!r} is not registered") from None
+        except (errors.NotFound, ValueError):  # ValueError: not even a valid object name
+            refusal = errors.UnknownCluster(f"cluster {name!r} is not registered")
+            await self.audit.refused(audit_module.Kind.DEREGISTER, refusal, cluster=name)
+            raise refusal from None
+        removed = 0
         for token in await self._store.list_resources(TOKEN_KIND, namespace=self._ns,
                                                       labels={"cluster": name}):
             try:
                 await self._store.delete(TOKEN_KIND, self._ns, token.name)
+                removed += 1
             except errors.NotFound:
                 pass
+        await self.audit.record(audit_module.Kind.DEREGISTER, cluster=name,
+                                message=f"deregistered, its certificates refused from now on; "
+                                        f"{removed} unused token(s) removed")
 
     async def update_status(self, name: str, **changes: Any) -> None:
         """Merge ``changes`` into the cluster's status (retrying lost compare-and-swaps)."""
@@ -172,6 +186,10 @@ class Registry:
             name=f"{cluster}.{token_id}", labels={"cluster": cluster},
             spec={"cluster": cluster, "sha256": _digest(secret),
                   "expiresAt": manifest.dump_time(expires)}))
+        # The token's public id only; recorded before the token is handed out.
+        await self.audit.record(audit_module.Kind.TOKEN, cluster=cluster,
+                                message=f"token {token_id} minted, single-use, expires "
+                                        f"{manifest.dump_time(expires)}")
         return f"{TOKEN_PREFIX}.{token_id}.{secret}"
 
     @staticmethod

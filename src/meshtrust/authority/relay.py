@@ -17,6 +17,7 @@ from cryptography import x509
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust.authority import audit as audit_module
 from meshtrust.authority import ca_config, relay_pki, signers
 from meshtrust.authority import registry as registry_module
 from meshtrust.pki import bundle, csr, identity, issuer, keys, profiles
@@ -60,13 +61,21 @@ class RelayAuthority:
 
     def __init__(self, store: base.Store, clock: clock_module.Clock,
                  registry: registry_module.Registry, options: Options | None = None,
-                 signer_cache: signers.Signers | None = None) -> None:
+                 signer_cache: signers.Signers | None = None,
+                 audit: audit_module.AuditLog | None = None) -> None:
         self._store = store
         self._clock = clock
         self.registry = registry
+        self.audit = audit or registry.audit
         self.options = options or Options()
         self._signers = signer_cache or signers.Signers()
         self._trust: tuple[int, bytes] | None = None
+
+    async def signer(self) -> providers.CAProvider | None:
+        """What signs relay certificates; None when this server issues none."""
+        if self.options.signer is ca_config.RelaySigner.NONE:
+            return None
+        return (await self._signer())[0]
 
     async def _signer(self) -> tuple[providers.CAProvider, bytes]:
         """The relay signer and the trust bundle, reloaded when their secrets change."""
@@ -87,21 +96,37 @@ class RelayAuthority:
                            await relay_pki.trust_bundle(self._store, names))
         return provider, self._trust[1]
 
-    async def bootstrap(self, cluster: str, token: str, csr_pem: bytes) -> Issued:
-        """Check the token and issue the cluster's first client certificate."""
-        registry_module.check_cluster_name(cluster)
-        request = csr.load_csr(csr_pem)
-        await self.registry.get(cluster)
-        # Refuse a bad CSR before the token is spent on it.
-        issuer.check(request, profiles.RELAY_CLIENT, issuer.Subject(cluster=cluster))
-        await self._check_token(cluster, token, request)
-        return await self._issue(cluster, request)
+    async def bootstrap(self, cluster: str, token: str, csr_pem: bytes, *,
+                        peer: str | None = None) -> Issued:
+        """Check the token and issue the cluster's first client certificate.
+
+        Accepted or refused, the attempt is recorded in the audit log with the
+        caller's address ``peer``; the token never is.
+        """
+        try:
+            registry_module.check_cluster_name(cluster)
+            request = csr.load_csr(csr_pem)
+            await self.registry.get(cluster)
+            # Refuse a bad CSR before the token is spent on it.
+            issuer.check(request, profiles.RELAY_CLIENT, issuer.Subject(cluster=cluster))
+            await self._check_token(cluster, token, request)
+            return await self._issue(cluster, request, audit_module.Kind.BOOTSTRAP, peer=peer)
+        except errors.MeshTrustError as exc:
+            await self.audit.refused(audit_module.Kind.BOOTSTRAP, exc,
+                                     actor=audit_module.ANONYMOUS, cluster=cluster,
+                                     profile=profiles.RELAY_CLIENT.name, peer=peer)
+            raise
 
     async def renew(self, cluster: str, csr_pem: bytes) -> Issued:
         """Issue a new client certificate for an authenticated cluster's new key."""
-        request = csr.load_csr(csr_pem)
-        await self.registry.get(cluster)
-        return await self._issue(cluster, request)
+        try:
+            request = csr.load_csr(csr_pem)
+            await self.registry.get(cluster)
+            return await self._issue(cluster, request, audit_module.Kind.RENEW)
+        except errors.MeshTrustError as exc:
+            await self.audit.refused(audit_module.Kind.RENEW, exc, actor=cluster,
+                                     cluster=cluster, profile=profiles.RELAY_CLIENT.name)
+            raise
 
     async def _check_token(self, cluster: str, token: str, request: csr.Request) -> None:
         mode = self.options.token_mode
@@ -119,7 +144,8 @@ class RelayAuthority:
                 return
         raise errors.AuthError(f"identity token rejected for cluster {cluster!r}")
 
-    async def _issue(self, cluster: str, request: csr.Request) -> Issued:
+    async def _issue(self, cluster: str, request: csr.Request, event: audit_module.Kind, *,
+                     peer: str | None = None) -> Issued:
         provider, trust = await self._signer()
         signed = await signers.sign(provider, providers.SignRequest(
             request=request, profile=profiles.RELAY_CLIENT,
@@ -130,6 +156,10 @@ class RelayAuthority:
         issued = Issued(certificate=certificate,
                         chain_pem=bundle.dump_certificates([certificate, *signed.chain[:-1]]),
                         ca_bundle=trust)
+        # Recorded before it is handed out: no record, no certificate.
+        await self.audit.record(event, actor=cluster, cluster=cluster,
+                                profile=profiles.RELAY_CLIENT.name, certificate=certificate,
+                                peer=peer)
         await self.registry.seen(cluster, clientCertificate={
             "serial": issued.serial,
             "notAfter": certificate.not_valid_after_utc.isoformat()})

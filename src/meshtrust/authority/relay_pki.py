@@ -30,9 +30,11 @@ class Options:
     key_type: keys.KeyType = keys.KeyType.EC_P256
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     server_lifetime: dt.timedelta = profiles.RELAY_SERVER.default_lifetime
+    signing_lifetime: dt.timedelta = profiles.RELAY_SIGNING.default_lifetime
     names: settings.SecretNames = dataclasses.field(default_factory=settings.SecretNames)
     # False once `meshtrust init` has set the CAs up: then a missing CA is an error.
     generate_cas: bool = True
+    key_lock: keys.KeyLock = dataclasses.field(default_factory=keys.KeyLock)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,15 +85,16 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
             root_secret = await _create(store, base.Secret(
                 namespace=ns, name=n.relay_root, type=TLS_TYPE, labels=settings.MANAGED_BY,
                 data={"ca.crt": root_pem, "tls.crt": root_pem,
-                      "tls.key": keys.dump_private_key(root.key)}))
+                      "tls.key": options.key_lock.seal(root.key)}))
             made.append(n.relay_root)
-        root_ca = signers.ca_from_secret(root_secret)
-        made_ca = issuer.new_intermediate(options.key_type, root_ca, profiles.RELAY_SIGNING, now)
+        root_ca = signers.ca_from_secret(root_secret, options.key_lock)
+        made_ca = issuer.new_intermediate(options.key_type, root_ca, profiles.RELAY_SIGNING, now,
+                                          options.signing_lifetime)
         signing = await _create(store, base.Secret(
             namespace=ns, name=n.relay_signing, type=TLS_TYPE, labels=settings.MANAGED_BY,
             data={"ca.crt": bundle.dump_certificate(made_ca.root),
                   "tls.crt": bundle.dump_certificates(made_ca.path[:-1]),
-                  "tls.key": keys.dump_private_key(made_ca.key)}))
+                  "tls.key": options.key_lock.seal(made_ca.key)}))
         made.append(n.relay_signing)
     elif root_secret is None:
         # Bring-your-own signing CA with no root secret: publish its root (ca.crt only).
@@ -103,7 +106,7 @@ async def ensure(store: base.Store, clock: clock_module.Clock,
         if not options.generate_cas:
             raise errors.ConfigError(f"secret {ns}/{n.relay_server} is missing; restore it or "
                                      "run `meshtrust init --force`")
-        signing_ca = signers.ca_from_secret(signing)
+        signing_ca = signers.ca_from_secret(signing, options.key_lock)
         server_key = keys.generate_key(options.key_type)
         request = csr.Request(csr=csr.build_csr(server_key), public_key=server_key.public_key())
         cert = issuer.issue(request, signing_ca, profiles.RELAY_SERVER, now,

@@ -27,6 +27,7 @@ from typing import Any
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, settings
+from meshtrust.authority import audit as audit_module
 from meshtrust.authority import istio, trust_policy
 from meshtrust.pki import bundle, issuer, keys, profiles
 from meshtrust.store import base, manifest
@@ -67,14 +68,24 @@ _CAS_ATTEMPTS = 5
 class RootRotations:
     def __init__(self, store: base.Store, clock: clock_module.Clock,
                  authority: istio.IstioAuthority, *,
-                 namespace: str = settings.RELAY_NAMESPACE) -> None:
+                 namespace: str = settings.RELAY_NAMESPACE,
+                 audit: audit_module.AuditLog | None = None) -> None:
         self._store = store
         self._clock = clock
         self._istio = authority
         self._ns = namespace
+        self.audit = audit or authority.audit
 
     async def start(self, policy_name: str) -> base.Resource:
         """Begin rotating the root of a generated policy; refuse if one is under way."""
+        try:
+            return await self._start(policy_name)
+        except errors.MeshTrustError as exc:
+            await self.audit.refused(audit_module.Kind.ROTATION, exc, policy=policy_name,
+                                     step=Step.ADDING_ROOT.value)
+            raise
+
+    async def _start(self, policy_name: str) -> base.Resource:
         _, policy = await self._istio.policy(policy_name)
         if isinstance(policy.root, trust_policy.SecretRoot):
             raise errors.ConfigError(
@@ -115,10 +126,22 @@ class RootRotations:
         made = await self._store.update_status(dataclasses.replace(made, status=status))
         await self._apply(policy, Step.ADDING_ROOT)
         log.info("root rotation of policy %s started", policy_name)
+        await self.audit.record(audit_module.Kind.ROTATION, policy=policy_name,
+                                step=Step.ADDING_ROOT.value, profile=profiles.ISTIO_ROOT.name,
+                                certificate=new.certificate,
+                                message="started: new root generated; clusters now trust old "
+                                        "and new")
         return made
 
     async def rollback(self, policy_name: str) -> base.Resource:
         """Return to the old root; only before the old root is dropped."""
+        try:
+            return await self._rollback(policy_name)
+        except errors.MeshTrustError as exc:
+            await self.audit.refused(audit_module.Kind.ROTATION, exc, policy=policy_name)
+            raise
+
+    async def _rollback(self, policy_name: str) -> base.Resource:
         current = await self._get(policy_name)
         step = Step(current.status["step"])
         if step in (Step.DROPPING_OLD, Step.DONE):
@@ -132,6 +155,8 @@ class RootRotations:
         updated = await self._record(current, target)
         _, policy = await self._istio.policy(policy_name)
         await self._apply(policy, target)
+        await self.audit.record(audit_module.Kind.ROTATION, policy=policy_name,
+                                step=target.value, message=f"rollback from {step.value}")
         return updated
 
     async def advance(self) -> None:
@@ -152,6 +177,9 @@ class RootRotations:
             await self._apply(policy, following)
             log.info("root rotation of policy %s: %s done, now %s", policy.name, step.value,
                      following.value)
+            await self.audit.record(audit_module.Kind.ROTATION, policy=policy.name,
+                                    step=following.value,
+                                    message=f"{step.value} confirmed by every cluster")
 
     async def _converged(self, policy: trust_policy.TrustPolicy) -> bool:
         """True when every selected cluster finished under the current signer and roots."""

@@ -19,9 +19,10 @@ from meshtrust.providers import external, local
 from meshtrust.store import base
 
 
-def ca_from_secret(secret: base.Secret) -> issuer.CA:
+def ca_from_secret(secret: base.Secret, lock: keys.KeyLock | None = None) -> issuer.CA:
     """An issuing CA from a secret in the tls form (``tls.crt``, ``tls.key``, ``ca.crt``)
-    or the root form (``root-cert.pem``/``cert-chain.pem``, ``key.pem``)."""
+    or the root form (``root-cert.pem``/``cert-chain.pem``, ``key.pem``); ``lock`` opens
+    a key kept encrypted."""
     where = f"{secret.namespace}/{secret.name}"
     data = secret.data
     if "tls.crt" in data:
@@ -38,8 +39,8 @@ def ca_from_secret(secret: base.Secret) -> issuer.CA:
                           for c in bundle.load_certificates(data[k], f"{where}/{k}"))]
     path = bundle.order_chain(chain[0], pool)
     try:
-        return issuer.CA(certificate=chain[0], key=keys.load_private_key(data[key_key]),
-                         chain=tuple(path[1:]))
+        key = (lock or keys.KeyLock()).open(data[key_key])
+        return issuer.CA(certificate=chain[0], key=key, chain=tuple(path[1:]))
     except errors.PKIError as exc:
         raise errors.ConfigError(f"secret {where} is not a usable CA: {exc}") from exc
 
@@ -48,8 +49,9 @@ class Signers:
     """One provider per CA, made again when the CA's secret changes."""
 
     def __init__(self, open_external: Callable[[str, str], providers.CAProvider]
-                 = external.open_external) -> None:
+                 = external.open_external, *, lock: keys.KeyLock | None = None) -> None:
         self._open_external = open_external
+        self.lock = lock or keys.KeyLock()  # how CA keys are kept in the store
         self._local: dict[tuple[str, str], tuple[int, local.LocalProvider]] = {}
         self._external: dict[tuple[str, str], providers.CAProvider] = {}
 
@@ -58,7 +60,8 @@ class Signers:
         key = (secret.namespace, secret.name)
         cached = self._local.get(key)
         if cached is None or cached[0] != secret.resource_version:
-            cached = (secret.resource_version, local.LocalProvider(ca_from_secret(secret)))
+            cached = (secret.resource_version,
+                      local.LocalProvider(ca_from_secret(secret, self.lock)))
             self._local[key] = cached
         return cached[1]
 

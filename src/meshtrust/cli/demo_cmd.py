@@ -111,6 +111,9 @@ def _run(args: argparse.Namespace, out: Output) -> int:
             loop.add_signal_handler(sig, task.cancel)
         try:
             await fleet.start()
+            if fleet.dashboard:
+                out.line(f"expiry dashboard: {fleet.dashboard} (Prometheus metrics: "
+                         f"{fleet.dashboard.removesuffix('/ui')}/metrics)")
             if not out.console.is_terminal:
                 return await _watch(fleet, out, args.duration, None)
             with Live(_table(fleet, 0), console=out.console,

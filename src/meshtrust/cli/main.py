@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from meshtrust import __version__, errors
 from meshtrust.cli import (
     agent_cmd,
+    audit_cmd,
     backup_cmd,
     cluster_cmd,
     demo_cmd,
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = (demo_cmd, init_cmd, pki_cmd, server_cmd, agent_cmd, cluster_cmd, trust_cmd, status_cmd,
-             store_cmd, backup_cmd)
+             store_cmd, backup_cmd, audit_cmd)
 
 
 def main(argv: Sequence[str] | None = None, out: output.Output | None = None) -> int:

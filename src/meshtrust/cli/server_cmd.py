@@ -33,6 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--client-lifetime",
                         help="lifetime of issued client certificates, e.g. 365d, 12h, 90s "
                              "(default 365d)")
+    parser.add_argument("--server-lifetime",
+                        help="lifetime of the server certificate meshtrust makes and renews "
+                             "(default 365d)")
+    parser.add_argument("--signing-lifetime",
+                        help="lifetime of the relay signing CA meshtrust makes and renews "
+                             "(default 1825d)")
+    parser.add_argument("--ca-grace-ratio", metavar="RATIO",
+                        help="renew the server certificate and signing CA meshtrust made when "
+                             "this share of their lifetime is left (default 0.1); brought or "
+                             "external ones are only warned about")
     parser.add_argument("--server-name", action="append", dest="server_names",
                         help="extra SAN of a generated server certificate (repeatable; "
                              "default localhost and 127.0.0.1)")
@@ -45,8 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--reconcile-interval",
                         help="how often trust policies are checked for renewals (default 5s)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
-                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics, the "
+                             "read-only expiry dashboard at /ui and its JSON at "
+                             "/api/inventory (port 0: any free port, written to the ready "
+                             "file)")
     parser.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
+    parser.add_argument("--audit-log", metavar="FILE",
+                        help="also append every audit record the server writes to FILE, one "
+                             "JSON line each, fsynced (the store always holds them)")
+    parser.add_argument("--audit-retention", metavar="DURATION",
+                        help="delete audit records older than this (default 90d)")
+    parser.add_argument("--audit-max-events", metavar="N",
+                        help="keep at most the newest N audit records (default 100000)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="plaintext relay with no certificates, for demos only (only "
                              "this flag turns it on; a --config file cannot)")
@@ -64,9 +84,10 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         if loaded is not None and not isinstance(loaded, dict):
             raise errors.ConfigError(f"{args.config} must hold a mapping of settings")
         values.update(loaded or {})
-    for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_names",
+    for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_lifetime",
+                 "signing_lifetime", "ca_grace_ratio", "server_names",
                  "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics",
-                 "reconcile_interval"):
+                 "reconcile_interval", "audit_log", "audit_retention", "audit_max_events"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

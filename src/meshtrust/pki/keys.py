@@ -7,6 +7,7 @@ refused here, in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -151,3 +152,47 @@ def key_matches(certificate: Certificate, key: PrivateKey) -> bool:
     """True if ``key`` is the private half of ``certificate``'s public key."""
     return public_key_der(key) == certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+ENCRYPTED_PEM = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+def is_encrypted(data: bytes) -> bool:
+    """Whether ``data`` is an encrypted PKCS#8 PEM key."""
+    return ENCRYPTED_PEM in data
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyLock:
+    """How CA keys are kept at rest: encrypted with a passphrase, or plain without one.
+
+    ``seal`` writes a key the way the store keeps it; ``open`` reads either
+    form, so a store whose keys are not sealed yet keeps working (and can be
+    sealed in place) once a passphrase is set.
+    """
+
+    passphrase: bytes | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.passphrase is not None and not self.passphrase:
+            raise errors.ConfigError("the CA key passphrase is empty")
+
+    @property
+    def sealing(self) -> bool:
+        return self.passphrase is not None
+
+    def seal(self, key: PrivateKey) -> bytes:
+        return dump_private_key(key, self.passphrase)
+
+    def open(self, data: bytes) -> PrivateKey:
+        if not is_encrypted(data):
+            return load_private_key(data)
+        if self.passphrase is None:
+            raise errors.KeyPolicyError(
+                "the CA keys in the store are encrypted; give their passphrase with "
+                "--key-passphrase-file or MESHTRUST_KEY_PASSPHRASE")
+        try:
+            return load_private_key(data, self.passphrase)
+        except errors.KeyPolicyError:
+            raise errors.KeyPolicyError(
+                "cannot decrypt the CA keys in the store: wrong passphrase") from None

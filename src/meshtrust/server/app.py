@@ -20,21 +20,25 @@ from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, settings
 from meshtrust.authority import registry as registry_module
 from meshtrust.authority import (
+    audit,
     ca_config,
     istio,
     relay,
     relay_pki,
     root_rotation,
+    relay_renewal,
     signers,
     trust_policy,
 )
 from meshtrust.pki import bundle
 from meshtrust.rpc import transport
-from meshtrust.server import authn, service
+from meshtrust.server import authn, dashboard, service
 from meshtrust.server.config import ServerConfig
 from meshtrust.store import base, follow, open_store
 
 log = logging.getLogger(__name__)
+
+AUDIT_PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the audit log
 
 
 class Server:
@@ -46,7 +50,10 @@ class Server:
         self.store = store
         self.clock = clock or clock_module.SystemClock()
         self.names = settings.SecretNames()
-        self.registry = registry_module.Registry(store, self.clock)
+        self.audit = audit.AuditLog(
+            store, self.clock, actor=audit.SERVER,
+            sinks=[audit.JsonLinesFile(config.audit_log)] if config.audit_log else ())
+        self.registry = registry_module.Registry(store, self.clock, audit=self.audit)
         self.signers = signers.Signers()
         self.authority = relay.RelayAuthority(store, self.clock, self.registry, relay.Options(
             client_lifetime=config.client_lifetime, token_mode=config.token_mode),
@@ -54,6 +61,10 @@ class Server:
         self.metrics = metrics.Metrics()
         self.istio = istio.IstioAuthority(store, self.clock, self.registry,
                                           signer_cache=self.signers)
+        self.renewal = relay_renewal.RelayRenewal(store, self.clock, self.signers,
+                                                  relay_renewal.Options(
+            grace_ratio=config.ca_grace_ratio, server_lifetime=config.server_lifetime,
+            signing_lifetime=config.signing_lifetime))
         self.rotations = root_rotation.RootRotations(store, self.clock, self.istio)
         self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
@@ -64,6 +75,9 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._credentials: transport.Credentials | None = None
         self._metrics_server: object | None = None
+        self.dashboard = dashboard.Dashboard(store, self.clock, self.metrics,
+                                             connected=lambda: self.relay_service.connected,
+                                             interval=config.reconcile_interval)
 
     async def start(self) -> None:
         await self._prepare_cas()
@@ -83,8 +97,15 @@ class Server:
                              service.BootstrapService(self.authority, authn.FailureLimiter(),
                                                       self.metrics))
         if self.config.metrics:
-            self._metrics_server = self.metrics.serve(self.config.metrics)
-            log.info("metrics on http://%s/metrics", self.config.metrics)
+            await self.dashboard.refresh()
+            served = self.metrics.serve(self.config.metrics, self.dashboard.pages())
+            self._metrics_server = served
+            self.ports["metrics"] = served.server_address[1]
+            self._tasks.append(asyncio.create_task(self.dashboard.run()))
+            host = self.config.metrics.rpartition(":")[0] or "127.0.0.1"
+            log.info("metrics on http://%s:%d/metrics, expiry dashboard on http://%s:%d%s",
+                     host, self.ports["metrics"], host, self.ports["metrics"],
+                     dashboard.UI_PATH)
         if self.config.insecure:
             log.warning("INSECURE MODE: the relay is plaintext and agents are not authenticated;"
                         " never use this outside a demo")
@@ -100,6 +121,7 @@ class Server:
             self._tasks.append(asyncio.create_task(self._follow_server_secret()))
         self._tasks.append(asyncio.create_task(self._follow_registry()))
         self._tasks.append(asyncio.create_task(self._reconcile_trust()))
+        self._tasks.append(asyncio.create_task(self._prune_audit()))
         await self._grpc.start()
         log.info("meshtrust server listening: %s", self.ports)
         if self.config.ready_file:
@@ -119,9 +141,11 @@ class Server:
                 return
         made = await relay_pki.ensure(self.store, self.clock, relay_pki.Options(
             key_type=self.config.key_type, server_names=self.config.server_names,
-            server_lifetime=self.config.server_lifetime, generate_cas=cas is None))
+            server_lifetime=self.config.server_lifetime,
+            signing_lifetime=self.config.signing_lifetime, generate_cas=cas is None))
         for name in made:
             log.info("generated %s/%s", self.names.relay_namespace, name)
+        await audit.relay_pki_made(self.audit, self.store, self.names, made)
 
     async def _identity(self) -> transport.Identity:
         creds = await relay_pki.server_credentials(self.store, self.names)
@@ -194,6 +218,9 @@ class Server:
                     pass
                 changed.clear()
                 try:
+                    renewed = await self.renewal.check(await self.authority.signer())
+                    await audit.relay_pki_made(self.audit, self.store, self.names, renewed,
+                                               how="renewed")
                     await self.rotations.advance()
                     await self.istio.reconcile()
                     self.relay_service.kick()
@@ -203,6 +230,18 @@ class Server:
         finally:
             for task in followers:
                 task.cancel()
+
+    async def _prune_audit(self) -> None:
+        """Keep the audit log within its retention: at start, then every hour."""
+        while True:
+            try:
+                removed = await self.audit.prune(max_age=self.config.audit_retention,
+                                                 max_events=self.config.audit_max_events)
+                if removed:
+                    log.info("audit log: removed %d records past the retention", removed)
+            except Exception:  # noqa: BLE001 - keep pruning; log and go on
+                log.exception("pruning the audit log failed; retrying in an hour")
+            await asyncio.sleep(AUDIT_PRUNE_INTERVAL)
 
     async def stop(self, grace: float = 2.0) -> None:
         for task in self._tasks:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshtrust import errors, settings
-from meshtrust.authority import relay
+from meshtrust.authority import audit, relay
 from meshtrust.pki import keys, profiles
 
 DEFAULT_LISTEN = "127.0.0.1:9900"
@@ -27,6 +27,10 @@ class ServerConfig:
     insecure: bool = False
     client_lifetime: dt.timedelta = profiles.RELAY_CLIENT.default_lifetime
     server_lifetime: dt.timedelta = profiles.RELAY_SERVER.default_lifetime
+    signing_lifetime: dt.timedelta = profiles.RELAY_SIGNING.default_lifetime
+    # The server certificate and signing CA meshtrust made are renewed when this share of
+    # their lifetime is left (the grace-ratio rule of the Istio intermediates).
+    ca_grace_ratio: float = settings.DEFAULT_GRACE_RATIO
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     key_type: keys.KeyType = keys.KeyType.EC_P256
     token_mode: relay.TokenMode = relay.TokenMode.ANY
@@ -34,6 +38,9 @@ class ServerConfig:
     reconcile_interval: float = 5.0
     ready_file: str | None = None
     metrics: str | None = None
+    audit_log: str | None = None  # also append each audit record to this file
+    audit_retention: dt.timedelta = audit.DEFAULT_RETENTION
+    audit_max_events: int = audit.DEFAULT_MAX_EVENTS
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap_listen"):
@@ -42,10 +49,15 @@ class ServerConfig:
             if not sep or not host or not port.isdigit() or int(port) > 65535:
                 raise errors.ConfigError(
                     f"{name}: {value!r} is not host:port, such as 127.0.0.1:9900")
-        if self.client_lifetime <= dt.timedelta(0) or self.server_lifetime <= dt.timedelta(0):
+        if min(self.client_lifetime, self.server_lifetime,
+               self.signing_lifetime) <= dt.timedelta(0):
             raise errors.ConfigError("lifetimes must be positive")
+        if not 0 < self.ca_grace_ratio < 1:
+            raise errors.ConfigError("ca-grace-ratio must be between 0 and 1, such as 0.1")
         if self.heartbeat <= 0 or self.reconcile_interval <= 0:
             raise errors.ConfigError("heartbeat and reconcile-interval must be positive")
+        if self.audit_retention <= dt.timedelta(0) or self.audit_max_events < 1:
+            raise errors.ConfigError("audit-retention and audit-max-events must be positive")
 
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
@@ -70,8 +82,18 @@ def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
 
 def _convert(name: str, key: str, value: Any) -> Any:
     """One setting's value from YAML or a flag, checked; ConfigError names ``key``."""
-    if name in ("client_lifetime", "server_lifetime"):
+    if name == "ca_grace_ratio":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise errors.ConfigError(f"{key}: give a number between 0 and 1") from None
+    if name in ("client_lifetime", "server_lifetime", "signing_lifetime", "audit_retention"):
         return settings.parse_duration(value, key)
+    if name == "audit_max_events":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise errors.ConfigError(f"{key}: give a whole number such as 100000") from None
     if name in ("heartbeat", "reconcile_interval"):
         return settings.parse_duration(value, key).total_seconds()
     if name == "server_names":
@@ -90,7 +112,7 @@ def _convert(name: str, key: str, value: Any) -> Any:
                 f"{key}: {value!r} is not one of shared, cluster, any") from None
     if name == "insecure" and not isinstance(value, bool):
         raise errors.ConfigError(f"{key}: give true or false")
-    text_settings = ("store", "listen", "bootstrap_listen", "ready_file", "metrics")
+    text_settings = ("store", "listen", "bootstrap_listen", "ready_file", "metrics", "audit_log")
     if name in text_settings and not isinstance(value, str):
         raise errors.ConfigError(f"{key}: give a string")
     return value

@@ -14,8 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import time
-
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, rpc, settings
 from meshtrust.authority import istio, relay
@@ -46,27 +44,24 @@ class BootstrapService(transport.services.BootstrapServicer):
 
     async def Bootstrap(self, request: Any, context: Any) -> messages.CertificateResponse:
         peer = transport.peer_host(context)
-        started = time.perf_counter()
         try:
-            _check_version(request)
-            self._limiter.check(peer)
-            issued = await self._authority.bootstrap(request.cluster, request.token, request.csr)
+            with self._meters.bootstrapping():
+                _check_version(request)
+                self._limiter.check(peer)
+                with self._meters.issuing(metrics.RELAY_CLIENT):
+                    issued = await self._authority.bootstrap(request.cluster, request.token,
+                                                             request.csr, peer=peer)
         except errors.AuthError as exc:
-            outcome = "rate_limited" if isinstance(exc, errors.RateLimited) else "refused"
-            self._meters.bootstraps.labels(outcome).inc()
             if not isinstance(exc, errors.RateLimited):
                 self._limiter.failed(peer)
             log.warning("bootstrap refused for cluster %r from %s: %s", request.cluster, peer, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
         except errors.MeshTrustError as exc:
-            self._meters.bootstraps.labels("invalid").inc()
-            self._meters.issuance.labels("relay-client", "refused").inc()
             log.warning("bootstrap refused for cluster %r from %s: %s", request.cluster, peer, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
-        self._meters.bootstraps.labels("accepted").inc()
-        _issued(self._meters, issued, request.cluster, started)
+        _issued(self._meters, issued, request.cluster)
         log.info("bootstrapped cluster %s: client certificate %s", request.cluster, issued.serial)
         return _response(issued)
 
@@ -104,15 +99,14 @@ class RelayService(transport.services.RelayServicer):
 
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
         cluster = await self._cluster(context, request)
-        started = time.perf_counter()
         try:
-            issued = await self._authority.renew(cluster, request.csr)
+            with self._meters.issuing(metrics.RELAY_CLIENT):
+                issued = await self._authority.renew(cluster, request.csr)
         except errors.MeshTrustError as exc:
-            self._meters.issuance.labels("relay-client", "refused").inc()
             log.warning("renewal refused for cluster %s: %s", cluster, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
-        _issued(self._meters, issued, cluster, started)
+        _issued(self._meters, issued, cluster)
         log.info("renewed client certificate of cluster %s: %s", cluster, issued.serial)
         return _response(issued)
 
@@ -203,11 +197,8 @@ class RelayService(transport.services.RelayServicer):
                 raise errors.ConfigError(
                     f"no work item {request.id!r} is waiting for this cluster")
             if request.stage in ("", "csr"):
-                started = time.perf_counter()
-                signed = await self._istio.sign(cluster, request.id, request.csr)
-                self._meters.issuance.labels("istio-intermediate", "issued").inc()
-                self._meters.issuance_seconds.labels("istio-intermediate").observe(
-                    time.perf_counter() - started)
+                with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
+                    signed = await self._istio.sign(cluster, request.id, request.csr)
                 self._meters.certificate(signed.certificate, kind="istio-intermediate",
                                          cluster=cluster, namespace=settings.ISTIO_NAMESPACE,
                                          secret=settings.ISTIO_CA_SECRET)
@@ -224,8 +215,6 @@ class RelayService(transport.services.RelayServicer):
                     f": {request.error}" if request.error else "")
             return messages.WorkAck()
         except errors.MeshTrustError as exc:
-            if request.stage in ("", "csr"):
-                self._meters.issuance.labels("istio-intermediate", "refused").inc()
             log.warning("work %s of cluster %s refused: %s", request.id, cluster, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -252,8 +241,6 @@ def _iso(unix: int) -> str:
     return manifest.dump_time(dt.datetime.fromtimestamp(unix, dt.UTC)) if unix else ""
 
 
-def _issued(meters: metrics.Metrics, issued: relay.Issued, cluster: str, started: float) -> None:
-    meters.issuance.labels("relay-client", "issued").inc()
-    meters.issuance_seconds.labels("relay-client").observe(time.perf_counter() - started)
+def _issued(meters: metrics.Metrics, issued: relay.Issued, cluster: str) -> None:
     meters.certificate(issued.certificate, kind="relay-client", cluster=cluster,
                        namespace=settings.RELAY_NAMESPACE, secret=settings.RELAY_CLIENT_SECRET)
