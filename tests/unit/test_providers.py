@@ -153,3 +153,39 @@ def test_a_server_that_issues_nothing_says_why() -> None:
             await authority.renew("c1", request)
 
     asyncio.run(go())
+
+
+class TestKeyLock:
+    def test_seal_and_open(self) -> None:
+        key = keys.generate_key(EC)
+        lock = keys.KeyLock(b"passphrase")
+        sealed = lock.seal(key)
+        assert keys.is_encrypted(sealed) and b"passphrase" not in sealed
+        assert keys.public_key_der(lock.open(sealed)) == keys.public_key_der(key)
+        plain = keys.KeyLock().seal(key)
+        assert not keys.is_encrypted(plain)
+        assert keys.public_key_der(lock.open(plain)) == keys.public_key_der(key)  # not yet sealed
+        with pytest.raises(errors.KeyPolicyError, match="give their passphrase"):
+            keys.KeyLock().open(sealed)
+        with pytest.raises(errors.KeyPolicyError, match="wrong passphrase"):
+            keys.KeyLock(b"other").open(sealed)
+        with pytest.raises(errors.ConfigError, match="empty"):
+            keys.KeyLock(b"")
+        assert "passphrase" not in repr(lock)
+
+    def test_unlock_seals_managed_plain_keys_and_checks_the_rest(self) -> None:
+        async def go() -> None:
+            store, clock = MemoryStore(), FakeClock(NOW)
+            await relay_pki.ensure(store, clock)
+            lock = keys.KeyLock(b"secret")
+            sealed = await signers.unlock(store, lock)
+            assert sorted(sealed) == sorted(f"{settings.RELAY_NAMESPACE}/{n}" for n in (
+                settings.RELAY_ROOT_SECRET, settings.RELAY_SIGNING_SECRET))
+            assert await signers.unlock(store, lock) == []  # sealed already
+            with pytest.raises(errors.ConfigError, match="relay-.*wrong passphrase"):
+                await signers.unlock(store, keys.KeyLock(b"not it"))
+            signing = await store.get_secret(settings.RELAY_NAMESPACE,
+                                             settings.RELAY_SIGNING_SECRET)
+            assert signers.Signers(lock=lock).local(signing).ca.certificate
+
+        asyncio.run(go())

@@ -223,8 +223,8 @@ def _check_secret(secret: base.Secret) -> None:
             if name.endswith((".crt", ".pem")) and not _is_key_file(name):
                 certificates[name] = bundle.load_certificates(value, name)
         for name, value in secret.data.items():
-            if not _is_key_file(name):
-                continue
+            if not _is_key_file(name) or keys.is_encrypted(value):
+                continue  # a key sealed with the CA key passphrase stays sealed in the backup
             key = keys.load_private_key(value)
             wanted = _KEY_PAIRS.get(name, ())
             partner = next((c for c in wanted if c in certificates), None)

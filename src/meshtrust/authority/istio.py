@@ -98,6 +98,18 @@ def _policy_of(id_: str, cluster: str) -> str | None:
     return name[:-len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
 
 
+def _signed_for(resource: base.Resource, id_: str, request: csr.Request) -> bytes | None:
+    """The chain already issued for work item ``id_`` and the CSR's key, if there is one."""
+    status = resource.status
+    chain = status.get("certificateChain")
+    if (status.get("state") in (State.ISSUED.value, State.FINISHED.value)
+            and status.get("workId") == id_ and isinstance(chain, str)
+            and isinstance(status.get("auditId"), str)
+            and status.get("keySha256") == _key_sha256(request)):
+        return chain.encode("ascii")
+    return None
+
+
 def bundle_fingerprint(roots: bytes) -> str:
     """One fingerprint for a set of roots, whatever their order in the PEM."""
     prints = sorted(bundle.fingerprint(c) for c in bundle.load_certificates(roots, "roots"))
@@ -122,6 +134,11 @@ class IstioAuthority:
         self._ns = namespace
         self._signers = signer_cache or signers.Signers()
         self.audit = audit or registry.audit
+
+    @property
+    def key_lock(self) -> keys.KeyLock:
+        """How the CA keys this authority makes are kept in the store."""
+        return self._signers.lock
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -195,7 +212,7 @@ class IstioAuthority:
                                issuer.Subject(organization=policy.root.organization))
         secret = base.Secret(namespace=policy.namespace, name=name, labels=settings.MANAGED_BY,
                              data={"root-cert.pem": bundle.dump_certificate(root.certificate),
-                                   "key.pem": keys.dump_private_key(root.key)})
+                                   "key.pem": self.key_lock.seal(root.key)})
         try:
             made = await self._store.create(secret)
         except errors.AlreadyExists:
@@ -390,6 +407,30 @@ class IstioAuthority:
                 f"policy {policy.name} asks for {wanted.value} keys, but the CSR has a "
                 f"{keys.describe_key(request.public_key)} key")
         current = await self.signer(policy)
+        if _signed_for(resource, id_, request) is None:
+            resource = await self._issue(resource, id_, request, current)
+        # Once per work item and key: a CSR sent again (the agent lost the reply, the
+        # replica that answered died) gets the stored certificate, on any replica.
+        chain_pem = _signed_for(resource, id_, request)
+        assert chain_pem is not None
+        certificate = bundle.load_certificates(chain_pem, "cert-chain.pem")[0]
+        # Recorded before it is handed out: no record, no intermediate. A fixed record
+        # id: however often this runs for the work item, the audit log holds one record.
+        await self.audit.record(audit_module.Kind.ISSUE, actor=cluster, cluster=cluster,
+                                policy=policy.name, profile=profiles.ISTIO_INTERMEDIATE.name,
+                                certificate=certificate, message=f"work {id_}",
+                                id=str(resource.status["auditId"]))
+        return Signed(certificate=certificate, chain_pem=chain_pem, root_bundle=current.roots)
+
+    async def _issue(self, resource: base.Resource, id_: str, request: csr.Request,
+                     current: Signer) -> base.Resource:
+        """Sign and store the intermediate of work item ``id_`` (ISSUED); return the resource.
+
+        The store's compare-and-swap decides between two replicas signing the same
+        item at once: the loser hands out the winner's certificate, and its own
+        is never recorded nor handed out.
+        """
+        spec, cluster = resource.spec, str(resource.spec["cluster"])
         now = self._clock.now()
         signed = await signers.sign(current.provider, providers.SignRequest(
             request=request, profile=profiles.ISTIO_INTERMEDIATE,
@@ -398,19 +439,22 @@ class IstioAuthority:
                                    organization=spec["organization"]),
             idempotency_key=f"istio/{id_}/{_key_sha256(request)}"), now)
         certificate = signed.certificate
-        # Recorded before it is handed out: no record, no intermediate.
-        await self.audit.record(audit_module.Kind.ISSUE, actor=cluster, cluster=cluster,
-                                policy=policy.name, profile=profiles.ISTIO_INTERMEDIATE.name,
-                                certificate=certificate, message=f"work {id_}")
         renew_at = rotation.renew_at(certificate, float(spec["gracePeriodRatio"]))
-        await self._set_state(resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
-                              notAfter=manifest.dump_time(certificate.not_valid_after_utc),
-                              renewAt=manifest.dump_time(renew_at),
-                              issuedAt=manifest.dump_time(now),
-                              keySha256=_key_sha256(request))
-        return Signed(certificate=certificate,
-                      chain_pem=bundle.dump_certificates([certificate, *signed.chain]),
-                      root_bundle=current.roots)
+        try:
+            return await self._set_state(
+                resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
+                notAfter=manifest.dump_time(certificate.not_valid_after_utc),
+                renewAt=manifest.dump_time(renew_at), issuedAt=manifest.dump_time(now),
+                keySha256=_key_sha256(request), workId=id_,
+                certificateChain=bundle.dump_certificates(
+                    [certificate, *signed.chain]).decode("ascii"),
+                auditId=audit_module.new_id(now))
+        except errors.Conflict:
+            again = await self._current(cluster, id_)
+            if _signed_for(again, id_, request) is None:
+                raise errors.Conflict(f"work item {id_!r} changed while it was signed; the "
+                                      "server sends it again") from None
+            return again
 
     async def report(self, cluster: str, id_: str, *, ok: bool, message: str = "",
                      pods: list[str] | None = None, restart_needed: bool = False) -> None:

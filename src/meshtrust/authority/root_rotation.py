@@ -29,7 +29,7 @@ from meshtrust import clock as clock_module
 from meshtrust import errors, settings
 from meshtrust.authority import audit as audit_module
 from meshtrust.authority import istio, trust_policy
-from meshtrust.pki import bundle, issuer, keys, profiles
+from meshtrust.pki import bundle, issuer, profiles
 from meshtrust.store import base, manifest
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class RootRotations:
                 "old-root-cert.pem": secret.data["root-cert.pem"],
                 "old-key.pem": secret.data["key.pem"],
                 "new-root-cert.pem": bundle.dump_certificate(new.certificate),
-                "new-key.pem": keys.dump_private_key(new.key)}
+                "new-key.pem": self._istio.key_lock.seal(new.key)}
         await self._store.update(dataclasses.replace(secret, data=data))
         status = {"step": Step.ADDING_ROOT.value, "history": [self._entry(Step.ADDING_ROOT)],
                   "oldRoot": bundle.fingerprint(bundle.load_certificate(data["old-root-cert.pem"])),

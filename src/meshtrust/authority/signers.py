@@ -9,10 +9,12 @@ the profile before anything is handed out.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import os
 from collections.abc import Callable
 
-from meshtrust import errors
+from meshtrust import errors, settings
 from meshtrust.pki import bundle, issuer, keys, verify
 from meshtrust.providers import base as providers
 from meshtrust.providers import external, local
@@ -43,6 +45,26 @@ def ca_from_secret(secret: base.Secret, lock: keys.KeyLock | None = None) -> iss
         return issuer.CA(certificate=chain[0], key=key, chain=tuple(path[1:]))
     except errors.PKIError as exc:
         raise errors.ConfigError(f"secret {where} is not a usable CA: {exc}") from exc
+
+
+KEY_PASSPHRASE_ENV = "MESHTRUST_KEY_PASSPHRASE"
+
+
+def key_lock(passphrase_file: str | None = None) -> keys.KeyLock:
+    """The lock on the store's CA keys: a passphrase from a file (one trailing newline
+    stripped) or from $MESHTRUST_KEY_PASSPHRASE; none means the keys are kept plain."""
+    if passphrase_file:
+        try:
+            with open(passphrase_file, "rb") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise errors.ConfigError(f"cannot read the key passphrase file: {exc}") from exc
+        passphrase = text[:-1] if text.endswith(b"\n") else text
+        if not passphrase:
+            raise errors.ConfigError(f"the key passphrase file {passphrase_file} is empty")
+        return keys.KeyLock(passphrase)
+    env = os.environ.get(KEY_PASSPHRASE_ENV)
+    return keys.KeyLock(env.encode()) if env else keys.KeyLock()
 
 
 class Signers:
@@ -82,3 +104,36 @@ async def sign(provider: providers.CAProvider, request: providers.SignRequest,
                             request.profile, now, cluster=request.subject.cluster,
                             trust_domain=request.subject.trust_domain)
     return signed
+
+
+_CA_KEY_FIELDS = ("tls.key", "key.pem", "old-key.pem", "new-key.pem")
+
+
+async def unlock(store: base.Store, lock: keys.KeyLock,
+                 names: settings.SecretNames | None = None) -> list[str]:
+    """Open every CA key meshtrust keeps in the store; seal the plain ones if ``lock`` seals.
+
+    Run at the server's start: a missing or wrong passphrase is one clear error
+    then, not a failed issuance later. Returns the secrets sealed in place.
+    """
+    names = names or settings.SecretNames()
+    ns = names.relay_namespace
+    sealed = []
+    for secret in await store.list_secrets(namespace=ns):
+        if not (secret.name in (names.relay_root, names.relay_signing, names.istio_signing)
+                or secret.name.startswith(settings.ROOT_TRUST_SECRET_PREFIX)):
+            continue
+        fields = [f for f in _CA_KEY_FIELDS if secret.data.get(f)]
+        try:
+            opened = {f: lock.open(secret.data[f]) for f in fields}
+        except errors.KeyPolicyError as exc:
+            raise errors.ConfigError(f"secret {ns}/{secret.name}: {exc}") from exc
+        plain = [f for f in fields if not keys.is_encrypted(secret.data[f])]
+        if lock.sealing and plain and secret.labels.get(settings.MANAGED_LABEL) == "meshtrust":
+            data = {**secret.data, **{f: lock.seal(opened[f]) for f in plain}}
+            try:
+                await store.update(dataclasses.replace(secret, data=data))
+                sealed.append(f"{ns}/{secret.name}")
+            except errors.Conflict:
+                pass  # changed meanwhile; sealed at the next start
+    return sealed

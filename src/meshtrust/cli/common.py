@@ -35,3 +35,10 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # gRPC's own logger is chatty about reconnects; our messages say what matters.
     logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def add_key_passphrase_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-passphrase-file", metavar="FILE",
+        help="the passphrase the store's CA keys are sealed with (default: "
+             "$MESHTRUST_KEY_PASSPHRASE; none: keys are kept plain)")

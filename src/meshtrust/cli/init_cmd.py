@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.tree import Tree
 
 from meshtrust import clock, errors, settings
-from meshtrust.authority import architectures, ca_config
+from meshtrust.authority import architectures, ca_config, signers
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
 from meshtrust.pki import hierarchy, keys
@@ -82,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                       help="Istio trust domain (default %(default)s)")
     init.add_argument("--auto-restart-pods", action="store_true",
                       help="let agents restart istiod and workloads after a new Istio CA")
+    common.add_key_passphrase_option(init)
     init.add_argument("--force", action="store_true",
                       help="replace a store that is set up already")
     init.add_argument("-o", "--output", default="tree", choices=["tree", "json", "yaml"])
@@ -107,7 +108,8 @@ def _init(args: argparse.Namespace, out: Output) -> int:
         auto_restart_pods=args.auto_restart_pods, root_arn=args.root_arn,
         istio_root_arn=args.istio_root_arn,
         relay_ca=_folder(args.relay_ca, "--relay-ca"),
-        istio_ca=_folder(args.istio_ca, "--istio-ca"))
+        istio_ca=_folder(args.istio_ca, "--istio-ca"),
+        key_lock=signers.key_lock(args.key_passphrase_file))
     options.check()
     service = None
     if options.chosen_provider == "aws-pca":

@@ -54,12 +54,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--heartbeat", help="work-stream heartbeat interval (default 10s)")
     parser.add_argument("--reconcile-interval",
                         help="how often trust policies are checked for renewals (default 5s)")
+    parser.add_argument("--max-issuances", metavar="N",
+                        help="certificates signed at once (bootstraps, renewals, Istio "
+                             "intermediates); as many more callers wait up to a second, the "
+                             "rest get RESOURCE_EXHAUSTED with a time to retry (default 32)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics, the "
                              "read-only expiry dashboard at /ui and its JSON at "
                              "/api/inventory (port 0: any free port, written to the ready "
                              "file)")
     parser.add_argument("--ready-file", help="write the bound ports as JSON here once serving")
+    parser.add_argument("--key-passphrase-file", metavar="FILE",
+                        help="keep the CA private keys in the store encrypted with the "
+                             "passphrase in FILE (or $MESHTRUST_KEY_PASSPHRASE): plain ones are "
+                             "sealed at start, and a wrong or missing passphrase stops the "
+                             "server with a clear error")
     parser.add_argument("--audit-log", metavar="FILE",
                         help="also append every audit record the server writes to FILE, one "
                              "JSON line each, fsynced (the store always holds them)")
@@ -67,6 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="delete audit records older than this (default 90d)")
     parser.add_argument("--audit-max-events", metavar="N",
                         help="keep at most the newest N audit records (default 100000)")
+    parser.add_argument("--leader-lease-ttl", metavar="DURATION",
+                        help="replicas on one store (PostgreSQL) elect a leader, which alone "
+                             "runs the timed loops (trust reconcile, root rotations, relay CA "
+                             "renewal, audit pruning); it renews its lease every third of "
+                             "this, and a stopped leader is replaced within it (default 10s)")
+    parser.add_argument("--replica", metavar="NAME",
+                        help="this replica's name in leases and connection records, a DNS "
+                             "label (default: host name and process id)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="plaintext relay with no certificates, for demos only (only "
                              "this flag turns it on; a --config file cannot)")
@@ -87,7 +104,9 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_lifetime",
                  "signing_lifetime", "ca_grace_ratio", "server_names",
                  "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics",
-                 "reconcile_interval", "audit_log", "audit_retention", "audit_max_events"):
+                 "reconcile_interval", "max_issuances", "audit_log", "audit_retention",
+                 "audit_max_events",
+                 "key_passphrase_file", "leader_lease_ttl", "replica"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

@@ -12,7 +12,7 @@ import yaml
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.authority import istio, registry, root_rotation
+from meshtrust.authority import istio, registry, root_rotation, signers
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
 from meshtrust.store import opened_store
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     root.add_argument("--wait", type=float, metavar="SECONDS",
                       help="wait up to SECONDS for the rotation to finish, showing each step")
     common.add_store_option(root, "the management store")
+    common.add_key_passphrase_option(root)
     root.set_defaults(handler=_rotate)
 
 
@@ -127,7 +128,9 @@ def _rotate(args: argparse.Namespace, out: Output) -> int:
     async def go() -> str:
         async with opened_store(common.store_url(args)) as store:
             clock = clock_module.SystemClock()
-            authority = istio.IstioAuthority(store, clock, registry.Registry(store, clock))
+            authority = istio.IstioAuthority(
+                store, clock, registry.Registry(store, clock), signer_cache=signers.Signers(
+                    lock=signers.key_lock(args.key_passphrase_file)))
             rotations = root_rotation.RootRotations(store, clock, authority)
             if args.rollback:
                 resource = await rotations.rollback(args.policy)

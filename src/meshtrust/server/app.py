@@ -32,7 +32,7 @@ from meshtrust.authority import (
 )
 from meshtrust.pki import bundle
 from meshtrust.rpc import transport
-from meshtrust.server import authn, dashboard, service
+from meshtrust.server import admission, authn, dashboard, service
 from meshtrust.server.config import ServerConfig
 from meshtrust.store import base, follow, open_store
 
@@ -54,7 +54,7 @@ class Server:
             store, self.clock, actor=audit.SERVER,
             sinks=[audit.JsonLinesFile(config.audit_log)] if config.audit_log else ())
         self.registry = registry_module.Registry(store, self.clock, audit=self.audit)
-        self.signers = signers.Signers()
+        self.signers = signers.Signers(lock=signers.key_lock(config.key_passphrase_file))
         self.authority = relay.RelayAuthority(store, self.clock, self.registry, relay.Options(
             client_lifetime=config.client_lifetime, token_mode=config.token_mode),
             signer_cache=self.signers)
@@ -66,10 +66,13 @@ class Server:
             grace_ratio=config.ca_grace_ratio, server_lifetime=config.server_lifetime,
             signing_lifetime=config.signing_lifetime))
         self.rotations = root_rotation.RootRotations(store, self.clock, self.istio)
+        # One budget of issuances for both listeners: they share the CPU and the store.
+        self.admission = admission.Admission(admission.Options(limit=config.max_issuances))
         self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
                                                   heartbeat=config.heartbeat,
-                                                  istio_ca=self.istio)
+                                                  istio_ca=self.istio,
+                                                  admission_control=self.admission)
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server()
         self._tasks: list[asyncio.Task[None]] = []
@@ -80,6 +83,9 @@ class Server:
                                              interval=config.reconcile_interval)
 
     async def start(self) -> None:
+        sealed = await signers.unlock(self.store, self.signers.lock, self.names)
+        for name in sealed:
+            log.info("sealed the CA key in %s with the key passphrase", name)
         await self._prepare_cas()
         for cluster in await self.registry.list():
             if cluster.connected:  # left over from a previous run that ended abruptly
@@ -95,7 +101,7 @@ class Server:
                 self._record_expiry(pem, kind, name)
         transport.add_services(self._grpc, self.relay_service,
                              service.BootstrapService(self.authority, authn.FailureLimiter(),
-                                                      self.metrics))
+                                                      self.metrics, self.admission))
         if self.config.metrics:
             await self.dashboard.refresh()
             served = self.metrics.serve(self.config.metrics, self.dashboard.pages())
@@ -142,7 +148,8 @@ class Server:
         made = await relay_pki.ensure(self.store, self.clock, relay_pki.Options(
             key_type=self.config.key_type, server_names=self.config.server_names,
             server_lifetime=self.config.server_lifetime,
-            signing_lifetime=self.config.signing_lifetime, generate_cas=cas is None))
+            signing_lifetime=self.config.signing_lifetime, generate_cas=cas is None,
+            key_lock=self.signers.lock))
         for name in made:
             log.info("generated %s/%s", self.names.relay_namespace, name)
         await audit.relay_pki_made(self.audit, self.store, self.names, made)

@@ -14,6 +14,7 @@ from typing import Any
 from meshtrust import errors, settings
 from meshtrust.authority import audit, relay
 from meshtrust.pki import keys, profiles
+from meshtrust.server import leadership
 
 DEFAULT_LISTEN = "127.0.0.1:9900"
 DEFAULT_BOOTSTRAP_LISTEN = "127.0.0.1:9901"
@@ -36,11 +37,19 @@ class ServerConfig:
     token_mode: relay.TokenMode = relay.TokenMode.ANY
     heartbeat: float = 10.0
     reconcile_interval: float = 5.0
+    # Issuances signed at once; as many again may wait, the rest are told when to retry.
+    max_issuances: int = 32
     ready_file: str | None = None
     metrics: str | None = None
     audit_log: str | None = None  # also append each audit record to this file
     audit_retention: dt.timedelta = audit.DEFAULT_RETENTION
     audit_max_events: int = audit.DEFAULT_MAX_EVENTS
+    # CA keys in the store are kept encrypted with the passphrase in this file (or in
+    # $MESHTRUST_KEY_PASSPHRASE); the server opens them at start.
+    key_passphrase_file: str | None = None
+    # Replicas on one store: the timed loops run on the holder of the leader lease.
+    leader_lease_ttl: int = leadership.DEFAULT_TTL  # seconds; renewed every third of it
+    replica: str | None = None  # this replica's name (default: host name and process id)
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap_listen"):
@@ -56,8 +65,16 @@ class ServerConfig:
             raise errors.ConfigError("ca-grace-ratio must be between 0 and 1, such as 0.1")
         if self.heartbeat <= 0 or self.reconcile_interval <= 0:
             raise errors.ConfigError("heartbeat and reconcile-interval must be positive")
+        if self.max_issuances < 1:
+            raise errors.ConfigError("max-issuances must be at least 1, such as 32")
         if self.audit_retention <= dt.timedelta(0) or self.audit_max_events < 1:
             raise errors.ConfigError("audit-retention and audit-max-events must be positive")
+        if (isinstance(self.leader_lease_ttl, bool) or not isinstance(self.leader_lease_ttl, int)
+                or self.leader_lease_ttl < 1):
+            raise errors.ConfigError("leader-lease-ttl must be a whole number of seconds, at "
+                                     "least 1s, such as 10s")
+        if self.replica is not None:
+            leadership.check_replica(self.replica)
 
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
@@ -89,13 +106,19 @@ def _convert(name: str, key: str, value: Any) -> Any:
             raise errors.ConfigError(f"{key}: give a number between 0 and 1") from None
     if name in ("client_lifetime", "server_lifetime", "signing_lifetime", "audit_retention"):
         return settings.parse_duration(value, key)
-    if name == "audit_max_events":
+    if name in ("audit_max_events", "max_issuances"):
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise errors.ConfigError(f"{key}: give a whole number such as 100000") from None
+            raise errors.ConfigError(f"{key}: give a whole number such as "
+                                     f"{100000 if name == 'audit_max_events' else 32}") from None
     if name in ("heartbeat", "reconcile_interval"):
         return settings.parse_duration(value, key).total_seconds()
+    if name == "leader_lease_ttl":
+        seconds = settings.parse_duration(value, key).total_seconds()
+        if seconds != int(seconds):
+            raise errors.ConfigError(f"{key}: give whole seconds, such as 10s")
+        return int(seconds)
     if name == "server_names":
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -112,7 +135,8 @@ def _convert(name: str, key: str, value: Any) -> Any:
                 f"{key}: {value!r} is not one of shared, cluster, any") from None
     if name == "insecure" and not isinstance(value, bool):
         raise errors.ConfigError(f"{key}: give true or false")
-    text_settings = ("store", "listen", "bootstrap_listen", "ready_file", "metrics", "audit_log")
+    text_settings = ("store", "listen", "bootstrap_listen", "ready_file", "metrics", "audit_log",
+                     "key_passphrase_file", "replica")
     if name in text_settings and not isinstance(value, str):
         raise errors.ConfigError(f"{key}: give a string")
     return value
