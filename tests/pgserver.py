@@ -82,12 +82,25 @@ class Server:
         self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", USER,
                   "--auth-local=trust", "--auth-host=scram-sha-256",
                   f"--pwfile={password_file}", "--no-sync", "-E", "UTF8")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its data directory, port and socket (after ``halt``)."""
         options = [f"-p {self.port}", f"-k {self.sockets}", "-c listen_addresses=127.0.0.1",
                    "-c max_connections=200"]
         if not self.durable:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-w", "-t", "60",
                   "-l", os.path.join(self.home, "server.log"), "-o", " ".join(options), "start")
+
+    def halt(self, mode: str = "immediate") -> None:
+        """Stop the server and keep its data, so that ``resume`` brings it back.
+
+        ``immediate`` ends every backend at once, as a crash would; ``fast`` disconnects
+        clients and shuts down cleanly.
+        """
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", mode, "-w",
+                  "stop")
 
     def create_database(self, name: str) -> str:
         """Create an empty database and return its URL."""

@@ -163,8 +163,9 @@ class Server:
 class Fleet:
     """A management server, enrolled clusters and their agents, under ``root``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, mgmt_url: str | None = None) -> None:
         self.root = root
+        self._mgmt_url = mgmt_url
         self.processes: list[Process] = []
         self.server: Server | None = None
         self.tokens: set[str] = set()
@@ -177,7 +178,8 @@ class Fleet:
 
     @property
     def mgmt_url(self) -> str:
-        return self.store_url("mgmt")
+        """The management store: a SQLite file next to the logs unless one was given."""
+        return self._mgmt_url or self.store_url("mgmt")
 
     # -- processes --------------------------------------------------------------------------
 

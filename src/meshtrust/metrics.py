@@ -105,6 +105,10 @@ class Metrics:
         self.connected = prom.Gauge(
             "meshtrust_connected_agents", "Agents holding a relay stream to this process.",
             registry=self.registry)
+        self.leader = prom.Gauge(
+            "meshtrust_server_leader",
+            "1 while this server replica holds the leader lease and runs the timed loops.",
+            registry=self.registry)
         self.rotation_step = prom.Gauge(
             "meshtrust_root_rotation_step",
             "1 for the step each policy's root rotation is at, 0 for the others.",

@@ -9,8 +9,8 @@ import logging
 
 import pytest
 
-from meshtrust import settings
-from meshtrust.authority import relay_pki, relay_renewal, signers
+from meshtrust import errors, settings
+from meshtrust.authority import registry, relay_pki, relay_renewal, relay_rotation, signers
 from meshtrust.pki import bundle
 from meshtrust.store import base
 from meshtrust.testing import FakeClock, MemoryStore
@@ -80,10 +80,47 @@ def test_brought_certificates_and_the_root_are_only_warned_about(
         warnings = [r.getMessage() for r in caplog.records if SERVER in r.getMessage()]
         assert len(warnings) == 1 and "brought" in warnings[0]  # once per certificate
         caplog.clear()
+        root = await store.get_secret(NS, settings.RELAY_ROOT_SECRET)
+        await store.update(dataclasses.replace(root, data={"ca.crt": root.data["ca.crt"]}))
         clock.advance(dt.timedelta(days=365 * 9 + 200))  # the 10-year root is due
         with caplog.at_level(logging.WARNING):
             await renewal.check(None)
+        assert not await renewal.root_due()  # its key is not here: not ours to rotate
         assert any(settings.RELAY_ROOT_SECRET in r.getMessage()
-                   and "rotated by hand" in r.getMessage() for r in caplog.records)
+                   and "where its key is kept" in r.getMessage() for r in caplog.records)
+
+    asyncio.run(go())
+
+
+def test_a_due_relay_root_is_rotated_step_by_step() -> None:
+    """With no agent to wait for, each step follows the last; the secrets end under the new root."""
+    async def go() -> None:
+        store, clock, renewal = await _setup()
+        cache = signers.Signers()
+        rotations = relay_rotation.RelayRootRotations(store, clock, registry.Registry(store, clock),
+                                                      cache)
+        old_root = (await store.get_secret(NS, settings.RELAY_ROOT_SECRET)).data["ca.crt"]
+        assert not await renewal.root_due()
+        clock.advance(dt.timedelta(days=365 * 9 + 200))
+        assert await renewal.root_due()
+        await rotations.start()
+        adding = await store.get_secret(NS, settings.RELAY_ROOT_SECRET)
+        assert len(bundle.load_certificates(adding.data["ca.crt"])) == 2  # old and new trusted
+        with pytest.raises(errors.ConfigError, match="under way"):
+            await rotations.start()
+        seen = []
+        for _ in range(3):
+            await rotations.advance()
+            seen.append(await rotations.step())
+        assert seen == [relay_rotation.Step.REISSUING, relay_rotation.Step.DROPPING_OLD,
+                        relay_rotation.Step.DONE]
+        root_secret = await store.get_secret(NS, settings.RELAY_ROOT_SECRET)
+        (new_root,) = bundle.load_certificates(root_secret.data["ca.crt"])
+        assert root_secret.data["ca.crt"] != old_root and "new-tls.key" not in root_secret.data
+        signing = signers.ca_from_secret(await store.get_secret(NS, SIGNING))
+        assert signing.root == new_root
+        server = bundle.load_certificates((await store.get_secret(NS, SERVER)).data["tls.crt"])
+        assert bundle.issued_by(server[0], signing.certificate)
+        assert not await renewal.root_due()
 
     asyncio.run(go())

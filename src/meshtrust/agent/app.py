@@ -20,6 +20,7 @@ from cryptography import x509
 
 from meshtrust import __version__, errors, metrics, rpc, settings
 from meshtrust import clock as clock_module
+from meshtrust.agent import backoff as retry
 from meshtrust.agent import bounce, identity, istio, simulation
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.connection import RelayClient, describe_trust
@@ -123,9 +124,11 @@ class Agent:
                     if await self._try_bootstrap(current):
                         backoff = 1.0
                 except errors.MeshTrustError as exc:
-                    log.warning("bootstrap failed: %s; retrying in %.0f s", exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.config.reconnect_max)
+                    wait = retry.delay(exc, backoff)
+                    log.log(logging.INFO if retry.busy(exc) else logging.WARNING,
+                            "bootstrap failed: %s; retrying in %.1f s", exc, wait)
+                    await asyncio.sleep(wait)
+                    backoff = retry.next_backoff(exc, backoff, self.config.reconnect_max)
             await self.provider.wait_for_change(current, timeout=1.0)
 
     async def _try_bootstrap(self, current: ClientIdentity | None) -> bool:
@@ -194,8 +197,10 @@ class Agent:
                 async for item in self.client.work(channel, self.leader.is_set()):
                     if item.HasField("issue_intermediate"):
                         self._start_work(item)
+                    elif item.heartbeat.renew_client and self.leader.is_set():
+                        self.rotator.renew_now()
                     if not self.connected.is_set():
-                        log.info("connected to %s over %s", self.config.server,
+                        log.info("connected to %s over %s", self.client.address,
                                  "plaintext" if self.config.insecure else "mTLS")
                         self.connected.set()
                         self._said.discard("connect")
@@ -205,6 +210,7 @@ class Agent:
             finally:
                 self.connected.clear()
                 await channel.close()
+                self.client.next_server()  # with several addresses, try the next replica
             await asyncio.sleep(backoff * (1 + random.random() / 2))
             backoff = min(backoff * 2, self.config.reconnect_max)
 
@@ -227,8 +233,9 @@ class Agent:
                                     auto_restart_pods=spec.auto_restart_pods)
 
             async def sign(csr_pem: bytes) -> tuple[bytes, bytes]:
-                ack = await self.client.complete_work(messages.WorkResult(
-                    id=item.id, csr=csr_pem, stage="csr"))
+                ack = await retry.while_busy(lambda: self.client.complete_work(
+                    messages.WorkResult(id=item.id, csr=csr_pem, stage="csr")),
+                    what=f"work item {item.id}")
                 return bytes(ack.certificate_chain), bytes(ack.root_bundle)
 
             outcome = await self.istio.handle(request, sign, self._bounce)
@@ -257,11 +264,11 @@ class Agent:
                              current: ClientIdentity | None) -> None:
         if current is not None and _TLS_FAILURE.search(str(exc)):
             log.warning("TLS handshake with %s failed (%s); this agent expects the server to "
-                        "chain to %s", self.config.server, exc, describe_trust(current.trust))
+                        "chain to %s", self.client.address, exc, describe_trust(current.trust))
         elif isinstance(exc, errors.AuthError):
             log.warning("the server refused this agent: %s", exc)
         else:
-            log.info("relay connection to %s ended: %s", self.config.server, exc)
+            log.info("relay connection to %s ended: %s", self.client.address, exc)
 
     async def _export(self) -> None:
         """Keep the certificate gauges equal to the certificate the provider holds."""

@@ -43,14 +43,34 @@ class AgentConfig:
             raise errors.ConfigError("jitter must be in [0, 1)")
         for name in ("server", *(("bootstrap_server",) if self.bootstrap_server else ())):
             value = getattr(self, name)
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise errors.ConfigError(f"{name}: {value!r} is not host:port")
+            for address in _addresses(value):
+                host, sep, port = address.rpartition(":")
+                if not sep or not host or not port.isdigit():
+                    raise errors.ConfigError(
+                        f"{name}: {address!r} is not host:port (several are comma-separated: "
+                        "host-a:9900,host-b:9900)")
         if self.lease_ttl <= 0 or self.status_interval <= 0 or self.reconnect_max <= 0:
             raise errors.ConfigError("lease TTL, status interval and reconnect backoff must be "
                                      "positive")
 
     @property
+    def servers(self) -> tuple[str, ...]:
+        """The relay addresses, tried in turn: several server replicas may serve one fleet."""
+        return _addresses(self.server)
+
+    @property
+    def bootstrap_servers(self) -> tuple[str, ...]:
+        """Where to bootstrap, tried in turn: as given, else each relay port + 1."""
+        if self.bootstrap_server:
+            return _addresses(self.bootstrap_server)
+        return tuple(settings.bootstrap_address(address) for address in self.servers)
+
+    @property
     def bootstrap_address(self) -> str:
-        """Where to bootstrap: the given address, else the relay port + 1."""
-        return self.bootstrap_server or settings.bootstrap_address(self.server)
+        """The bootstrap addresses as one string, for messages."""
+        return ",".join(self.bootstrap_servers)
+
+
+def _addresses(value: str) -> tuple[str, ...]:
+    """``host:port`` addresses from a comma-separated list; at least one (maybe empty)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip()) or (value,)

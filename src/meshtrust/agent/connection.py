@@ -42,7 +42,20 @@ class RelayClient:
         self._provider = provider
         self._channel: Any = None
         self._channel_identity: ClientIdentity | None = None
+        self._channel_address = ""
         self._closing: set[asyncio.Task[None]] = set()
+        self._server = 0     # which of config.servers the relay channels go to
+        self._bootstrap = 0  # which of config.bootstrap_servers answered last
+
+    @property
+    def address(self) -> str:
+        """The relay address in use: one of ``--server``'s comma-separated addresses."""
+        servers = self._config.servers
+        return servers[self._server % len(servers)]
+
+    def next_server(self) -> None:
+        """Use the next relay address from now on (the current one failed or ended)."""
+        self._server = (self._server + 1) % len(self._config.servers)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self._config.insecure:
@@ -52,19 +65,21 @@ class RelayClient:
     def open_channel(self, identity: ClientIdentity | None) -> Any:
         """A new channel to the relay listener with ``identity``'s certificate."""
         if self._config.insecure:
-            return transport.insecure_channel(self._config.server)
+            return transport.insecure_channel(self.address)
         if identity is None:
             raise errors.RPCError("no client certificate yet")
-        return transport.secure_channel(self._config.server, trust=identity.trust,
+        return transport.secure_channel(self.address, trust=identity.trust,
                                         chain=identity.chain, key=identity.key,
                                         server_name=self._config.server_name)
 
     def _current_channel(self) -> Any:
         identity = self._provider.current
-        if self._channel is None or identity != self._channel_identity:
+        if (self._channel is None or identity != self._channel_identity
+                or self.address != self._channel_address):
             old = self._channel
             self._channel = self.open_channel(identity)
             self._channel_identity = identity
+            self._channel_address = self.address
             if old is not None:
                 task = asyncio.create_task(_close_later(old))
                 self._closing.add(task)
@@ -89,8 +104,29 @@ class RelayClient:
                                                       metadata=self._metadata()))
 
     async def bootstrap(self, trust: bytes, token: str, csr_pem: bytes) -> Any:
-        """Call Bootstrap over server-authenticated TLS on the bootstrap listener."""
-        channel = transport.secure_channel(self._config.bootstrap_address, trust=trust,
+        """Call Bootstrap over server-authenticated TLS on a bootstrap listener.
+
+        Addresses are tried in turn, from the one that answered last, while they
+        cannot be reached; an answer, even a refusal, ends the search.
+        """
+        addresses = self._config.bootstrap_servers
+        for attempt in range(len(addresses)):
+            index = (self._bootstrap + attempt) % len(addresses)
+            try:
+                response = await self._bootstrap_at(addresses[index], trust, token, csr_pem)
+            except errors.RPCError as exc:
+                if type(exc) is not errors.RPCError or attempt == len(addresses) - 1:
+                    raise
+                log.info("bootstrap at %s failed: %s; trying %s", addresses[index], exc,
+                         addresses[(index + 1) % len(addresses)])
+                continue
+            self._bootstrap = index
+            return response
+        raise AssertionError("unreachable")
+
+    async def _bootstrap_at(self, address: str, trust: bytes, token: str,
+                            csr_pem: bytes) -> Any:
+        channel = transport.secure_channel(address, trust=trust,
                                            server_name=self._config.server_name)
         try:
             stub = transport.bootstrap_stub(channel)

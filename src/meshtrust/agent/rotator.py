@@ -13,9 +13,11 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import time
 
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics
+from meshtrust.agent import backoff as retry
 from meshtrust.agent import identity
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.connection import RelayClient
@@ -26,6 +28,7 @@ from meshtrust.store import base
 log = logging.getLogger(__name__)
 
 WARN_EVERY = 300.0  # how often to repeat that a brought certificate needs renewing (seconds)
+ASKED_SPACING = 5.0  # a renewal the server asks for waits this long after the last (seconds)
 MAX_STEP = 1.0  # re-check leadership and the certificate at least this often (seconds)
 MIN_SPACING = 1.0  # never renew more often than this, whatever the settings say (seconds)
 
@@ -44,6 +47,7 @@ class Rotator:
         self._clock = clock or clock_module.SystemClock()
         self._rng = rng or random.Random()
         self._planned: dict[str, dt.datetime] = {}
+        self._renewed_at = -ASKED_SPACING  # monotonic time of the last renewal
         self.renewals = 0
         self.metrics = meters
 
@@ -54,6 +58,15 @@ class Rotator:
             self._planned = {serial: rotation.renew_at(
                 current.certificate, self._config.grace_ratio, self._config.jitter, self._rng)}
         return self._planned[serial]
+
+    def renew_now(self) -> None:
+        """The server asks for a new certificate (a relay root rotation needs it): renew
+        at the next look, unless a renewal just happened and the server has not seen it."""
+        current = self._provider.current
+        if current is None or time.monotonic() - self._renewed_at < ASKED_SPACING:
+            return
+        self.due_at(current)
+        self._planned[current.serial] = min(self._planned[current.serial], self._clock.now())
 
     async def run(self) -> None:
         backoff = 1.0
@@ -86,12 +99,18 @@ class Rotator:
                 backoff = 1.0
                 await asyncio.sleep(MIN_SPACING)
             except errors.MeshTrustError as exc:
-                if self.metrics is not None:
-                    self.metrics.renewals.labels("failed").inc()
-                log.warning("renewing the client certificate failed: %s; retrying in %.0f s",
-                            exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._config.reconnect_max)
+                wait = retry.delay(exc, backoff, self._rng)
+                if retry.busy(exc):
+                    # Not a failure: the server scheduled this renewal for later.
+                    log.info("renewing the client certificate: %s; retrying in %.1f s",
+                             exc, wait)
+                else:
+                    if self.metrics is not None:
+                        self.metrics.renewals.labels("failed").inc()
+                    log.warning("renewing the client certificate failed: %s; retrying in "
+                                "%.0f s", exc, wait)
+                await asyncio.sleep(wait)
+                backoff = retry.next_backoff(exc, backoff, self._config.reconnect_max)
 
     async def renew(self, current: ClientIdentity) -> None:
         names = self._config.names
@@ -104,6 +123,7 @@ class Rotator:
             self._store, names, chain=chain, key_pem=key_pem,
             trust=bytes(response.ca_bundle) or current.trust)
         self.renewals += 1
+        self._renewed_at = time.monotonic()
         fresh = bundle.load_certificate(chain, "certificate chain")
         if rotation.renew_at(fresh, self._config.grace_ratio) <= self._clock.now():
             log.warning("the new certificate is due for renewal already: its lifetime is too "

@@ -270,25 +270,30 @@ class AuditLog:
                      actor: str | None = None, cluster: str | None = None,
                      profile: str | None = None, certificate: x509.Certificate | None = None,
                      policy: str | None = None, step: str | None = None, message: str = "",
-                     peer: str | None = None) -> Record:
+                     peer: str | None = None, id: str | None = None) -> Record:
         """Write one record; raise ``errors.StoreUnavailable`` if the store refuses it.
 
         The caller must not report its action as done (hand out the certificate
-        or token) when this raises.
+        or token) when this raises. With ``id`` (from ``new_id``) the record is
+        written once: a retry with the same ``id`` finds it stored and writes
+        nothing, so an action retried on another server replica is recorded once.
         """
         now = self._clock.now()
         who = actor or self.actor
         record = Record(time=now, event=event, outcome=outcome, actor=who,
                         user=self.user if who == OPERATOR else None,
                         peer=_or_none(peer, _PEER_RE), cluster=cluster, profile=profile,
-                        policy=policy, step=step, message=message,
+                        policy=policy, step=step, message=message, id=id,
                         **(certificate_fields(certificate) if certificate else {}))
         for attempt in range(_NAME_ATTEMPTS):
-            record = dataclasses.replace(record, id=new_id(now))
+            if id is None:
+                record = dataclasses.replace(record, id=new_id(now))
             try:
                 await self._store.create(self._resource(record))
                 break
             except errors.AlreadyExists:
+                if id is not None:
+                    return record  # recorded by an earlier attempt
                 if attempt == _NAME_ATTEMPTS - 1:
                     raise errors.StoreUnavailable(
                         f"audit log: no free name for a record at {now}") from None
@@ -417,15 +422,7 @@ async def relay_pki_made(audit: AuditLog, store: base.Store, names: settings.Sec
         certificate = bundle.load_certificate(pem, where) if pem else None
         profile = kinds.get(name)
         if certificate is not None and profile == profiles.RELAY_SIGNING.name and (
-                _path_length(certificate)):
+                bundle.path_length(certificate)):
             profile = profiles.SHARED_SIGNING.name  # it signs Istio CAs too
         await audit.record(Kind.ISSUE, profile=profile, certificate=certificate,
                            message=f"{how} in {where}")
-
-
-def _path_length(certificate: x509.Certificate) -> int | None:
-    try:
-        return certificate.extensions.get_extension_for_class(
-            x509.BasicConstraints).value.path_length
-    except x509.ExtensionNotFound:
-        return None

@@ -148,7 +148,7 @@ def load_contents(data: bytes) -> Contents:
     """A backup's contents from ``dump_contents`` JSON; ConfigError naming what is wrong."""
     try:
         document = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to read
         raise errors.ConfigError(f"backup: the contents are not JSON ({exc})") from exc
     if not isinstance(document, dict) or (document.get("apiVersion"), document.get("kind")) != (
             API_VERSION, KIND):
@@ -342,7 +342,7 @@ def _follow_policy(issued: base.Resource, generations: Mapping[str, int]) -> bas
     """An IssuedCertificate refers to its policy's generation, which a store sets anew."""
     policy = issued.spec.get("policy")
     if (issued.kind != istio.ISSUED_KIND or "policyGeneration" not in issued.spec
-            or policy not in generations):
+            or not isinstance(policy, str) or policy not in generations):
         return issued
     return dataclasses.replace(issued, spec={**issued.spec,
                                              "policyGeneration": generations[str(policy)]})
@@ -384,7 +384,13 @@ async def _put_resource(store: base.Store, resource: base.Resource, force: bool,
 def unbootstrapped(contents: Contents) -> list[str]:
     """Registered clusters whose agent never got a client certificate: they need a new token."""
     return sorted(r.name for r in contents.resources if r.kind == registry.CLUSTER_KIND
-                  and not (r.status.get("clientCertificate") or {}).get("serial"))
+                  and not _client_serial(r))
+
+
+def _client_serial(cluster: base.Resource) -> Any:
+    """The serial of the client certificate a cluster's status records, if it records one."""
+    client = cluster.status.get("clientCertificate")
+    return client.get("serial") if isinstance(client, dict) else None
 
 
 def inventory(contents: Contents, now: dt.datetime) -> list[tuple[str, str, str, str]]:
@@ -411,7 +417,7 @@ def _secret_detail(secret: base.Secret, now: dt.datetime) -> str:
 def _detail(resource: base.Resource) -> str:
     status = resource.status
     if resource.kind == registry.CLUSTER_KIND:
-        serial = (status.get("clientCertificate") or {}).get("serial")
+        serial = _client_serial(resource)
         return f"client certificate {serial}" if serial else "not bootstrapped yet"
     if resource.kind == istio.ISSUED_KIND:
         return " ".join(str(v) for v in (status.get("state"), status.get("serial")) if v)

@@ -12,10 +12,12 @@ intermediate is made with a new key.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import enum
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +41,7 @@ TRUST_BUNDLE_KEY = "trust-bundle.pem"  # every root clusters must trust, during 
 _CAS_ATTEMPTS = 5
 RETRY_FIRST = 10.0  # seconds before a FAILED intermediate is tried again; doubles each time
 RETRY_MAX = 300.0
+RECONCILE_PARALLEL = 64  # clusters whose intermediates one reconcile round handles at once
 
 
 class State(enum.Enum):
@@ -98,6 +101,22 @@ def _policy_of(id_: str, cluster: str) -> str | None:
     return name[:-len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
 
 
+def _spec_digest(spec: Mapping[str, Any]) -> str:
+    """What an intermediate is issued for: its spec without the policy's generation
+    number, which a restore renumbers."""
+    kept = {key: value for key, value in spec.items() if key != "policyGeneration"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _interrupted(resource: base.Resource) -> bool:
+    """True when the status is not about the stored spec: a writer died between the two."""
+    status = resource.status
+    if not status.get("state"):
+        return True  # created, never set PENDING
+    recorded = status.get("specDigest")
+    return recorded is not None and recorded != _spec_digest(resource.spec)
+
+
 def _signed_for(resource: base.Resource, id_: str, request: csr.Request) -> bytes | None:
     """The chain already issued for work item ``id_`` and the CSR's key, if there is one."""
     status = resource.status
@@ -110,14 +129,28 @@ def _signed_for(resource: base.Resource, id_: str, request: csr.Request) -> byte
     return None
 
 
-def bundle_fingerprint(roots: bytes) -> str:
-    """One fingerprint for a set of roots, whatever their order in the PEM."""
-    prints = sorted(bundle.fingerprint(c) for c in bundle.load_certificates(roots, "roots"))
-    return hashlib.sha256(",".join(prints).encode()).hexdigest()
+bundle_fingerprint = bundle.roots_fingerprint
 
 
 
 
+
+
+def _spec_template(policy: trust_policy.TrustPolicy, generation: int,
+                   signer: Signer) -> dict[str, Any]:
+    """What every selected cluster's IssuedCertificate spec holds but its name."""
+    return {
+        "policy": policy.name, "policyGeneration": generation,
+        "rootFingerprint": bundle.fingerprint(signer.ca.root),
+        "signerFingerprint": bundle.fingerprint(signer.ca.certificate),
+        "bundleFingerprint": bundle_fingerprint(signer.roots),
+        "lifetimeSeconds": int(policy.intermediate.lifetime.total_seconds()),
+        "keyType": policy.intermediate.key_type.value,
+        "gracePeriodRatio": policy.intermediate.grace_ratio,
+        "organization": policy.intermediate.organization,
+        "trustDomain": policy.trust_domain, "form": policy.form,
+        "autoRestartPods": policy.auto_restart_pods,
+    }
 
 
 class IstioAuthority:
@@ -244,9 +277,16 @@ class IstioAuthority:
     # -- reconcile --------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Bring every IssuedCertificate in line with the policies, clusters and the clock."""
+        """Bring every IssuedCertificate in line with the policies, clusters and the clock.
+
+        The intermediates are read in one list, and up to ``RECONCILE_PARALLEL``
+        clusters are brought in line at once, so that their writes share commits.
+        """
         clusters = {c.name for c in await self._registry.list()}
+        existing = {item.name: item for item in
+                    await self._store.list_resources(ISSUED_KIND, namespace=self._ns)}
         wanted: set[str] = set()
+        gate = asyncio.Semaphore(RECONCILE_PARALLEL)
         for resource, policy in await self.policies():
             try:
                 current = await self.signer(policy)
@@ -258,13 +298,24 @@ class IstioAuthority:
                 "state": "ACCEPTED", "message": "", "clusters": selected,
                 "rootFingerprint": bundle.fingerprint(current.ca.root),
                 "signer": current.ca.provider})
-            for cluster in selected:
-                wanted.add(issued_name(policy.name, cluster))
-                await self._ensure(policy, resource.generation, cluster, current)
-        for item in await self._store.list_resources(ISSUED_KIND, namespace=self._ns):
-            if item.name not in wanted:
+            template = _spec_template(policy, resource.generation, current)
+
+            async def ensure(cluster: str, policy: trust_policy.TrustPolicy = policy,
+                             template: dict[str, Any] = template) -> None:
+                async with gate:
+                    await self._ensure(policy, cluster, {**template, "cluster": cluster},
+                                       existing.get(issued_name(policy.name, cluster)))
+
+            wanted.update(issued_name(policy.name, cluster) for cluster in selected)
+            outcomes = await asyncio.gather(*(ensure(c) for c in selected),
+                                            return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        for name in existing:
+            if name not in wanted:
                 try:
-                    await self._store.delete(ISSUED_KIND, self._ns, item.name)
+                    await self._store.delete(ISSUED_KIND, self._ns, name)
                 except errors.NotFound:
                     pass
 
@@ -276,31 +327,24 @@ class IstioAuthority:
             except (errors.Conflict, errors.NotFound):
                 pass  # the next round sees the newer policy
 
-    async def _ensure(self, policy: trust_policy.TrustPolicy, generation: int, cluster: str,
-                      signer: Signer) -> None:
-        spec = {
-            "policy": policy.name, "cluster": cluster, "policyGeneration": generation,
-            "rootFingerprint": bundle.fingerprint(signer.ca.root),
-            "signerFingerprint": bundle.fingerprint(signer.ca.certificate),
-            "bundleFingerprint": bundle_fingerprint(signer.roots),
-            "lifetimeSeconds": int(policy.intermediate.lifetime.total_seconds()),
-            "keyType": policy.intermediate.key_type.value,
-            "gracePeriodRatio": policy.intermediate.grace_ratio,
-            "organization": policy.intermediate.organization,
-            "trustDomain": policy.trust_domain, "form": policy.form,
-            "autoRestartPods": policy.auto_restart_pods,
-        }
+    async def _ensure(self, policy: trust_policy.TrustPolicy, cluster: str,
+                      spec: dict[str, Any], listed: base.Resource | None) -> None:
+        """Create or update one cluster's intermediate; ``listed`` is how a list found it."""
         name = issued_name(policy.name, cluster)
-        for _ in range(_CAS_ATTEMPTS):
+        for attempt in range(_CAS_ATTEMPTS):
             try:
-                current = await self._store.get_resource(ISSUED_KIND, self._ns, name)
+                if attempt == 0 and listed is not None:
+                    current = listed  # a lost compare-and-swap reads it again
+                else:
+                    current = await self._store.get_resource(ISSUED_KIND, self._ns, name)
             except errors.NotFound:
                 try:
                     made = await self._store.create(base.Resource(
                         api_version=ISSUED_API, kind=ISSUED_KIND, namespace=self._ns,
                         name=name, labels={"cluster": cluster, "policy": policy.name},
                         spec=spec))
-                    await self._set_state(made, State.PENDING, round_=1)
+                    await self._set_state(made, State.PENDING, round_=1,
+                                          specDigest=_spec_digest(made.spec))
                     return
                 except errors.AlreadyExists:
                     continue
@@ -308,7 +352,15 @@ class IstioAuthority:
                 if current.spec != spec:
                     updated = await self._store.update(dataclasses.replace(current, spec=spec))
                     await self._set_state(updated, State.PENDING,
-                                          round_=int(updated.status.get("round", 0)) + 1)
+                                          round_=int(updated.status.get("round", 0)) + 1,
+                                          specDigest=_spec_digest(updated.spec))
+                elif _interrupted(current):
+                    # The spec was written, then whoever wrote it died before the state:
+                    # the state still describes an intermediate of the spec before.
+                    await self._set_state(current, State.PENDING,
+                                          round_=int(current.status.get("round", 0)) + 1,
+                                          specDigest=_spec_digest(current.spec),
+                                          message="resumed an interrupted update")
                 elif self._renewal_due(current):
                     await self._set_state(current, State.PENDING,
                                           round_=int(current.status.get("round", 0)) + 1,
@@ -353,11 +405,11 @@ class IstioAuthority:
         """The intermediates ``cluster`` must make keys for; each is marked REQUESTED.
 
         An ISSUED item is sent again too: until the agent's outcome arrives (it may
-        have been lost with a server that died) the work is not done.
+        have been lost with a server that died) the work is not done. The cluster's
+        items are read by name, one per policy, so the cost does not grow with the fleet.
         """
         found = []
-        for listed in await self._store.list_resources(ISSUED_KIND, namespace=self._ns,
-                                                       labels={"cluster": cluster}):
+        for listed in await self._items_of(cluster):
             state = listed.status.get("state")
             if state not in (State.PENDING.value, State.REQUESTED.value, State.ISSUED.value):
                 continue
@@ -373,6 +425,21 @@ class IstioAuthority:
                               organization=spec["organization"], form=spec["form"],
                               auto_restart_pods=bool(spec["autoRestartPods"])))
         return found
+
+    async def _items_of(self, cluster: str) -> list[base.Resource]:
+        """The cluster's IssuedCertificates: one per policy at most, in policy order."""
+        policies = sorted({r.name for r in
+                           await self._store.list_resources(trust_policy.POLICY_KIND)})
+        items = []
+        for policy in policies:
+            try:
+                item = await self._store.get_resource(ISSUED_KIND, self._ns,
+                                                      issued_name(policy, cluster))
+            except (errors.NotFound, ValueError):  # ValueError: not even a valid name
+                continue
+            if item.labels.get("cluster") == cluster:
+                items.append(item)
+        return items
 
     async def _current(self, cluster: str, id_: str) -> base.Resource:
         name = id_.split("/", 1)[0]

@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable, Collection
 from typing import Any
 
 from meshtrust import clock as clock_module
@@ -68,6 +69,16 @@ class Cluster:
                    client_serial=client.get("serial"),
                    client_not_after=manifest.read_time(client.get("notAfter")),
                    connected=bool(status.get("connected")))
+
+
+def _held_by(status: dict[str, Any]) -> dict[str, str]:
+    """The server replicas holding one of the cluster's work streams, with since when."""
+    found = status.get("connections")
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def _connections(status: dict[str, Any], held: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {**status, "connections": held, "connected": bool(held), **extra}
 
 
 def check_cluster_name(name: str) -> str:
@@ -145,26 +156,81 @@ class Registry:
 
     async def update_status(self, name: str, **changes: Any) -> None:
         """Merge ``changes`` into the cluster's status (retrying lost compare-and-swaps)."""
+        await self._edit_status(name, lambda status: {**status, **changes})
+
+    # -- connections ------------------------------------------------------------------------
+    #
+    # Several server replicas may each hold work streams: status.connections maps each
+    # replica holding one of the cluster's streams to when it opened, and
+    # status.connected says whether any does. A replica edits only its own entry; the
+    # leader removes the entries of replicas that died without closing them.
+
+    async def connect(self, name: str, replica: str) -> None:
+        """Record that server replica ``replica`` holds a work stream of ``name``."""
+        now = manifest.dump_time(self._clock.now())
+        await self._edit_status(name, lambda status: _connections(
+            status, {**_held_by(status), replica: now}, lastSeen=now))
+
+    async def disconnect(self, name: str, replica: str) -> None:
+        """Record that server replica ``replica`` holds no work stream of ``name`` any more."""
+        await self._edit_status(name, lambda status: _connections(status, {
+            held: since for held, since in _held_by(status).items() if held != replica}))
+
+    async def forget_replicas(self, live: Collection[str] | None = None, *,
+                              gone: Collection[str] = ()) -> tuple[str, ...]:
+        """Drop the connections of replicas not in ``live`` or in ``gone``.
+
+        Returns the clusters changed. With ``live``, a status that says connected
+        with no replica named (as a single-replica server wrote it) is stale too.
+        """
+        def kept(status: dict[str, Any]) -> dict[str, str]:
+            return {held: since for held, since in _held_by(status).items()
+                    if (live is None or held in live) and held not in gone}
+
+        changed = []
+        for resource in await self._store.list_resources(CLUSTER_KIND, namespace=self._ns):
+            status = resource.status
+            now_held = kept(status)
+            if now_held != _held_by(status) or (
+                    live is not None and bool(now_held) != bool(status.get("connected"))):
+                await self._edit_status(resource.name, lambda current: _connections(
+                    current, kept(current)))
+                changed.append(resource.name)
+        return tuple(changed)
+
+    async def _edit_status(self, name: str,
+                           edit: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+        """Replace the cluster's status by ``edit(status)``, retrying lost compare-and-swaps.
+
+        Returns False if the cluster is not registered.
+        """
         for _ in range(_CAS_ATTEMPTS):
             try:
                 resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
             except errors.NotFound:
-                return
-            status = {**resource.status, **changes}
+                return False
+            status = edit(dict(resource.status))
             if status == resource.status:
-                return
+                return True
             try:
                 await self._store.update_status(dataclasses.replace(resource, status=status))
-                return
+                return True
             except errors.Conflict:
                 continue
             except errors.NotFound:
-                return
+                return False
+        return True
 
     async def seen(self, name: str, *, min_interval: dt.timedelta = dt.timedelta(seconds=5),
                    **changes: Any) -> None:
         """Record that the cluster's agent called, at most once per ``min_interval``."""
         now = self._clock.now()
+        if changes:  # recorded whenever they come: the edit is the only read needed
+            stamp = manifest.dump_time(now)
+            if not await self._edit_status(name, lambda status: {**status, "lastSeen": stamp,
+                                                                  **changes}):
+                await self.get(name)  # raises UnknownCluster
+            return
         cluster = await self.get(name)
         if (not changes and cluster.last_seen is not None
                 and now - cluster.last_seen < min_interval):

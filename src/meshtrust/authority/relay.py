@@ -162,20 +162,48 @@ class RelayAuthority:
                                 peer=peer)
         await self.registry.seen(cluster, clientCertificate={
             "serial": issued.serial,
-            "notAfter": certificate.not_valid_after_utc.isoformat()})
+            "notAfter": certificate.not_valid_after_utc.isoformat(),
+            # What a relay root rotation checks: which CA signed it, which roots went with it.
+            "signer": bundle.fingerprint(signed.chain[0]),
+            "trust": bundle.roots_fingerprint(trust)})
         return issued
 
     async def authorize(self, peer_pem: bytes) -> str:
         """The registered cluster a verified peer certificate names; AuthError if none."""
-        try:
-            cert = bundle.load_certificate(peer_pem, "peer certificate")
-        except errors.ChainError as exc:
-            raise errors.AuthError("the peer presented no readable client certificate") from exc
-        cluster = cluster_of(cert)
+        cluster = _cluster_named(peer_pem)
         if cluster is None:
+            try:
+                bundle.load_certificate(peer_pem, "peer certificate")
+            except errors.ChainError as exc:
+                raise errors.AuthError(
+                    "the peer presented no readable client certificate") from exc
             raise errors.AuthError("the client certificate names no cluster (DNS SAN or CN)")
-        await self.registry.get(cluster)
+        await self.registry.get(cluster)  # on every call: a deregistered cluster is refused
         return cluster
+
+
+_NAMED: dict[bytes, str | None] = {}  # SHA-256 of a peer certificate -> the cluster it names
+_NAMED_MAX = 32768
+
+
+def _cluster_named(peer_pem: bytes) -> str | None:
+    """The cluster a client certificate in PEM names, None if unreadable or none.
+
+    Every relay call of an agent presents the same certificate, and parsing it
+    is a good part of the call's cost; what it names never changes, so it is
+    remembered by its digest (the registry is still asked on every call).
+    """
+    digest = hashlib.sha256(peer_pem).digest()
+    if digest in _NAMED:
+        return _NAMED[digest]
+    try:
+        named = cluster_of(bundle.load_certificate(peer_pem, "peer certificate"))
+    except errors.ChainError:
+        named = None
+    if len(_NAMED) >= _NAMED_MAX:
+        _NAMED.clear()
+    _NAMED[digest] = named
+    return named
 
 
 def cluster_of(cert: x509.Certificate) -> str | None:

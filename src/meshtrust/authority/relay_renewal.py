@@ -71,6 +71,8 @@ class RelayRenewal:
         if found is None:
             return False
         secret, certificate = found
+        if "new-tls.crt" in secret.data:
+            return False  # a relay root rotation is under way and makes a new one anyway
         root = await self._get(names.relay_root)
         if (not _managed(secret) or "tls.key" not in secret.data or root is None
                 or not _managed(root) or "tls.key" not in root.data):
@@ -81,7 +83,7 @@ class RelayRenewal:
         old = signers.ca_from_secret(secret, lock)
         now = self._clock.now()
         made = issuer.new_intermediate(
-            keys.key_type_of(old.key) or keys.KeyType.EC_P256, root_ca, _signing_profile(old),
+            keys.key_type_of(old.key) or keys.KeyType.EC_P256, root_ca, signing_profile(old),
             now, self.options.signing_lifetime,
             issuer.Subject(common_name=identity.common_name(certificate.subject)))
         data = {**secret.data,
@@ -119,12 +121,17 @@ class RelayRenewal:
                 "tls.key": keys.dump_private_key(key)}
         return await self._replace(secret, data, certificate, signed.certificate)
 
+    async def root_due(self) -> bool:
+        """Whether the relay root is past its renewal time and meshtrust holds its key,
+        so that the server should rotate it (``relay_rotation``)."""
+        found = await self._due(self.options.names.relay_root)
+        return found is not None and _managed(found[0]) and "tls.key" in found[0].data
+
     async def _root(self) -> None:
         found = await self._due(self.options.names.relay_root)
-        if found is not None:
-            self._warn(found[0], found[1], "a relay root is rotated by hand: make a new root "
-                       "and signing CA, add the new root to ca.crt next to the old, let "
-                       "every agent renew, then drop the old root")
+        if found is not None and not await self.root_due():
+            self._warn(found[0], found[1], "its key is not in the store, so it is rotated "
+                       "where its key is kept")
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -175,10 +182,6 @@ def _managed(secret: base.Secret) -> bool:
         settings.MANAGED_LABEL]
 
 
-def _signing_profile(ca: issuer.CA) -> profiles.Profile:
+def signing_profile(ca: issuer.CA) -> profiles.Profile:
     """The profile the current signing CA was made with: shared ones may sign CAs."""
-    try:
-        bc = ca.certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return profiles.RELAY_SIGNING
-    return profiles.SHARED_SIGNING if bc.path_length else profiles.RELAY_SIGNING
+    return profiles.SHARED_SIGNING if bundle.path_length(ca.certificate) else profiles.RELAY_SIGNING

@@ -49,7 +49,7 @@ class Step(enum.Enum):
 
 
 # What each step signs with and which roots clusters trust.
-_LAYOUT: dict[Step, tuple[str, tuple[str, ...]]] = {
+LAYOUT: dict[Step, tuple[str, tuple[str, ...]]] = {
     Step.ADDING_ROOT: (OLD, (OLD, NEW)),
     Step.REISSUING: (NEW, (OLD, NEW)),
     Step.DROPPING_OLD: (NEW, (NEW,)),
@@ -57,7 +57,7 @@ _LAYOUT: dict[Step, tuple[str, tuple[str, ...]]] = {
     Step.ROLLING_BACK: (OLD, (OLD, NEW)),
     Step.ROLLED_BACK: (OLD, (OLD,)),
 }
-_NEXT = {Step.ADDING_ROOT: Step.REISSUING, Step.REISSUING: Step.DROPPING_OLD,
+NEXT = {Step.ADDING_ROOT: Step.REISSUING, Step.REISSUING: Step.DROPPING_OLD,
          Step.DROPPING_OLD: Step.DONE, Step.ROLLING_BACK: Step.ROLLED_BACK}
 FINAL = (Step.DONE, Step.ROLLED_BACK)
 _CAS_ATTEMPTS = 5
@@ -172,7 +172,7 @@ class RootRotations:
             await self._apply(policy, step)  # idempotent: resumes after a crash
             if not await self._converged(policy):
                 continue
-            following = _NEXT[step]
+            following = NEXT[step]
             await self._record(listed, following)
             await self._apply(policy, following)
             log.info("root rotation of policy %s: %s done, now %s", policy.name, step.value,
@@ -210,7 +210,7 @@ class RootRotations:
         data = dict(secret.data)
         if "old-root-cert.pem" not in data or "new-root-cert.pem" not in data:
             return  # already finished and cleaned up
-        signer, trusted = _LAYOUT[step]
+        signer, trusted = LAYOUT[step]
         data["root-cert.pem"] = data[f"{signer}-root-cert.pem"]
         data["key.pem"] = data[f"{signer}-key.pem"]
         data[istio.TRUST_BUNDLE_KEY] = b"".join(data[f"{name}-root-cert.pem"] for name in trusted)

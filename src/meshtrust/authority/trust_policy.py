@@ -26,6 +26,7 @@ from typing import Any
 
 from meshtrust import errors, settings
 from meshtrust.pki import identity, keys
+from meshtrust.store import base
 
 POLICY_API = "admin.gloo.solo.io/v2"
 POLICY_KIND = "RootTrustPolicy"
@@ -33,6 +34,8 @@ VIRTUAL_MESH_API = "networking.mesh.gloo.solo.io/v1"
 VIRTUAL_MESH_KIND = "VirtualMesh"
 ISTIOD_MESH_PREFIX = "istiod-istio-system-"
 FORMS = ("cacerts", "tls")
+MAX_NAME = 63
+MAX_DAYS = 1000 * 365
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,7 +103,7 @@ def _mapping(value: Any, path: str) -> Mapping[str, Any]:
 
 
 def _only(value: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(value) - set(allowed))
+    unknown = sorted(set(value) - set(allowed), key=str)  # YAML keys need not be strings
     if unknown:
         raise _fail(f"{path}.{unknown[0]}",
                     f"unknown field; allowed here: {', '.join(allowed)}")
@@ -141,7 +144,10 @@ def _lifetime(spec: Mapping[str, Any], path: str, default: dt.timedelta) -> dt.t
     if "ttlDays" in spec and "ttl" in spec:
         raise _fail(path, "give ttlDays or ttl, not both")
     if "ttlDays" in spec:
-        return dt.timedelta(days=_positive_int(spec["ttlDays"], f"{path}.ttlDays"))
+        days = _positive_int(spec["ttlDays"], f"{path}.ttlDays")
+        if days > MAX_DAYS:
+            raise _fail(f"{path}.ttlDays", f"must be at most {MAX_DAYS} (1000 years)")
+        return dt.timedelta(days=days)
     if "ttl" in spec:
         return settings.parse_duration(spec["ttl"], f"{path}.ttl")
     return default
@@ -165,9 +171,19 @@ def _secret_ref(spec: Mapping[str, Any], path: str) -> SecretRoot:
     if name == settings.ISTIO_CA_SECRET:
         raise _fail(f"{path}.name", "cannot be 'cacerts': that secret is the output Istio "
                                     "reads; keep the root in a secret of its own")
+    _store_name(base.check_name, name, f"{path}.name")
     if not isinstance(namespace, str) or not namespace:
         raise _fail(f"{path}.namespace", "must be a namespace name")
+    _store_name(base.check_namespace, namespace, f"{path}.namespace")
     return SecretRoot(name=name, namespace=namespace)
+
+
+def _store_name(check: Any, value: str, path: str) -> None:
+    """Refuse a name the store would refuse (``check`` is one of ``base.check_*``)."""
+    try:
+        check(value)
+    except base.InvalidField as exc:
+        raise _fail(path, exc.reason) from None
 
 
 AWS_PCA_ARN = re.compile(r"^arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:\d{12}:certificate-authority/[\w-]+$")
@@ -232,7 +248,10 @@ def _selected_clusters(entries: Any, path: str) -> tuple[str, ...] | None:
             return None  # an empty selector selects every cluster
         if "cluster" in selector:
             found.append(_cluster_name(selector["cluster"], f"{where}.selector.cluster"))
-        for n, name in enumerate(selector.get("clusters") or []):
+        names = selector.get("clusters") or []
+        if not isinstance(names, list):
+            raise _fail(f"{where}.selector.clusters", "must be a list of cluster names")
+        for n, name in enumerate(names):
             found.append(_cluster_name(name, f"{where}.selector.clusters[{n}]"))
     return tuple(dict.fromkeys(found)) or None
 
@@ -247,11 +266,16 @@ def _flag(spec: Mapping[str, Any], key: str, path: str) -> bool:
 def _metadata(document: Mapping[str, Any]) -> tuple[str, str]:
     meta = _mapping(document.get("metadata"), "metadata")
     name = meta.get("name")
-    if not isinstance(name, str) or not identity.is_dns_name(name) or "*" in name:
-        raise _fail("metadata.name", f"{name!r} is not a valid name")
+    # The name also labels each cluster's IssuedCertificate, and a label has 63 characters.
+    if (not isinstance(name, str) or not identity.is_dns_name(name) or "*" in name
+            or len(name) > MAX_NAME):
+        raise _fail("metadata.name", f"{name!r} is not a valid name (a DNS name of at most "
+                                     f"{MAX_NAME} characters, such as mesh)")
+    _store_name(base.check_name, name, "metadata.name")
     namespace = meta.get("namespace", settings.RELAY_NAMESPACE)
     if not isinstance(namespace, str) or not namespace:
         raise _fail("metadata.namespace", "must be a namespace name")
+    _store_name(base.check_namespace, namespace, "metadata.namespace")
     return name, namespace
 
 
@@ -333,6 +357,13 @@ def _form(cfg: Mapping[str, Any], path: str) -> str:
     return str(value)
 
 
+def _duration(value: dt.timedelta) -> str:
+    """A lifetime as ``settings.parse_duration`` reads it back: in seconds, with a fraction
+    when it has one (a policy of ``ttl: 0.5s`` must not be stored as ``0s``)."""
+    seconds = value.total_seconds()
+    return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds!r}s"
+
+
 def to_document(policy: TrustPolicy) -> dict[str, Any]:
     """The RootTrustPolicy document of ``policy`` (how a VirtualMesh is stored)."""
     root: dict[str, Any]
@@ -341,13 +372,13 @@ def to_document(policy: TrustPolicy) -> dict[str, Any]:
     elif isinstance(policy.root, ExternalRoot):
         root = {"awsPca": {"certificateAuthorityArn": policy.root.arn}}
     else:
-        root = {"generated": {"ttl": f"{int(policy.root.lifetime.total_seconds())}s",
+        root = {"generated": {"ttl": _duration(policy.root.lifetime),
                               "keyType": policy.root.key_type.value,
                               "orgName": policy.root.organization}}
     spec: dict[str, Any] = {"config": {
         "mgmtServerCa": root,
         "intermediateCertOptions": {
-            "ttl": f"{int(policy.intermediate.lifetime.total_seconds())}s",
+            "ttl": _duration(policy.intermediate.lifetime),
             "keyType": policy.intermediate.key_type.value,
             "secretRotationGracePeriodRatio": policy.intermediate.grace_ratio,
             "orgName": policy.intermediate.organization},

@@ -21,9 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "certificate before expiry. A client certificate put in "
                     "relay-client-tls-secret by someone else is picked up (bring your own).")
     parser.add_argument("--cluster", required=True, help="this cluster's registered name")
-    parser.add_argument("--server", required=True, help="relay address host:port")
+    parser.add_argument("--server", required=True,
+                        help="relay address host:port, or several separated by commas (server "
+                             "replicas), tried in turn when one fails")
     parser.add_argument("--bootstrap-server",
-                        help="bootstrap address host:port (default: relay port + 1)")
+                        help="bootstrap address host:port, or several separated by commas "
+                             "(default: each relay address's port + 1)")
     common.add_store_option(parser, "this cluster's store")
     parser.add_argument("--server-name",
                         help="name to check in the server certificate, if not the host")

@@ -56,8 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="how often trust policies are checked for renewals (default 5s)")
     parser.add_argument("--max-issuances", metavar="N",
                         help="certificates signed at once (bootstraps, renewals, Istio "
-                             "intermediates); as many more callers wait up to a second, the "
-                             "rest get RESOURCE_EXHAUSTED with a time to retry (default 32)")
+                             "intermediates); callers past that wait their turn (see "
+                             "--max-issuance-wait) or get RESOURCE_EXHAUSTED with a time to "
+                             "retry (default 32)")
+    parser.add_argument("--max-issuance-wait", metavar="DURATION",
+                        help="how long a caller past --max-issuances may wait for its turn "
+                             "before it is told when to retry; 0 refuses at once (default 5s)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics, the "
                              "read-only expiry dashboard at /ui and its JSON at "
@@ -104,7 +108,8 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_lifetime",
                  "signing_lifetime", "ca_grace_ratio", "server_names",
                  "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics",
-                 "reconcile_interval", "max_issuances", "audit_log", "audit_retention",
+                 "reconcile_interval", "max_issuances", "max_issuance_wait", "audit_log",
+                 "audit_retention",
                  "audit_max_events",
                  "key_passphrase_file", "leader_lease_ttl", "replica"):
         value = getattr(args, name)

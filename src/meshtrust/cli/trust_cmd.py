@@ -12,7 +12,7 @@ import yaml
 
 from meshtrust import clock as clock_module
 from meshtrust import errors
-from meshtrust.authority import istio, registry, root_rotation, signers
+from meshtrust.authority import istio, registry, relay_rotation, root_rotation, signers
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
 from meshtrust.store import opened_store
@@ -59,6 +59,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common.add_store_option(root, "the management store")
     common.add_key_passphrase_option(root)
     root.set_defaults(handler=_rotate)
+    relay_root = what.add_parser(
+        "relay-root", help="rotate the relay root (agents and server) without loss of trust",
+        description="Rotate the relay root in recorded steps that the server carries out: "
+                    "(1) a new root and signing CA are made and the server and agents trust "
+                    "old and new, (2) the new signing CA signs: the server certificate is "
+                    "re-issued and every agent renews, (3) the old root is dropped once every "
+                    "agent holds a certificate of the new one. The server asks each agent to "
+                    "renew; a crash resumes where it stopped. The server starts one by itself "
+                    "when the relay root is past its renewal time. Bootstrap tokens minted "
+                    "before the rotation carry the old root only: mint new ones after it.")
+    relay_root.add_argument("--wait", type=float, metavar="SECONDS",
+                            help="wait up to SECONDS for the rotation to finish, showing each "
+                                 "step")
+    common.add_store_option(relay_root, "the management store")
+    common.add_key_passphrase_option(relay_root)
+    relay_root.set_defaults(handler=_rotate_relay_root)
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -67,7 +83,9 @@ def _documents(path: Path) -> list[dict[str, Any]]:
         loaded = [d for d in yaml.safe_load_all(text) if d is not None]
     except OSError as exc:
         raise errors.ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # ValueError: not UTF-8, or a value YAML cannot build (a date such as 2026-13-45,
+        # an !!int that is not a number); RecursionError: nesting too deep to read.
         raise errors.ConfigError(f"{path} is not valid YAML: {exc}") from exc
     for index, document in enumerate(loaded):
         if not isinstance(document, dict):
@@ -149,16 +167,44 @@ def _rotate(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-async def _follow(store: Any, policy: str, seconds: float, out: Output) -> str:
+ISTIO_FINAL = tuple(step.value for step in root_rotation.FINAL)
+
+
+def _rotate_relay_root(args: argparse.Namespace, out: Output) -> int:
+    async def go() -> str:
+        async with opened_store(common.store_url(args)) as store:
+            clock = clock_module.SystemClock()
+            rotations = relay_rotation.RelayRootRotations(
+                store, clock, registry.Registry(store, clock),
+                signers.Signers(lock=signers.key_lock(args.key_passphrase_file)))
+            resource = await rotations.start()
+            out.line(f"relay root rotation: {resource.status['step']}")
+            if args.wait is None:
+                return str(resource.status["step"])
+            return await _follow(store, relay_rotation.NAME, args.wait, out,
+                                 kind=relay_rotation.ROTATION_KIND,
+                                 final=(relay_rotation.Step.DONE.value,))
+
+    step = asyncio.run(go())
+    if args.wait is not None and step != relay_rotation.Step.DONE.value:
+        out.error(f"the rotation is still at {step}; `meshtrust cluster list` shows the "
+                  "clusters whose agents have not renewed (they must be connected)")
+        return 1
+    return 0
+
+
+async def _follow(store: Any, name: str, seconds: float, out: Output, *,
+                  kind: str = root_rotation.ROTATION_KIND,
+                  final: tuple[str, ...] = ISTIO_FINAL) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     seen = ""
     while True:
-        resource = await store.get_resource(root_rotation.ROTATION_KIND, "gloo-mesh", policy)
+        resource = await store.get_resource(kind, "gloo-mesh", name)
         step = str(resource.status.get("step"))
         if step != seen:
             out.line(f"  step {step}")
             seen = step
-        if step in (s.value for s in root_rotation.FINAL) or loop.time() >= deadline:
+        if step in final or loop.time() >= deadline:
             return step
         await asyncio.sleep(0.5)

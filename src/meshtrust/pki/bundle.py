@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from meshtrust import errors
@@ -39,7 +40,13 @@ def load_certificates(data: bytes, what: str = "certificate file") -> list[x509.
             found = x509.load_pem_x509_certificates(data)
         else:
             found = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+        for certificate in found:
+            # Read when first used: a key, a name or an extension that cannot be read
+            # is refused here rather than wherever the certificate is used.
+            _ = (certificate.public_key(), certificate.subject, certificate.issuer,
+                 certificate.extensions)
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm,
+            x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise errors.ChainError(f"{what} holds no readable certificate ({exc})") from exc
     return list(found)
 
@@ -53,6 +60,21 @@ def fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 fingerprint, upper-case hex pairs joined by colons, as openssl prints it."""
     digest = certificate.fingerprint(hashes.SHA256())
     return ":".join(f"{b:02X}" for b in digest)
+
+
+def path_length(certificate: x509.Certificate) -> int | None:
+    """How many CA levels ``certificate`` allows below it (None: no limit, or no CA)."""
+    try:
+        return certificate.extensions.get_extension_for_class(
+            x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return None
+
+
+def roots_fingerprint(roots: bytes) -> str:
+    """One fingerprint for a set of roots (a trust bundle), whatever their order in the PEM."""
+    prints = sorted(fingerprint(c) for c in load_certificates(roots, "roots"))
+    return hashlib.sha256(",".join(prints).encode()).hexdigest()
 
 
 def summary(certificate: x509.Certificate, now: dt.datetime) -> dict[str, Any]:

@@ -9,10 +9,12 @@ What the CSR may obtain is decided later, by the profile (``issuer.issue``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -115,19 +117,19 @@ def load_csr(data: bytes) -> Request:
             csr = x509.load_pem_x509_csr(raw)
         else:
             csr = x509.load_der_x509_csr(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise errors.InvalidCSR(f"cannot parse the CSR ({exc}); send a PEM or DER PKCS#10 "
                                 "request") from exc
     try:
         public_key = csr.public_key()
-    except (ValueError, TypeError) as exc:  # unsupported algorithm
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # unsupported algorithm
         raise errors.KeyPolicyError(
             f"the CSR's key cannot be read ({exc}); use RSA or ECDSA P-256/P-384"
         ) from exc
     checked = keys.check_public_key(public_key)
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise errors.InvalidCSR(f"the CSR's signature cannot be checked ({exc})") from exc
     if not valid:
         raise errors.InvalidCSR(
@@ -135,8 +137,15 @@ def load_csr(data: bytes) -> Request:
             "with the private key it names"
         )
     try:
-        # Reading the extensions parses them; malformed ones are refused here.
-        _ = csr.extensions
-    except ValueError as exc:
-        raise errors.InvalidCSR(f"the CSR has a malformed extension ({exc})") from exc
+        # The subject and the extensions are parsed when first read: malformed ones
+        # (a bad string, an attribute of the wrong type, an extension twice, an unknown
+        # name type) are refused here, and so is a name attribute out of its bounds,
+        # which cryptography only warns of.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            _ = csr.subject, csr.extensions
+    except (ValueError, TypeError, UserWarning, x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType) as exc:
+        raise errors.InvalidCSR(f"the CSR has a malformed subject or extension ({exc})") \
+            from exc
     return Request(csr=csr, public_key=checked)

@@ -195,7 +195,7 @@ def load_header(sealed: bytes) -> tuple[Header, int]:
         raise CannotOpen(f"{DAMAGED}: its header is cut off or unreadable")
     try:
         header = _parse_header(json.loads(sealed[len(MAGIC):end]))
-    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+    except (ValueError, TypeError, KeyError, binascii.Error, RecursionError) as exc:
         raise CannotOpen(f"{DAMAGED}: its header is unreadable") from exc
     return header, end + 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import Certificate
@@ -135,6 +136,9 @@ def load_private_key(data: bytes, passphrase: bytes | None = None) -> PrivateKey
         raise errors.KeyPolicyError(
             "cannot read the private key: not a PEM key, or the wrong passphrase"
         ) from exc
+    except UnsupportedAlgorithm as exc:
+        raise errors.KeyPolicyError(f"cannot read the private key ({exc}); use RSA (2048, "
+                                    "3072, 4096) or ECDSA (P-256, P-384)") from exc
     check_public_key(key.public_key())  # refuses every type but RSA and ECDSA
     assert isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey))
     return key

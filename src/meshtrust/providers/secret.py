@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-from cryptography import x509
-
 from meshtrust import errors
 from meshtrust.pki import bundle, issuer, profiles, verify
 from meshtrust.providers import local
@@ -28,7 +26,7 @@ def load(files: Mapping[str, bytes], profile: profiles.Profile, now: dt.datetime
     if not profile.is_ca:
         raise ValueError(f"{profile.name} is not a CA profile")
     problems = verify.check_bundle(profile, found, now)
-    below = _path_length(found.certificate)
+    below = bundle.path_length(found.certificate)
     if profile.path_length and below is not None and below < profile.path_length:
         problems.append(f"it must allow {profile.path_length} CA level below it to sign "
                         f"cluster CAs, but its pathlen is {below}")
@@ -39,11 +37,3 @@ def load(files: Mapping[str, bytes], profile: profiles.Profile, now: dt.datetime
     path = bundle.order_chain(found.certificate, [*found.intermediates, *found.roots])
     ca = issuer.CA(certificate=found.certificate, key=found.key, chain=tuple(path[1:]))
     return local.LocalProvider(ca, kind="secret", key_location=where)
-
-
-def _path_length(certificate: x509.Certificate) -> int | None:
-    try:
-        return certificate.extensions.get_extension_for_class(
-            x509.BasicConstraints).value.path_length
-    except x509.ExtensionNotFound:
-        return None

@@ -44,9 +44,13 @@ def code_of(error: errors.MeshTrustError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_of(code: grpc.StatusCode, details: str) -> errors.MeshTrustError:
-    """The domain error for a failed call, keeping the server's message."""
+def error_of(code: grpc.StatusCode, details: str, *,
+             retry_after: float | None = None) -> errors.MeshTrustError:
+    """The domain error for a failed call, keeping the server's message.
+
+    ``retry_after`` is the wait the server asked for (seconds), when it gave one.
+    """
     kind = _BACK.get(code, errors.RPCError)
     if kind is errors.RateLimited:
-        return errors.RateLimited(details, retry_after=1.0)
+        return errors.RateLimited(details, retry_after=retry_after or 1.0)
     return kind(details)

@@ -27,6 +27,8 @@ __all__ = ["messages", "services"]
 
 T = TypeVar("T")
 
+RETRY_AFTER_MS = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to retry
+
 # Keepalive so that a dead peer is noticed and a half-open connection is dropped.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -148,7 +150,9 @@ async def abort(context: grpc.aio.ServicerContext, error: errors.MeshTrustError)
     """End the call with the status code of ``error`` and its message."""
     trailing: Sequence[tuple[str, str]] = ()
     if isinstance(error, errors.RateLimited):
-        trailing = (("retry-after", f"{error.retry_after:.1f}"),)
+        # Seconds for people and proxies; milliseconds for agents, which wait exactly that.
+        trailing = (("retry-after", f"{error.retry_after:.1f}"),
+                    (RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))))
     await context.abort(status.code_of(error), str(error), trailing_metadata=trailing)
 
 
@@ -189,8 +193,22 @@ async def iterate(stream: Any) -> AsyncIterator[Any]:
 def translate(exc: BaseException) -> errors.MeshTrustError:
     """The domain error for a gRPC failure (``RPCError`` when the server is away)."""
     if isinstance(exc, grpc.aio.AioRpcError):
-        return status.error_of(exc.code(), exc.details() or exc.code().name)
+        return status.error_of(exc.code(), exc.details() or exc.code().name,
+                               retry_after=_retry_after(exc))
     return errors.RPCError(str(exc))
+
+
+def _retry_after(exc: grpc.aio.AioRpcError) -> float | None:
+    """The wait a refusing server asked for, in seconds, if it gave a readable one."""
+    for item in exc.trailing_metadata() or ():
+        key, value = (item.key, item.value) if hasattr(item, "key") else item
+        if key == RETRY_AFTER_MS:
+            try:
+                wait = int(value) / 1000
+            except (TypeError, ValueError):
+                return None
+            return wait if wait > 0 else None
+    return None
 
 
 

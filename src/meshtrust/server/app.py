@@ -1,9 +1,12 @@
 """The management server process: wire the store, the authority and the listeners.
 
 ``run`` opens the store, makes whatever relay PKI is missing, starts the
-bootstrap and relay listeners, and follows two things in the store: the
-server certificate secret (a new one is used by the next handshake) and the
-cluster registry (a deregistered cluster's open streams are ended).
+bootstrap and relay listeners, and follows three things in the store: the
+server certificate secret (a new one is used by the next handshake), the
+cluster registry (a deregistered cluster's open streams are ended) and the
+clusters' intermediates (their streams look for work). Several replicas may
+share a store: the loops that write on a timer run only on the holder of the
+leader lease (``server.leadership``).
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ from meshtrust.authority import (
     relay_pki,
     root_rotation,
     relay_renewal,
+    relay_rotation,
     signers,
     trust_policy,
 )
 from meshtrust.pki import bundle
 from meshtrust.rpc import transport
-from meshtrust.server import admission, authn, dashboard, service
+from meshtrust.server import admission, authn, dashboard, leadership, service
 from meshtrust.server.config import ServerConfig
 from meshtrust.store import base, follow, open_store
 
 log = logging.getLogger(__name__)
 
 AUDIT_PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the audit log
+RECONCILE_REST = 2.0  # after a reconcile round, rest this many times its duration
+RECONCILE_IDLE = 10.0  # with no change, the next round comes after this many times as long
 
 
 class Server:
@@ -66,20 +72,31 @@ class Server:
             grace_ratio=config.ca_grace_ratio, server_lifetime=config.server_lifetime,
             signing_lifetime=config.signing_lifetime))
         self.rotations = root_rotation.RootRotations(store, self.clock, self.istio)
+        self.relay_rotations = relay_rotation.RelayRootRotations(store, self.clock,
+                                                                 self.registry, self.signers)
         # One budget of issuances for both listeners: they share the CPU and the store.
-        self.admission = admission.Admission(admission.Options(limit=config.max_issuances))
+        self.admission = admission.Admission(admission.Options(
+            limit=config.max_issuances, max_wait=config.max_issuance_wait))
         self.relay_service = service.RelayService(self.authority, self.clock, self.metrics,
                                                   insecure=config.insecure,
                                                   heartbeat=config.heartbeat,
                                                   istio_ca=self.istio,
-                                                  admission_control=self.admission)
+                                                  admission_control=self.admission,
+                                                  relay_rotation=self.relay_rotations)
+        self.leadership = leadership.Leadership(
+            store, self.clock, replica=config.replica or leadership.default_replica(),
+            ttl=config.leader_lease_ttl, namespace=self.names.relay_namespace)
+        self.relay_service.replica = self.leadership.replica
+        self.leadership.on_present_again = self.relay_service.record_connections
+        self.leadership.on_change = lambda leading: self.metrics.leader.set(int(leading))
+        self._fleet_connected: set[str] = set()  # clusters with a stream to any replica
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server()
         self._tasks: list[asyncio.Task[None]] = []
         self._credentials: transport.Credentials | None = None
         self._metrics_server: object | None = None
         self.dashboard = dashboard.Dashboard(store, self.clock, self.metrics,
-                                             connected=lambda: self.relay_service.connected,
+                                             connected=lambda: sorted(self._fleet_connected),
                                              interval=config.reconcile_interval)
 
     async def start(self) -> None:
@@ -87,9 +104,9 @@ class Server:
         for name in sealed:
             log.info("sealed the CA key in %s with the key passphrase", name)
         await self._prepare_cas()
-        for cluster in await self.registry.list():
-            if cluster.connected:  # left over from a previous run that ended abruptly
-                await self.registry.update_status(cluster.name, connected=False)
+        # Streams recorded under this replica's name were left by an earlier process
+        # that ended abruptly; other replicas' are theirs (the leader sweeps dead ones).
+        await self.registry.forget_replicas(gone=[self.leadership.replica])
         for kind, name in (("relay-root", self.names.relay_root),
                            ("relay-signing", self.names.relay_signing)):
             try:
@@ -126,8 +143,11 @@ class Server:
                 self._credentials.server_credentials(require_client_auth=False))
             self._tasks.append(asyncio.create_task(self._follow_server_secret()))
         self._tasks.append(asyncio.create_task(self._follow_registry()))
-        self._tasks.append(asyncio.create_task(self._reconcile_trust()))
-        self._tasks.append(asyncio.create_task(self._prune_audit()))
+        self._tasks.append(asyncio.create_task(self._follow_work()))
+        self._tasks.append(asyncio.create_task(self.leadership.run()))
+        # What writes on a timer runs on the leader only; every replica serves.
+        self._tasks.append(asyncio.create_task(self.leadership.while_leading(
+            self._reconcile_trust, self._prune_audit, self._sweep_replicas)))
         await self._grpc.start()
         log.info("meshtrust server listening: %s", self.ports)
         if self.config.ready_file:
@@ -191,19 +211,58 @@ class Server:
             log.info("server certificate reloaded (resource version %d)", identity.version)
 
     async def _follow_registry(self) -> None:
-        """End the open streams of clusters that are deregistered."""
-        async def changed(event: base.WatchEvent) -> None:
-            if event.type is base.EventType.DELETED:
-                log.info("cluster %s deregistered; closing its streams", event.object.name)
-                self.relay_service.drop(event.object.name)
+        """End the open streams of clusters that are deregistered; note who is connected.
 
-        await follow.follow(self.store, registry_module.CLUSTER_KIND, changed)
+        The connected clusters are the fleet's, to whichever replica: the dashboard of
+        any replica shows them all.
+        """
+        async def changed(event: base.WatchEvent) -> None:
+            name = event.object.name
+            if event.type is base.EventType.DELETED:
+                log.info("cluster %s deregistered; closing its streams", name)
+                self.relay_service.drop(name)
+            if (event.type is not base.EventType.DELETED
+                    and isinstance(event.object, base.Resource)
+                    and event.object.status.get("connected")):
+                self._fleet_connected.add(name)
+            else:
+                self._fleet_connected.discard(name)
+
+        async def resync() -> None:
+            self._fleet_connected = {c.name for c in await self.registry.list() if c.connected}
+
+        await follow.follow(self.store, registry_module.CLUSTER_KIND, changed, resync=resync)
+
+    async def _follow_work(self) -> None:
+        """Wake a cluster's work streams when its intermediates change, whoever changed them.
+
+        The leader's reconcile, another replica's signature, an agent's report on
+        another replica: every replica sees the write. It keeps the index of which
+        clusters have work, and wakes a cluster's streams when an intermediate of
+        it becomes PENDING (new work); after a gap it lists them all and wakes every stream.
+        """
+        async def changed(event: base.WatchEvent) -> None:
+            cluster = self.relay_service.work.note(event)
+            if cluster:
+                self.relay_service.kick(cluster)
+
+        async def everyone() -> None:
+            self.relay_service.work.fill(await self.store.list_resources(
+                istio.ISSUED_KIND, namespace=self.names.relay_namespace))
+            self.relay_service.kick()
+
+        await follow.follow(self.store, istio.ISSUED_KIND, changed, resync=everyone)
+
+    async def _sweep_replicas(self) -> None:
+        """The leader drops the connection records of replicas that stopped abruptly."""
+        await self.leadership.sweeping(self.registry.forget_replicas)
 
     async def _reconcile_trust(self) -> None:
         """Keep every cluster's Istio intermediate in line with the trust policies.
 
-        A round runs on every change to a policy or the registry, and at least every
-        ``reconcile_interval`` seconds for renewals; agents with new work are woken.
+        Run by the leader only. A round runs on every change to a policy, a rotation,
+        an intermediate or the set of clusters, and at least every
+        ``reconcile_interval`` seconds for renewals; ``_follow_work`` wakes the agents.
         """
         changed = asyncio.Event()
         changed.set()
@@ -211,29 +270,45 @@ class Server:
         async def wake(_event: base.WatchEvent | None = None) -> None:
             changed.set()
 
+        async def wake_on_membership(event: base.WatchEvent) -> None:
+            if event.type is not base.EventType.MODIFIED:  # not a status report
+                changed.set()
+
         followers = [asyncio.create_task(follow.follow(self.store, kind, wake, resync=wake))
-                     for kind in (
-            trust_policy.POLICY_KIND, registry_module.CLUSTER_KIND, istio.ISSUED_KIND,
-            root_rotation.ROTATION_KIND)]
+                     for kind in (trust_policy.POLICY_KIND, istio.ISSUED_KIND,
+                                  root_rotation.ROTATION_KIND)]
+        followers.append(asyncio.create_task(follow.follow(
+            self.store, registry_module.CLUSTER_KIND, wake_on_membership, resync=wake)))
+        took = 0.0  # seconds the last round took
         try:
             while True:
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
-                    async with asyncio.timeout(self.config.reconcile_interval):
+                    # Rounds on the timer alone take at most a tenth of the time.
+                    async with asyncio.timeout(max(self.config.reconcile_interval,
+                                                   RECONCILE_IDLE * took)):
                         await changed.wait()
                 except TimeoutError:
                     pass
                 changed.clear()
+                if not self.leadership.leading():
+                    continue  # the lease is not surely ours: a round could race the new leader
+                began = asyncio.get_running_loop().time()
                 try:
                     renewed = await self.renewal.check(await self.authority.signer())
                     await audit.relay_pki_made(self.audit, self.store, self.names, renewed,
                                                how="renewed")
+                    await self._rotate_relay_root()
                     await self.rotations.advance()
                     await self.istio.reconcile()
-                    self.relay_service.kick()
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
                     log.exception("reconciling the trust policies failed; retrying")
                     await asyncio.sleep(1)
+                # A round reads every cluster: with a large fleet, rounds back to back on
+                # every intermediate's change would leave little time to serve. Rest a
+                # multiple of the round's duration (changes meanwhile make one round).
+                took = asyncio.get_running_loop().time() - began
+                await asyncio.sleep(min(RECONCILE_REST * took, self.config.reconcile_interval))
         finally:
             for task in followers:
                 task.cancel()
@@ -250,10 +325,18 @@ class Server:
                 log.exception("pruning the audit log failed; retrying in an hour")
             await asyncio.sleep(AUDIT_PRUNE_INTERVAL)
 
+    async def _rotate_relay_root(self) -> None:
+        """Start a relay root rotation when the root is due; move the one under way on."""
+        step = await self.relay_rotations.step()
+        if step in (None, relay_rotation.Step.DONE) and await self.renewal.root_due():
+            await self.relay_rotations.start()
+        await self.relay_rotations.advance()
+
     async def stop(self, grace: float = 2.0) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.leadership.release()  # the next replica leads at once
         await self._grpc.stop(grace)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]

@@ -37,8 +37,10 @@ class ServerConfig:
     token_mode: relay.TokenMode = relay.TokenMode.ANY
     heartbeat: float = 10.0
     reconcile_interval: float = 5.0
-    # Issuances signed at once; as many again may wait, the rest are told when to retry.
+    # Issuances signed at once; callers past that wait up to max_issuance_wait seconds
+    # (as many as can be served in that time), the rest are told when to retry.
     max_issuances: int = 32
+    max_issuance_wait: float = 5.0
     ready_file: str | None = None
     metrics: str | None = None
     audit_log: str | None = None  # also append each audit record to this file
@@ -67,6 +69,9 @@ class ServerConfig:
             raise errors.ConfigError("heartbeat and reconcile-interval must be positive")
         if self.max_issuances < 1:
             raise errors.ConfigError("max-issuances must be at least 1, such as 32")
+        if not 0 <= self.max_issuance_wait < 15:
+            raise errors.ConfigError("max-issuance-wait must be from 0 to less than the "
+                                     "agents' 15 s call deadline, such as 5s")
         if self.audit_retention <= dt.timedelta(0) or self.audit_max_events < 1:
             raise errors.ConfigError("audit-retention and audit-max-events must be positive")
         if (isinstance(self.leader_lease_ttl, bool) or not isinstance(self.leader_lease_ttl, int)
@@ -112,7 +117,9 @@ def _convert(name: str, key: str, value: Any) -> Any:
         except (TypeError, ValueError):
             raise errors.ConfigError(f"{key}: give a whole number such as "
                                      f"{100000 if name == 'audit_max_events' else 32}") from None
-    if name in ("heartbeat", "reconcile_interval"):
+    if name == "max_issuance_wait" and str(value).strip() in ("0", "0s", "0.0"):
+        return 0.0  # no waiting: refuse at once
+    if name in ("heartbeat", "reconcile_interval", "max_issuance_wait"):
         return settings.parse_duration(value, key).total_seconds()
     if name == "leader_lease_ttl":
         seconds = settings.parse_duration(value, key).total_seconds()

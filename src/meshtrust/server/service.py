@@ -17,9 +17,10 @@ from typing import Any
 from meshtrust import clock as clock_module
 from meshtrust import errors, metrics, rpc, settings
 from meshtrust.authority import istio, relay
+from meshtrust.authority import relay_rotation as relay_rotation_module
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
-from meshtrust.server import authn
+from meshtrust.server import admission, authn, work
 from meshtrust.store import manifest
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ class BootstrapService(transport.services.BootstrapServicer):
     """Token bootstrap, on the server-authenticated listener."""
 
     def __init__(self, authority: relay.RelayAuthority, limiter: authn.FailureLimiter,
-                 meters: metrics.Metrics) -> None:
+                 meters: metrics.Metrics,
+                 admission_control: admission.Admission | None = None) -> None:
         self._authority = authority
         self._limiter = limiter
         self._meters = meters
+        self._admission = admission_control or admission.Admission()
 
     async def Bootstrap(self, request: Any, context: Any) -> messages.CertificateResponse:
         peer = transport.peer_host(context)
@@ -48,9 +51,15 @@ class BootstrapService(transport.services.BootstrapServicer):
             with self._meters.bootstrapping():
                 _check_version(request)
                 self._limiter.check(peer)
-                with self._meters.issuing(metrics.RELAY_CLIENT):
-                    issued = await self._authority.bootstrap(request.cluster, request.token,
-                                                             request.csr, peer=peer)
+                async with self._admission.slot():
+                    with self._meters.issuing(metrics.RELAY_CLIENT):
+                        issued = await self._authority.bootstrap(
+                            request.cluster, request.token, request.csr, peer=peer)
+        except errors.RateLimited as exc:
+            # Busy, or this peer's refusals used up: not a refusal to count against it.
+            log.debug("bootstrap of cluster %r from %s deferred: %s", request.cluster, peer, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
         except errors.AuthError as exc:
             if not isinstance(exc, errors.RateLimited):
                 self._limiter.failed(peer)
@@ -69,16 +78,27 @@ class BootstrapService(transport.services.BootstrapServicer):
 class RelayService(transport.services.RelayServicer):
     """Everything an agent does once it holds a client certificate."""
 
+    # This server replica's name: the registry records which replicas hold each
+    # cluster's work streams.
+    replica = "server"
+
     def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock,
                  meters: metrics.Metrics, *, insecure: bool = False,
-                 heartbeat: float = 10.0, istio_ca: istio.IstioAuthority | None = None) -> None:
+                 heartbeat: float = 10.0, istio_ca: istio.IstioAuthority | None = None,
+                 admission_control: admission.Admission | None = None,
+                 relay_rotation: relay_rotation_module.RelayRootRotations | None = None) -> None:
         self._authority = authority
         self._istio = istio_ca
+        self._relay_rotation = relay_rotation
+        self._admission = admission_control or admission.Admission()
         self._meters = meters
         self._clock = clock
         self._insecure = insecure
         self._heartbeat = heartbeat
         self._streams: dict[str, set[_Stream]] = {}
+        # Which clusters have Istio work, followed from the store (server.app); a
+        # cluster without any is not looked up on each heartbeat.
+        self.work = work.WorkIndex()
 
     async def _cluster(self, context: Any, request: Any) -> str:
         """The calling cluster, from its verified certificate (or the header when insecure)."""
@@ -100,8 +120,13 @@ class RelayService(transport.services.RelayServicer):
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
         cluster = await self._cluster(context, request)
         try:
-            with self._meters.issuing(metrics.RELAY_CLIENT):
-                issued = await self._authority.renew(cluster, request.csr)
+            async with self._admission.slot():
+                with self._meters.issuing(metrics.RELAY_CLIENT):
+                    issued = await self._authority.renew(cluster, request.csr)
+        except errors.RateLimited as exc:
+            log.debug("renewal of cluster %s deferred: %s", cluster, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
         except errors.MeshTrustError as exc:
             log.warning("renewal refused for cluster %s: %s", cluster, exc)
             await transport.abort(context, exc)
@@ -130,14 +155,15 @@ class RelayService(transport.services.RelayServicer):
         stream = _Stream()
         self._streams.setdefault(cluster, set()).add(stream)
         self._meters.connected.set(len(self._streams))
-        await registry.seen(cluster, connected=True)
+        await registry.connect(cluster, self.replica)
         log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
             while not stream.gone.is_set():
                 for item in await self._work_items(cluster):
                     yield item
                 yield messages.WorkItem(heartbeat=messages.Heartbeat(
-                    server_time_unix=int(self._clock.now().timestamp())))
+                    server_time_unix=int(self._clock.now().timestamp()),
+                    renew_client=await self._renewal_wanted(cluster)))
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
                     async with asyncio.timeout(self._heartbeat):
@@ -154,13 +180,21 @@ class RelayService(transport.services.RelayServicer):
                 self._streams.pop(cluster, None)
                 self._meters.connected.set(len(self._streams))
                 try:
-                    await registry.update_status(cluster, connected=False)
+                    await registry.disconnect(cluster, self.replica)
                 except errors.MeshTrustError:
                     pass
             log.info("agent of cluster %s disconnected", cluster)
 
+    async def _renewal_wanted(self, cluster: str) -> bool:
+        if self._relay_rotation is None:
+            return False
+        try:
+            return await self._relay_rotation.renewal_wanted(cluster)
+        except errors.MeshTrustError:
+            return False
+
     async def _work_items(self, cluster: str) -> list[messages.WorkItem]:
-        if self._istio is None:
+        if self._istio is None or not self.work.has_work(cluster):
             return []
         try:
             work = await self._istio.work_for(cluster)
@@ -180,15 +214,20 @@ class RelayService(transport.services.RelayServicer):
 
     def kick(self, cluster: str | None = None) -> None:
         """Make the work streams of ``cluster`` (of every cluster if None) look for work now."""
-        for name, streams in self._streams.items():
-            if cluster is None or name == cluster:
-                for stream in streams:
-                    stream.wake.set()
+        groups = self._streams.values() if cluster is None else [self._streams.get(cluster, set())]
+        for streams in groups:
+            for stream in streams:
+                stream.wake.set()
 
     @property
     def connected(self) -> list[str]:
         """Clusters with an open work stream to this server replica."""
         return sorted(self._streams)
+
+    async def record_connections(self) -> None:
+        """Record again that this replica holds its streams (after the leader dropped them)."""
+        for cluster in self.connected:
+            await self._authority.registry.connect(cluster, self.replica)
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
         cluster = await self._cluster(context, request)
@@ -197,8 +236,9 @@ class RelayService(transport.services.RelayServicer):
                 raise errors.ConfigError(
                     f"no work item {request.id!r} is waiting for this cluster")
             if request.stage in ("", "csr"):
-                with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
-                    signed = await self._istio.sign(cluster, request.id, request.csr)
+                async with self._admission.slot():
+                    with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
+                        signed = await self._istio.sign(cluster, request.id, request.csr)
                 self._meters.certificate(signed.certificate, kind="istio-intermediate",
                                          cluster=cluster, namespace=settings.ISTIO_NAMESPACE,
                                          secret=settings.ISTIO_CA_SECRET)
@@ -214,6 +254,10 @@ class RelayService(transport.services.RelayServicer):
                     cluster, "finished" if ok else "failed", request.id,
                     f": {request.error}" if request.error else "")
             return messages.WorkAck()
+        except errors.RateLimited as exc:
+            log.debug("work %s of cluster %s deferred: %s", request.id, cluster, exc)
+            await transport.abort(context, exc)
+            raise AssertionError("unreachable") from exc
         except errors.MeshTrustError as exc:
             log.warning("work %s of cluster %s refused: %s", request.id, cluster, exc)
             await transport.abort(context, exc)
@@ -238,7 +282,14 @@ def _check_version(request: Any) -> None:
 
 
 def _iso(unix: int) -> str:
-    return manifest.dump_time(dt.datetime.fromtimestamp(unix, dt.UTC)) if unix else ""
+    """A reported Unix time in RFC 3339; empty when unset or not a date (before year 1,
+    after 9999), which an agent's report may hold."""
+    if not unix:
+        return ""
+    try:
+        return manifest.dump_time(dt.datetime.fromtimestamp(unix, dt.UTC))
+    except (OverflowError, OSError, ValueError):
+        return ""
 
 
 def _issued(meters: metrics.Metrics, issued: relay.Issued, cluster: str) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import math
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol, TypeVar
@@ -135,9 +136,40 @@ def _check_time(value: object, field: str) -> dt.datetime | None:
         raise InvalidField(field, str(exc)) from exc
 
 
+class _NotPlain(Exception):
+    """A value outside plain JSON types: the general check decides about it."""
+
+
+def _plain_copy(value: object) -> Any:
+    """A deep copy of plain JSON data (dict, list, str, int, bool, None, finite float).
+
+    Every object read from a store is such data, and this walk is several times
+    faster than encoding it and ``copy.deepcopy``; anything else raises _NotPlain.
+    """
+    kind = type(value)
+    if kind is dict:
+        copied = {}
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise _NotPlain
+            copied[key] = _plain_copy(item)
+        return copied
+    if kind is list:
+        return [_plain_copy(item) for item in value]  # type: ignore[attr-defined]
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float and math.isfinite(value):  # type: ignore[arg-type]
+        return value
+    raise _NotPlain
+
+
 def _check_json_object(value: object, field: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidField(field, f"must be a mapping, got {type(value).__name__}")
+    try:
+        return dict(_plain_copy(dict(value)))
+    except (_NotPlain, RecursionError):
+        pass
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:

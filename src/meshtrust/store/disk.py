@@ -37,11 +37,28 @@ def write_file(path: str, content: bytes) -> None:
 
 def replace_file(path: str, content: bytes) -> None:
     """Replace ``path`` with ``content`` atomically: readers see the old file or the new one."""
+    commit_file(stage_file(path, content), path)
+
+
+def stage_file(path: str, content: bytes) -> str:
+    """Write ``content`` beside ``path``, for ``commit_file``; return where.
+
+    If it cannot be written whole (a full disk), the partial file is removed.
+    """
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f".{name}.tmp")
-    write_file(temporary, content)
-    os.replace(temporary, path)
-    fsync_dir(folder or ".")
+    try:
+        write_file(temporary, content)
+    except OSError:
+        remove(temporary)
+        raise
+    return temporary
+
+
+def commit_file(staged: str, path: str) -> None:
+    """Put the file ``stage_file`` wrote in place of ``path`` with one atomic rename."""
+    os.replace(staged, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def make_dirs(path: str) -> None:

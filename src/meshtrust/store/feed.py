@@ -10,7 +10,7 @@ interval passes (a write by another process sharing the file).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from meshtrust import errors
 from meshtrust.store import base
@@ -42,14 +42,23 @@ class Feed:
         self._read = read
         self._head = head
         self._interval = interval
-        self._wakeup: asyncio.Event | None = None
+        self._wakeups: dict[str, asyncio.Event] = {}  # by the kind its watchers follow
         self._closed = False
 
-    def notify(self) -> None:
-        """Wake every watcher now; call from the event loop the watchers run on."""
-        if self._wakeup is not None:
-            self._wakeup.set()
-            self._wakeup = None
+    def notify(self, kinds: Iterable[str] | None = None) -> None:
+        """Wake the watchers of ``kinds`` (every watcher if None) now, from their event loop.
+
+        A backend that knows what it wrote wakes only the watchers of those kinds;
+        with many watches, waking all of them on every write costs more reads
+        than the writes themselves.
+        """
+        if kinds is None:
+            woken, self._wakeups = list(self._wakeups.values()), {}
+        else:
+            woken = [event for kind in set(kinds)
+                     if (event := self._wakeups.pop(kind, None)) is not None]
+        for event in woken:
+            event.set()
 
     def close(self) -> None:
         """End every watch at its next wake-up."""
@@ -65,7 +74,7 @@ class Feed:
             raise ValueError("since must be a revision (0 or more)")
         position = await self._head() if since is None else since
         while not self._closed:
-            wakeup = self._wakeup = self._wakeup or asyncio.Event()
+            wakeup = self._wakeups.get(kind) or self._wakeups.setdefault(kind, asyncio.Event())
             events, examined = await self._read(position, kind, namespace, BATCH)
             for event in events:
                 yield event

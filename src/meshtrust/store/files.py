@@ -273,8 +273,16 @@ class DirectoryStore(backend.Backend):
             if current is not None and current.resource_version >= revision:
                 revision = current.resource_version + 1  # adopting a hand-made directory
             event = change.apply(write, current, revision, self._clock.now())
-            self._journal.append(event)
-            self._apply(event)
+            # What needs room on disk is written before the entry is logged, so that a full
+            # or read-only disk fails the write cleanly: nothing logged, nothing redone later.
+            staged = self._stage(event)
+            try:
+                self._journal.append(event)
+            except OSError:
+                if staged is not None:
+                    disk.remove(staged)
+                raise
+            self._apply(event, staged)
             if self._journal.entries() > self._history + self._history // 8:
                 self._journal.compact(self._history)
             self._applied = self._journal_size()
@@ -303,9 +311,43 @@ class DirectoryStore(backend.Backend):
                 self._apply(event)
         self._applied = self._journal_size()
 
-    def _apply(self, event: base.WatchEvent) -> None:
+    def _stage(self, event: base.WatchEvent) -> str | None:
+        """Write the files ``event`` adds, where no reader looks yet; return their path.
+
+        A secret's new version directory, or a resource's new manifest beside the old
+        one. If that fails (a full disk), whatever was written of it is removed.
+        """
+        obj = event.object
+        if event.type is base.EventType.DELETED:
+            return None
+        if isinstance(obj, base.Resource):
+            folder = os.path.join(self._root, obj.namespace, RESOURCES, obj.kind)
+            disk.make_dirs(folder)
+            text = yaml.dump(manifest.dump(obj, record=True), Dumper=_DUMPER, sort_keys=False)
+            return disk.stage_file(os.path.join(folder, f"{obj.name}.yaml"), text.encode())
+        folder = os.path.join(self._root, obj.namespace, obj.name)
+        disk.make_dirs(folder)
+        path = os.path.join(folder, f"..r{event.resource_version}")
+        disk.remove(path)  # left by a writer that died before its swap
+        try:
+            os.mkdir(path, 0o700)
+            for key, value in obj.data.items():
+                disk.write_file(os.path.join(path, key), value)
+            meta = manifest.dump(obj, record=True)
+            meta["data"] = sorted(obj.data)
+            disk.write_file(os.path.join(path, META), json.dumps(meta, sort_keys=True).encode())
+            disk.fsync_dir(path)
+        except OSError:
+            disk.remove(path)
+            raise
+        return path
+
+    def _apply(self, event: base.WatchEvent, staged: str | None = None) -> None:
+        """Make ``event`` what readers see; ``staged`` is what ``_stage`` wrote for it."""
         obj = event.object
         folder = os.path.join(self._root, obj.namespace)
+        if staged is None:
+            staged = self._stage(event)
         if isinstance(obj, base.Resource):
             folder = os.path.join(folder, RESOURCES, obj.kind)
             path = os.path.join(folder, f"{obj.name}.yaml")
@@ -313,30 +355,19 @@ class DirectoryStore(backend.Backend):
                 disk.remove(path)
                 disk.fsync_dir(folder)
                 return
-            disk.make_dirs(folder)
-            text = yaml.dump(manifest.dump(obj, record=True), Dumper=_DUMPER, sort_keys=False)
-            disk.replace_file(path, text.encode())
+            assert staged is not None
+            disk.commit_file(staged, path)
         elif event.type is base.EventType.DELETED:
             trash = os.path.join(folder, f".{obj.name}.deleted-{event.resource_version}")
             os.rename(os.path.join(folder, obj.name), trash)
             disk.fsync_dir(folder)
             disk.remove(trash)
         else:
-            self._swap(os.path.join(folder, obj.name), obj, event.resource_version)
+            assert staged is not None
+            self._swap(os.path.join(folder, obj.name), obj, os.path.basename(staged))
 
-    def _swap(self, folder: str, secret: base.Secret, revision: int) -> None:
-        """Make ``secret`` the current version of ``folder`` with one atomic rename."""
-        disk.make_dirs(folder)
-        version = f"..r{revision}"
-        path = os.path.join(folder, version)
-        disk.remove(path)  # left by a writer that died before its swap
-        os.mkdir(path, 0o700)
-        for key, value in secret.data.items():
-            disk.write_file(os.path.join(path, key), value)
-        meta = manifest.dump(secret, record=True)
-        meta["data"] = sorted(secret.data)
-        disk.write_file(os.path.join(path, META), json.dumps(meta, sort_keys=True).encode())
-        disk.fsync_dir(path)
+    def _swap(self, folder: str, secret: base.Secret, version: str) -> None:
+        """Make the staged ``version`` of ``secret`` current with one atomic rename."""
         self._link(folder, DATA, version)
         for key in secret.data:
             self._link(folder, key, f"{DATA}/{key}")

@@ -26,20 +26,28 @@ async def follow(store: base.Store, kind: str,
                  on_event: Callable[[base.WatchEvent], Awaitable[None]], *,
                  namespace: str | None = None,
                  resync: Callable[[], Awaitable[None]] | None = None) -> NoReturn:
-    """Call ``on_event`` for every write to ``kind``, forever; cancel the task to stop."""
-    since = await store.revision()
-    if resync is not None:
-        await resync()
+    """Call ``on_event`` for every write to ``kind``, forever; cancel the task to stop.
+
+    While the store is unavailable (a database restarting) it retries every
+    ``RETRY_SECONDS`` and then resumes after the last event it handed on.
+    """
+    since: int | None = None  # None: resynchronise, then watch from the revision read first
     while True:
         try:
+            if since is None:
+                head = await store.revision()
+                if resync is not None:
+                    await resync()
+                since = head
             async for event in store.watch(kind, namespace=namespace, since=since):
                 since = event.resource_version
                 await on_event(event)
         except errors.Conflict:
-            since = await store.revision()
+            since = None  # the history no longer reaches back that far
+        except errors.StoreUnavailable as exc:
+            log.warning("following %s: %s; retrying in %.0f s", kind, exc, RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
         except Exception:  # noqa: BLE001 - a watcher must outlive any one failure
             log.exception("following %s failed; retrying in %.0f s", kind, RETRY_SECONDS)
             await asyncio.sleep(RETRY_SECONDS)
-            since = await store.revision()
-        if resync is not None:
-            await resync()
+            since = None

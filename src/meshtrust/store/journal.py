@@ -3,10 +3,12 @@
 Processes that share a directory store agree on revisions through
 ``<root>/.meshtrust/changes.log``: a writer takes ``flock`` on
 ``.meshtrust/lock``, appends one line per write and fsyncs it before it
-touches the tree. The log is therefore also a redo log: if a writer dies
-between the append and the tree, the next writer (or the next open) finds the
-last entry missing from the tree and applies it again. The head revision is
-the last entry's; watchers read the entries after the revision they have seen.
+swaps the new version into the tree. The log is therefore also a redo log: if
+a writer dies between the append and the swap, the next writer (or the next
+open) finds the last entry missing from the tree and applies it again. A line
+that cannot be written whole (a full disk) is cut off again at once, so a write
+that failed is never redone. The head revision is the last entry's; watchers
+read the entries after the revision they have seen.
 
 A line is ``<revision> <type> <kind> <namespace> <manifest JSON>``, so a reader
 can skip entries of other kinds without parsing JSON. Compaction rewrites the
@@ -138,20 +140,43 @@ class Journal:
             return 0
         return int(first[len(_HEADER):]) if first.startswith(_HEADER) else 0
 
-    def append(self, event: base.WatchEvent) -> None:
-        """Write one entry and fsync it; call under ``locked()``."""
+    def append(self, event: base.WatchEvent) -> int:
+        """Write one entry and fsync it; call under ``locked()``.
+
+        Returns the offset the entry starts at, for ``truncate``. If the entry
+        cannot be written whole (a full disk), what was written of it is cut
+        off again and the ``OSError`` raised.
+        """
         obj = event.object
         line = (f"{event.resource_version} {event.type.value} {obj.kind} {obj.namespace} "
                 f"{manifest.dump_json(obj)}\n").encode()
         created = not os.path.exists(self.path)
         fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # a full disk makes a short write before it fails
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
         finally:
             os.close(fd)
         if created:
             disk.fsync_dir(self._state)
+        return start
+
+    def truncate(self, offset: int) -> None:
+        """Cut the log back to ``offset``, dropping the entries from there; under ``locked()``."""
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def compact(self, keep: int) -> None:
         """Keep only the newest ``keep`` entries; call under ``locked()``."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +68,19 @@ async def connect(conninfo: str, name: str) -> _Connection:
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise errors.StoreUnavailable(f"postgres store {name}: cannot connect ({reason})") from exc
+
+
+def _dropped(conn: _Connection) -> bool:
+    """Whether the server has closed an idle connection, as a restart does.
+
+    An idle connection has nothing to read unless the server ended it (its last
+    message, or the end of the stream is waiting), so this costs no round trip.
+    """
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 async def migrate(conn: _Connection, name: str,
@@ -166,6 +180,9 @@ class PostgresStore(backend.Backend):
         self._check_open()
         conn = await self._idle.get()
         try:
+            if conn is not None and not conn.closed and _dropped(conn):
+                with contextlib.suppress(Exception):
+                    await conn.close()
             if conn is None or conn.closed:
                 conn = await connect(self._conninfo, self._name)
             yield conn
@@ -300,6 +317,7 @@ class PostgresStore(backend.Backend):
                 conn = await connect(self._conninfo, self._name)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    self._feed.notify()  # catch up on what was written while not listening
                     async for _ in conn.notifies():
                         self._feed.notify()
             except (errors.StoreUnavailable, psycopg.Error):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -84,11 +85,22 @@ def _connect(path: str, name: str) -> sqlite3.Connection:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise errors.StoreUnavailable(
+                f"sqlite store {name}: cannot use WAL mode here ({mode})")
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException as exc:
         conn.close()
-        raise errors.StoreUnavailable(f"sqlite store {name}: cannot use WAL mode here ({mode})")
-    conn.execute("PRAGMA synchronous=FULL")
+        folder = os.path.dirname(os.path.abspath(path))
+        if isinstance(exc, sqlite3.Error) and not os.access(folder, os.W_OK):
+            # SQLite only says "unable to open database file".
+            raise errors.StoreUnavailable(
+                f"sqlite store {name}: {folder} is not writable (a read-only file system, "
+                "or no permission); SQLite writes its WAL beside the file even to read it: "
+                "make it writable") from exc
+        raise
     return conn
 
 
@@ -282,8 +294,12 @@ class SqliteStore(backend.Backend):
                 batch[1].append(result)
             if self._loop not in by_loop:
                 by_loop[self._loop] = ([], [])
+            # Only the watchers of the kinds written need to read the change log.
+            kinds = {job.write.key[0] for job, result in zip(jobs, results, strict=True)
+                     if not isinstance(result, Exception)}
             for loop, (done, answers) in by_loop.items():
-                notify = self._feed.notify if loop is self._loop else None
+                notify = functools.partial(self._feed.notify, kinds) if loop is self._loop \
+                    else None
                 loop.call_soon_threadsafe(_resolve, done, answers, notify)
 
     def _commit(self, jobs: list[_Job]) -> list[base.WatchEvent | Exception]:

@@ -105,10 +105,12 @@ class WorkItem(_message.Message):
     def __init__(self, id: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., issue_intermediate: _Optional[_Union[IssueIntermediate, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("server_time_unix",)
+    __slots__ = ("server_time_unix", "renew_client")
     SERVER_TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RENEW_CLIENT_FIELD_NUMBER: _ClassVar[int]
     server_time_unix: int
-    def __init__(self, server_time_unix: _Optional[int] = ...) -> None: ...
+    renew_client: bool
+    def __init__(self, server_time_unix: _Optional[int] = ..., renew_client: _Optional[bool] = ...) -> None: ...
 
 class IssueIntermediate(_message.Message):
     __slots__ = ("policy", "key_type", "trust_domain", "org", "generation", "form", "auto_restart_pods")

@@ -1,0 +1,935 @@
+"""Fleet scale: N simulated clusters against one real management server.
+
+What it runs:
+
+* A real ``meshtrust server`` process on 127.0.0.1 with a fresh SQLite
+  management store in a temporary directory, its default settings but for
+  what the flags below say.
+* Before the clock starts, through the authority API, in bulk: the relay PKI,
+  N registered clusters with one single-use bootstrap token each, and a
+  ``RootTrustPolicy`` that selects every cluster (generated P-256 root, P-256
+  intermediates, no pod restarts).
+* ``--workers`` processes of simulated agents (``bench/fleetsim.py``): each
+  agent is a real gRPC client over real mutual TLS with the real messages. It
+  bootstraps with its token, holds a ``Relay.Work`` stream, answers its Istio
+  work item with a CSR for a key it made and reports it finished, and sends a
+  status report every ``--report-interval`` seconds (the agent's default, 30).
+
+It reports how long until every cluster is bootstrapped, holds a relay
+stream and has an Istio intermediate; the server's RSS and CPU over time;
+p50/p99 latencies; errors (any failed call other than RESOURCE_EXHAUSTED,
+which the agents wait out as told) and dropped streams.
+
+``--storm``: then every client certificate and every intermediate falls due
+at once: each agent renews after a random delay of at most ``--storm-spread``
+seconds (the worst case; the agents' own jitter spreads real renewals over a
+share of the grace window), and the policy is applied again with a new
+intermediate lifetime, which sends every cluster a new work item. Reports the
+time to drain, errors and p99.
+
+``--root-rotation``: then the policy's root is rotated (as ``meshtrust rotate
+root`` does) while every worker runs mTLS handshakes between workloads of two
+of its clusters, issued from their current ``cacerts``, back to back. Reports
+the time to ``DONE`` and the failed handshakes.
+
+Run from the repository root (``.venv/bin/pip install -e '.[bench]'`` for
+psutil and matplotlib; without psutil /proc is read, without matplotlib
+``--plot`` is refused):
+
+    .venv/bin/python bench/fleet.py --clusters 1000
+    .venv/bin/python bench/fleet.py --clusters 10000 --storm --plot fleet.png
+    .venv/bin/python bench/fleet.py --clusters 100 --root-rotation
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_module
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fleetsim
+
+HOST = "127.0.0.1"
+POLICY = "fleet"
+NAMESPACE = "gloo-mesh"
+
+
+def policy_document(ttl: str) -> dict[str, Any]:
+    return {"apiVersion": "admin.gloo.solo.io/v2", "kind": "RootTrustPolicy",
+            "metadata": {"name": POLICY, "namespace": NAMESPACE},
+            "spec": {"config": {
+                "mgmtServerCa": {"generated": {"keyType": "ecdsa-p256"}},
+                "intermediateCertOptions": {"keyType": "ecdsa-p256", "ttl": ttl},
+                "autoRestartPods": False}}}
+
+
+# ----------------------------------------------------------------------------------------
+# The management store, through the authority API
+
+
+async def prepare(store_url: str, count: int, key_type: str, parallel: int = 512
+                  ) -> tuple[list[fleetsim.ClusterSpec], bytes]:
+    """The relay PKI, ``count`` clusters with a token each, and the trust policy."""
+    from meshtrust import clock as clock_module
+    from meshtrust.authority import istio, registry, relay_pki
+    from meshtrust.pki import keys
+    from meshtrust.store import open_store
+
+    clock = clock_module.SystemClock()
+    store = await open_store(store_url)
+    try:
+        await relay_pki.ensure(store, clock, relay_pki.Options(
+            key_type=keys.KeyType.parse(key_type)))
+        clusters = registry.Registry(store, clock)
+        gate = asyncio.Semaphore(parallel)
+
+        async def enroll(name: str) -> fleetsim.ClusterSpec:
+            async with gate:
+                await clusters.register(name)
+                return fleetsim.ClusterSpec(name=name, token=await clusters.create_token(name))
+
+        width = max(5, len(str(count - 1)))
+        made = await asyncio.gather(*(enroll(f"c-{i:0{width}d}") for i in range(count)))
+        await istio.IstioAuthority(store, clock, clusters).apply(policy_document("720h"))
+        return list(made), await relay_pki.trust_bundle(store)
+    finally:
+        await store.close()
+
+
+async def apply_policy(store_url: str, ttl: str) -> None:
+    from meshtrust import clock as clock_module
+    from meshtrust.authority import istio, registry
+    from meshtrust.store import open_store
+
+    clock = clock_module.SystemClock()
+    store = await open_store(store_url)
+    try:
+        await istio.IstioAuthority(store, clock, registry.Registry(store, clock)).apply(
+            policy_document(ttl))
+    finally:
+        await store.close()
+
+
+async def start_rotation(store_url: str) -> None:
+    from meshtrust import clock as clock_module
+    from meshtrust.authority import istio, registry, root_rotation
+    from meshtrust.store import open_store
+
+    clock = clock_module.SystemClock()
+    store = await open_store(store_url)
+    try:
+        authority = istio.IstioAuthority(store, clock, registry.Registry(store, clock))
+        await root_rotation.RootRotations(store, clock, authority).start(POLICY)
+    finally:
+        await store.close()
+
+
+async def rotation_step(store_url: str) -> str:
+    from meshtrust.authority import root_rotation
+    from meshtrust.store import open_store
+
+    store = await open_store(store_url)
+    try:
+        found = await store.get_resource(root_rotation.ROTATION_KIND, NAMESPACE, POLICY)
+        return str(found.status.get("step", ""))
+    finally:
+        await store.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The server process and what it uses
+
+
+class ServerProcess:
+    """``meshtrust server`` in its own process group, stopped with SIGINT."""
+
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.workdir = workdir
+        self.store = f"sqlite:///{workdir / 'mgmt.db'}"
+        self.log = workdir / "server.log"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> dict[str, int]:
+        ready = self.workdir / "server.ready"
+        command = [sys.executable, "-m", "meshtrust", "server", "--store", self.store,
+                   "--listen", f"{HOST}:0", "--bootstrap-listen", f"{HOST}:0",
+                   "--ready-file", str(ready), "--key-type", self.args.key_type,
+                   "--log-level", self.args.server_log_level, *self.args.server_arg]
+        if self.args.max_issuances:
+            command += ["--max-issuances", str(self.args.max_issuances)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                self.stop()
+                raise SystemExit(f"the server did not start:\n{tail}")
+            time.sleep(0.05)
+        ports: dict[str, int] = json.loads(ready.read_text())
+        return ports
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _proc_stat(pid: int) -> tuple[int, float]:
+    """(RSS bytes, CPU seconds) of a process, from psutil or /proc."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            p = psutil.Process(pid)
+            times = p.cpu_times()
+            return p.memory_info().rss, times.user + times.system
+        except psutil.Error:
+            return 0, 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), (int(fields[11]) + int(fields[12])) / tick
+
+
+def _machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Sample:
+    t: float
+    rss: int
+    cpu: float  # server CPU seconds so far
+    workers_cpu: float
+    machine_cpu: float  # busy CPU seconds of the whole machine so far
+
+
+class Sampler(threading.Thread):
+    """The server's RSS and CPU (and the workers' CPU) every ``interval`` seconds."""
+
+    def __init__(self, server_pid: int, worker_pids: list[int], interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.server_pid = server_pid
+        self.worker_pids = worker_pids
+        self.interval = interval
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            rss, cpu = _proc_stat(self.server_pid)
+            workers = sum(_proc_stat(pid)[1] for pid in self.worker_pids)
+            self.samples.append(Sample(time.monotonic(), rss, cpu, workers, _machine_busy()))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def window(self, start: float, end: float) -> dict[str, float]:
+        inside = [s for s in self.samples if start <= s.t <= end]
+        if len(inside) < 2:
+            return {"peak_rss_mib": 0.0, "server_cores": 0.0, "worker_cores": 0.0,
+                    "other_cores": 0.0}
+        span = inside[-1].t - inside[0].t
+        server = (inside[-1].cpu - inside[0].cpu) / span
+        workers = (inside[-1].workers_cpu - inside[0].workers_cpu) / span
+        machine = (inside[-1].machine_cpu - inside[0].machine_cpu) / span
+        return {"peak_rss_mib": max(s.rss for s in inside) / 2**20,
+                "end_rss_mib": inside[-1].rss / 2**20,
+                "server_cores": server, "worker_cores": workers,
+                "other_cores": max(0.0, machine - server - workers)}
+
+    def latest(self) -> Sample | None:
+        return self.samples[-1] if self.samples else None
+
+
+# ----------------------------------------------------------------------------------------
+# Events from the workers
+
+
+class Tally:
+    """Every event the workers sent: ``(kind, time, value)``."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, float]] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, batch: list[tuple[str, float, float]]) -> None:
+        self.events.extend(batch)
+        for kind, _, _ in batch:
+            self.counts[kind] += 1
+
+    def since(self, kind: str, start: float,
+              end: float = float("inf")) -> list[tuple[float, float]]:
+        return [(t, v) for k, t, v in self.events if k == kind and start <= t <= end]
+
+    def count(self, kind: str, start: float = 0.0) -> int:
+        if start == 0.0:
+            return self.counts[kind]
+        return sum(1 for k, t, _ in self.events if k == kind and t >= start)
+
+    def nth_time(self, kind: str, n: int, start: float) -> float | None:
+        """When the ``n``-th ``kind`` event after ``start`` came, if it did."""
+        times = sorted(t for t, _ in self.since(kind, start))
+        return times[n - 1] if len(times) >= n else None
+
+    def prefixed(self, prefix: str, start: float, end: float = float("inf")
+                 ) -> collections.Counter[str]:
+        return collections.Counter(k for k, t, _ in self.events
+                                   if k.startswith(prefix) and start <= t <= end)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency(tally: Tally, kind: str, start: float, end: float = float("inf")) -> dict[str, Any]:
+    values = [v for _, v in tally.since(kind, start, end)]
+    p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
+    return {"n": len(values), "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
+            "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+            "max_ms": round(max(values) * 1000, 1) if values else None}
+
+
+# ----------------------------------------------------------------------------------------
+# The run
+
+
+class Fleet:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.server = ServerProcess(workdir, args)
+        self.context = mp.get_context("spawn")
+        self.events: Any = self.context.Queue()
+        self.commands: list[Any] = []
+        self.workers: list[Any] = []
+        self.tally = Tally()
+        self.sampler: Sampler | None = None
+        self.marks: dict[str, float] = {}
+        self.result: dict[str, Any] = {}
+        self._stopped = 0
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def pump(self, timeout: float = 0.1) -> None:
+        """Take what the workers sent within ``timeout`` seconds."""
+        try:
+            message = self.events.get(timeout=timeout)
+        except queue_module.Empty:
+            return
+        while True:
+            if message[0] == "batch":
+                self.tally.add(message[2])
+            elif message[0] == "stopped":
+                self._stopped += 1
+            try:
+                message = self.events.get_nowait()
+            except queue_module.Empty:
+                return
+
+    def broadcast(self, *command: Any) -> None:
+        for commands in self.commands:
+            commands.put(command)
+
+    def wait(self, done: Any, timeout: float, progress: Any, update: Any) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pump()
+            update()
+            progress.refresh()
+            if done():
+                return True
+            if self.server.proc is not None and self.server.proc.poll() is not None:
+                raise SystemExit("the server exited; see " + str(self.server.log))
+        return False
+
+    def server_text(self) -> str:
+        assert self.sampler is not None
+        latest, first = self.sampler.latest(), self.sampler.samples[:1]
+        if latest is None or not first:
+            return ""
+        recent = [s for s in self.sampler.samples if s.t >= latest.t - 2.0]
+        cores = ((recent[-1].cpu - recent[0].cpu) / (recent[-1].t - recent[0].t)
+                 if len(recent) > 1 and recent[-1].t > recent[0].t else 0.0)
+        return f"server {latest.rss / 2**20:,.0f} MiB, {100 * cores:.0f}% CPU"
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        args = self.args
+        _say(f"preparing the management store: relay PKI, {args.clusters:,} clusters with a "
+             "token each, the trust policy")
+        began = time.monotonic()
+        clusters, trust = asyncio.run(prepare(self.server.store, args.clusters, args.key_type))
+        self.result["prepare_s"] = round(time.monotonic() - began, 2)
+        _say(f"  done in {self.result['prepare_s']} s; starting the server")
+        ports = self.server.start()
+        relay, bootstrap = f"{HOST}:{ports['relay']}", f"{HOST}:{ports['bootstrap']}"
+        shares = [clusters[i::args.workers] for i in range(args.workers)]
+        for index, share in enumerate(shares):
+            commands = self.context.Queue()
+            spec = fleetsim.WorkerSpec(
+                index=index, clusters=share, relay=relay, bootstrap=bootstrap, trust=trust,
+                report_interval=args.report_interval,
+                separate_unary_channel=args.channels == 2, renew_keys=args.storm,
+                handshakes=args.root_rotation, seed=args.seed + index)
+            worker = self.context.Process(target=fleetsim.main, args=(spec, self.events, commands),
+                                          daemon=True)
+            worker.start()
+            self.commands.append(commands)
+            self.workers.append(worker)
+        ready = 0
+        deadline = time.monotonic() + 600
+        while ready < len(self.workers):
+            try:
+                message = self.events.get(timeout=1.0)
+            except queue_module.Empty:
+                if time.monotonic() > deadline or any(not w.is_alive() for w in self.workers):
+                    raise SystemExit("a worker did not start") from None
+                continue
+            if message[0] == "ready":
+                ready += 1
+        self.sampler = Sampler(self.server.pid, [w.pid for w in self.workers])
+        self.sampler.start()
+
+    def converge(self, progress: Any) -> bool:
+        n = self.args.clusters
+        bars = {kind: progress.add_task(label, total=n) for kind, label in (
+            ("bootstrapped", "bootstrapped"), ("connected", "relay stream open"),
+            ("intermediate", "Istio intermediate"))}
+        status = progress.add_task("", total=None)
+        go = time.monotonic() + 0.5
+        self.marks["go"] = go
+        self.broadcast("go", go)
+        spies = self._profile(go)
+
+        def update() -> None:
+            for kind, bar in bars.items():
+                progress.update(bar, completed=self.tally.count(kind))
+            progress.update(status, description=f"{self.server_text()}; errors "
+                                                f"{sum(self.tally.prefixed('error:', 0).values())}")
+
+        done = self.wait(lambda: all(self.tally.count(k) >= n for k in bars),
+                         self.args.timeout, progress, update)
+        self.marks["converged"] = time.monotonic()
+        self._finish_profile(spies, "converge")
+        times = {k: self.tally.nth_time(k, n, go) for k in bars}
+        assert self.sampler is not None
+        self.result["converge"] = {
+            "done": done,
+            **{f"all_{k}_s": round(t - go, 2) if t else None for k, t in times.items()},
+            **{f"{k}_count": self.tally.count(k) for k in bars},
+            "bootstrap_latency": latency(self.tally, "bootstrapped", go),
+            "bootstrap_call": latency(self.tally, "call:bootstrap", go),
+            "intermediate_latency": latency(self.tally, "intermediate", go),
+            "busy": dict(self.tally.prefixed("busy:", go)),
+            "errors": dict(self.tally.prefixed("error:", go)),
+            "drops": self.tally.count("drop", go),
+            **self.sampler.window(go, self.marks["converged"]),
+        }
+        return done
+
+    def hold(self, progress: Any) -> None:
+        """Steady state: every stream held, reports and heartbeats flowing."""
+        began = time.monotonic()
+        task = progress.add_task(f"steady state for {self.args.hold:.0f} s",
+                                 total=self.args.hold)
+        spies = self._profile(began)
+
+        def update() -> None:
+            progress.update(task, completed=time.monotonic() - began)
+
+        self.wait(lambda: time.monotonic() - began >= self.args.hold, self.args.hold + 1,
+                  progress, update)
+        self._finish_profile(spies, "steady")
+        assert self.sampler is not None
+        self.result["steady"] = {
+            "seconds": self.args.hold, **self.sampler.window(began, time.monotonic()),
+            "errors": dict(self.tally.prefixed("error:", began)),
+            "drops": self.tally.count("drop", began)}
+
+    def storm(self, progress: Any) -> None:
+        n = self.args.clusters
+        began = time.monotonic()
+        self.marks["storm"] = began
+        renewed = progress.add_task("storm: client certificates renewed", total=n)
+        reissued = progress.add_task("storm: intermediates re-issued", total=n)
+        status = progress.add_task("", total=None)
+        self.broadcast("storm", self.args.storm_spread)
+        asyncio.run(apply_policy(self.server.store, "721h"))  # a new lifetime: all re-issue
+        spies = self._profile(began)
+
+        def update() -> None:
+            progress.update(renewed, completed=self.tally.count("renewed", began))
+            progress.update(reissued, completed=self.tally.count("intermediate", began))
+            busy = sum(self.tally.prefixed("busy:", began).values())
+            failed = sum(self.tally.prefixed("error:", began).values())
+            progress.update(status, description=f"{self.server_text()}; told to wait {busy}, "
+                                                f"errors {failed}")
+
+        done = self.wait(lambda: (self.tally.count("renewed", began) >= n
+                                  and self.tally.count("intermediate", began) >= n),
+                         self.args.timeout, progress, update)
+        end = time.monotonic()
+        self._finish_profile(spies, "storm")
+        last_renewal = self.tally.nth_time("renewed", n, began)
+        last_intermediate = self.tally.nth_time("intermediate", n, began)
+        assert self.sampler is not None
+        self.result["storm"] = {
+            "done": done, "spread_s": self.args.storm_spread,
+            "renewals_drained_s": round(last_renewal - began, 2) if last_renewal else None,
+            "intermediates_drained_s": (round(last_intermediate - began, 2)
+                                        if last_intermediate else None),
+            "renewed": self.tally.count("renewed", began),
+            "renew_end_to_end": latency(self.tally, "renewed", began),
+            "renew_call": latency(self.tally, "call:renew", began),
+            "intermediate_latency": latency(self.tally, "intermediate", began),
+            "busy": dict(self.tally.prefixed("busy:", began)),
+            "errors": dict(self.tally.prefixed("error:", began)),
+            "drops": self.tally.count("drop", began),
+            "rebootstraps": self.tally.count("call:bootstrap", began),
+            **self.sampler.window(began, end),
+        }
+
+    def rotate(self, progress: Any) -> None:
+        began = time.monotonic()
+        self.marks["rotation"] = began
+        task = progress.add_task("root rotation", total=None)
+        asyncio.run(start_rotation(self.server.store))
+        steps: list[tuple[str, float]] = []
+        last_poll = 0.0
+
+        def update() -> None:
+            nonlocal last_poll
+            now = time.monotonic()
+            if now - last_poll >= 0.5:
+                last_poll = now
+                step = asyncio.run(rotation_step(self.server.store))
+                if not steps or steps[-1][0] != step:
+                    steps.append((step, now - began))
+            ok = self.tally.count("handshake_ok", began)
+            failed = self.tally.count("handshake_fail", began)
+            progress.update(task, description=f"root rotation: {steps[-1][0] if steps else ''}"
+                                              f"; handshakes {ok} ok, {failed} failed; "
+                                              f"{self.server_text()}")
+
+        done = self.wait(lambda: bool(steps) and steps[-1][0] == "DONE", self.args.timeout,
+                         progress, update)
+        end = time.monotonic()
+        # Keep the handshakes going a little after DONE: the old root is gone by now.
+        settle = time.monotonic()
+        self.wait(lambda: time.monotonic() - settle > 3, 5, progress, update)
+        self.result["rotation"] = {
+            "done": done, "seconds": round(end - began, 2) if done else None,
+            "steps": [{"step": s, "at_s": round(t, 2)} for s, t in steps],
+            "intermediates_reissued": self.tally.count("intermediate", began),
+            "handshakes_ok": self.tally.count("handshake_ok", began),
+            "handshakes_failed": self.tally.count("handshake_fail", began),
+            "handshakes_failed_before": self.tally.count("handshake_fail") -
+            self.tally.count("handshake_fail", began),
+            "errors": dict(self.tally.prefixed("error:", began)),
+        }
+
+    def stop(self) -> None:
+        began = time.monotonic()
+        self.marks.setdefault("end", began)
+        self.broadcast("stop")
+        deadline = time.monotonic() + 60
+        while self._stopped < len(self.workers) and time.monotonic() < deadline:
+            self.pump(0.2)
+        for worker in self.workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+        _say(f"workers stopped in {time.monotonic() - began:.1f} s")
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.server.stop()
+        _say(f"server stopped in {time.monotonic() - began:.1f} s")
+
+    # -- profile -----------------------------------------------------------------------------
+
+    def _profile(self, start: float) -> Any:
+        if not self.args.profile:
+            return None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(spy).exists():
+            self.result.setdefault("notes", []).append("--profile: py-spy is not installed")
+            return None
+        out = self.workdir / f"server-{len(self.marks)}.pyspy"
+        proc = subprocess.Popen(
+            [spy, "record", "--pid", str(self.server.pid), "--rate", "50", "--duration",
+             str(int(self.args.profile)), "--format", "raw", "--output", str(out), "--gil",
+             "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return proc, out, start
+
+    def _finish_profile(self, spies: Any, phase: str) -> None:
+        if spies is None:
+            return
+        proc, out, _ = spies
+        try:
+            proc.wait(timeout=self.args.profile + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if out.exists():
+            self.result.setdefault("profiles", {})[phase] = summarize_profile(out)
+
+
+def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
+    """Where the server's GIL time went: own time of the hottest frames, and by module."""
+    leaves: collections.Counter[str] = collections.Counter()
+    modules: collections.Counter[str] = collections.Counter()
+    functions: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaves[frames[-1]] += n
+        seen: set[str] = set()
+        for frame in frames:
+            where = frame.rsplit("(", 1)[-1]
+            module = where.split(":")[0].replace(")", "")
+            if "meshtrust/" in module:
+                module = "meshtrust/" + module.split("meshtrust/", 1)[1]
+            if module not in seen:
+                seen.add(module)
+                modules[module] += n
+            function = frame.strip()
+            if function not in seen and "meshtrust/" in function:
+                seen.add(function)
+                functions[function] += n
+    if not total:
+        return {"samples": 0}
+    return {"samples": total,
+            "own_time": [(round(100 * n / total, 1), leaf) for leaf, n in leaves.most_common(top)],
+            "inclusive_meshtrust": [(round(100 * n / total, 1), f)
+                                    for f, n in functions.most_common(top)],
+            "inclusive_modules": [(round(100 * n / total, 1), m)
+                                  for m, n in modules.most_common(top)]}
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> str:
+    import grpc
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} CPUs ({model}), {memory:.0f} GiB, Linux "
+            f"{platform.release()}, Python {platform.python_version()}, grpcio "
+            f"{grpc.__version__}")
+
+
+def _ms(block: dict[str, Any], key: str = "p99_ms") -> str:
+    value = block.get(key)
+    return "-" if value is None else f"{value:,.0f} ms"
+
+
+def _sum(counter: dict[str, int]) -> str:
+    total = sum(counter.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in
+                                    sorted(counter.items(), key=lambda kv: -kv[1])[:4]) + ")"
+
+
+def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
+    from rich.table import Table
+
+    out = Table(title=f"meshtrust fleet: {args.clusters:,} simulated clusters, "
+                      f"{args.workers} worker processes")
+    out.add_column("phase")
+    out.add_column("measure")
+    out.add_column("value", justify="right")
+    out.add_column("target", justify="right")
+    out.add_row("setup", "registry + tokens + policy, in bulk", f"{result['prepare_s']} s", "")
+    c = result.get("converge")
+    if c:
+        streams = c.get("all_connected_s")
+        rss = c.get("peak_rss_mib", 0.0)
+        out.add_row("converge", "all bootstrapped", _s(c.get("all_bootstrapped_s")), "")
+        out.add_row("", "all holding a relay stream", _s(streams),
+                    _verdict(streams is not None and streams <= 60, "<= 60 s"))
+        out.add_row("", "all with an Istio intermediate", _s(c.get("all_intermediate_s")), "")
+        out.add_row("", "server peak RSS", f"{rss:,.0f} MiB",
+                    _verdict(0 < rss <= 1024, "<= 1024 MiB"))
+        out.add_row("", "cores: server / simulators / other processes",
+                    f"{c.get('server_cores', 0):.2f} / {c.get('worker_cores', 0):.2f} / "
+                    f"{c.get('other_cores', 0):.2f}", "")
+        out.add_row("", "bootstrap p50 / p99 (end to end)",
+                    f"{_ms(c['bootstrap_latency'], 'p50_ms')} / {_ms(c['bootstrap_latency'])}", "")
+        out.add_row("", "bootstrap call p50 / p99",
+                    f"{_ms(c['bootstrap_call'], 'p50_ms')} / {_ms(c['bootstrap_call'])}", "")
+        out.add_row("", "intermediate p50 / p99 (work item to finished)",
+                    f"{_ms(c['intermediate_latency'], 'p50_ms')} / "
+                    f"{_ms(c['intermediate_latency'])}", "")
+        out.add_row("", "told to wait (RESOURCE_EXHAUSTED)", _sum(c["busy"]), "")
+        out.add_row("", "errors", _sum(c["errors"]), "")
+        out.add_row("", "streams dropped", str(c["drops"]), "")
+    s = result.get("steady")
+    if s:
+        out.add_row("steady", f"RSS / server CPU over {s['seconds']:.0f} s",
+                    f"{s.get('end_rss_mib', 0):,.0f} MiB / {s.get('server_cores', 0):.2f}", "")
+        out.add_row("", "errors / streams dropped", f"{_sum(s['errors'])} / {s['drops']}", "")
+    st = result.get("storm")
+    if st:
+        out.add_row("storm", "renewals drained", _s(st.get("renewals_drained_s")), "")
+        out.add_row("", "intermediates drained", _s(st.get("intermediates_drained_s")), "")
+        errors = sum(st["errors"].values())
+        out.add_row("", "errors", _sum(st["errors"]), _verdict(errors == 0, "0"))
+        call = st["renew_call"].get("p99_ms")
+        out.add_row("", "Renew call p50 / p99",
+                    f"{_ms(st['renew_call'], 'p50_ms')} / {_ms(st['renew_call'])}",
+                    _verdict(call is not None and call <= 2000, "p99 <= 2 s"))
+        out.add_row("", "renewal p50 / p99, end to end (waits included)",
+                    f"{_ms(st['renew_end_to_end'], 'p50_ms')} / "
+                    f"{_ms(st['renew_end_to_end'])}", "")
+        out.add_row("", "told to wait (RESOURCE_EXHAUSTED)", _sum(st["busy"]), "")
+        out.add_row("", "streams dropped / re-bootstraps",
+                    f"{st['drops']} / {st['rebootstraps']}", "")
+        out.add_row("", "server peak RSS", f"{st.get('peak_rss_mib', 0):,.0f} MiB", "")
+        out.add_row("", "cores: server / simulators / other processes",
+                    f"{st.get('server_cores', 0):.2f} / {st.get('worker_cores', 0):.2f} / "
+                    f"{st.get('other_cores', 0):.2f}", "")
+    r = result.get("rotation")
+    if r:
+        seconds = r.get("seconds")
+        out.add_row("root rotation", "start to DONE", _s(seconds),
+                    _verdict(seconds is not None and seconds <= 60, "<= 60 s"))
+        out.add_row("", "steps", ", ".join(f"{x['step']} {x['at_s']} s" for x in r["steps"]), "")
+        out.add_row("", "cross-cluster handshakes ok / failed",
+                    f"{r['handshakes_ok']} / {r['handshakes_failed']}",
+                    _verdict(r["handshakes_failed"] == 0 and r["handshakes_ok"] > 0, "0 failed"))
+        out.add_row("", "errors", _sum(r["errors"]), "")
+    return out
+
+
+def _s(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:,.1f} s"
+
+
+def _verdict(ok: bool, target: str) -> str:
+    return f"{target} [green]met[/]" if ok else f"{target} [red]NOT met[/]"
+
+
+def plot(fleet: Fleet, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    go = fleet.marks["go"]
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(10, 7))
+    end = fleet.marks.get("end", float("inf"))
+    for kind, label, color in (
+            ("bootstrapped", "bootstrapped", "tab:blue"),
+            ("connected", "relay stream open", "tab:orange"),
+            ("intermediate", "Istio intermediates finished (every round)", "tab:green"),
+            ("renewed", "storm: client certificates renewed", "tab:purple")):
+        times = sorted(t - go for t, _ in fleet.tally.since(kind, go, end))
+        if times:
+            top.plot(times, range(1, len(times) + 1), label=label, color=color)
+    top.set_ylabel("clusters")
+    top.legend(loc="lower right")
+    top.set_title(f"{fleet.args.clusters:,} simulated clusters against one meshtrust server")
+    assert fleet.sampler is not None
+    samples = [s for s in fleet.sampler.samples if go <= s.t <= end]
+    if samples:
+        xs = [s.t - go for s in samples]
+        bottom.plot(xs, [s.rss / 2**20 for s in samples], color="tab:red", label="server RSS")
+        bottom.set_ylabel("server RSS (MiB)")
+        cpu = bottom.twinx()
+        pairs = list(zip(samples, samples[1:], strict=False))
+        cpu.plot([b.t - go for _, b in pairs],
+                 [100 * (b.cpu - a.cpu) / (b.t - a.t) for a, b in pairs],
+                 color="tab:blue", alpha=0.5, label="server CPU")
+        cpu.set_ylabel("server CPU (%)")
+    for name, when in fleet.marks.items():
+        if name not in ("go", "end"):
+            for axis in (top, bottom):
+                axis.axvline(when - go, color="grey", linestyle=":")
+            top.annotate(name, (when - go, 0), rotation=90, fontsize=8)
+    bottom.set_xlabel("seconds since the agents started")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _raise_file_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(needed, soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if hard < needed:
+            _say(f"warning: open files are limited to {hard}; {needed} may be needed")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2, help="simulator processes")
+    parser.add_argument("--storm", action="store_true",
+                        help="then renew every client certificate and re-issue every "
+                             "intermediate at once")
+    parser.add_argument("--storm-spread", type=float, default=1.0,
+                        help="each agent renews after a random delay of at most this many "
+                             "seconds (default 1, the agent's rotator checks once a second)")
+    parser.add_argument("--root-rotation", action="store_true",
+                        help="then rotate the policy's root while workloads of the clusters "
+                             "handshake across clusters")
+    parser.add_argument("--hold", type=float, default=10.0,
+                        help="seconds of steady state to measure after convergence")
+    parser.add_argument("--report-interval", type=float, default=30.0,
+                        help="seconds between an agent's status reports (agent default 30)")
+    parser.add_argument("--channels", type=int, choices=[1, 2], default=2,
+                        help="connections per agent: 2 as the agent (the work stream, and one "
+                             "for calls) or 1 (both on one)")
+    parser.add_argument("--max-issuances", type=int, default=0,
+                        help="the server's --max-issuances (default: the server's default)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="another argument for meshtrust server (repeatable)")
+    parser.add_argument("--server-log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--key-type", default="ecdsa-p256", help="relay CA key type")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="sample the server with py-spy for SECONDS from the start of "
+                             "each phase")
+    parser.add_argument("--plot", type=Path, help="write the convergence over time to a PNG")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to SECONDS for other processes to leave the CPUs")
+    args = parser.parse_args()
+    if args.clusters < 2 or args.workers < 1:
+        parser.error("--clusters must be at least 2 and --workers at least 1")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: .venv/bin/pip install -e '.[bench]'")
+    _raise_file_limit(args.clusters * (args.channels + 1) + 4096)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
+
+    console = Console(stderr=True)
+    workdir = Path(tempfile.mkdtemp(prefix="meshtrust-fleet-"))
+    fleet = Fleet(args, workdir)
+    result = fleet.result
+    result.update({"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                   "machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items()}})
+    if args.quiet_wait > 0:
+        deadline = time.monotonic() + args.quiet_wait
+        while time.monotonic() < deadline:
+            before = _machine_busy()
+            time.sleep(1.0)
+            if _machine_busy() - before < 0.2:
+                break
+    try:
+        fleet.setup()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=False,
+                      auto_refresh=False) as progress:
+            converged = fleet.converge(progress)
+            if converged:
+                fleet.hold(progress)
+                if args.storm:
+                    fleet.storm(progress)
+                if args.root_rotation:
+                    fleet.rotate(progress)
+    finally:
+        fleet.stop()
+        log = fleet.server.log.read_text(errors="replace").splitlines()
+        result["server_log"] = {"lines": len(log),
+                                "warnings": sum(" WARNING " in line for line in log),
+                                "errors": sum(" ERROR " in line for line in log)}
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            _say(f"work directory kept: {workdir}")
+    console.print(table(result, args))
+    console.print(f"machine: {result['machine']}")
+    for phase, profile in result.get("profiles", {}).items():
+        console.print(f"\n[bold]{phase}[/]: server GIL holder, py-spy, {profile['samples']} "
+                      "samples; inclusive time in meshtrust functions:")
+        for share, frame in profile.get("inclusive_meshtrust", [])[:15]:
+            console.print(f"  {share:5.1f}%  {frame}")
+        console.print("  own time, hottest frames:")
+        for share, frame in profile.get("own_time", [])[:12]:
+            console.print(f"  {share:5.1f}%  {frame}")
+    if args.plot:
+        plot(fleet, args.plot)
+        _say(f"plot written to {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("converge", {}).get("done") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Simulated agents for bench/fleet.py: many real relay clients in one asyncio process.
+
+Each simulated agent speaks the real protocol with the real messages over
+real mutual TLS: it bootstraps with its own token and a CSR for its own key
+(on a channel of its own, as the agent does), holds a ``Relay.Work`` stream,
+answers Istio work items through the agent's own ``IstioCA`` (the key is made
+here, only a CSR is sent, ``cacerts`` is written to an in-memory store), reports
+its certificates with ``ReportStatus``, and renews over mTLS when told to. A
+busy server (RESOURCE_EXHAUSTED) is answered the way the agent answers it,
+with ``meshtrust.agent.backoff``.
+
+What it leaves out of the agent: the lease, the watcher and the on-disk store.
+Keys are P-256, made before the clock starts, so that the simulator costs
+little CPU next to the server.
+
+A worker process runs ``main(spec, events, commands)``; it reports what
+happens as batches of ``(kind, monotonic time, value)`` on ``events`` and
+takes ``("go", t0)``, ``("storm", spread)``, ``("stop",)`` on ``commands``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import random
+import resource
+import threading
+import time
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from meshtrust import errors, federation, rpc, settings
+from meshtrust.agent import backoff
+from meshtrust.agent import identity as agent_identity
+from meshtrust.agent import istio as agent_istio
+from meshtrust.pki import bundle, keys
+from meshtrust.rpc import transport
+from meshtrust.rpc.transport import messages
+from meshtrust.testing import MemoryStore
+
+SERVER_NAME = "localhost"  # a SAN of the generated relay server certificate
+CALL_TIMEOUT = 15.0  # the agent's (agent.connection.CALL_TIMEOUT)
+FLUSH_EVERY = 0.2  # seconds between two event batches to the driver
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    clusters: list[ClusterSpec]
+    relay: str
+    bootstrap: str
+    trust: bytes
+    report_interval: float  # seconds between status reports (0: only the first)
+    separate_unary_channel: bool  # the agent uses one channel for the stream, one for calls
+    renew_keys: bool  # make a second key and CSR per cluster for the storm
+    handshakes: bool  # run cross-cluster mTLS handshakes between workloads continuously
+    seed: int
+
+
+class Events:
+    """Buffers events and sends them to the driver in batches."""
+
+    def __init__(self, queue: Any, worker: int) -> None:
+        self._queue = queue
+        self._worker = worker
+        self._buffer: list[tuple[str, float, float]] = []
+
+    def add(self, kind: str, value: float = 0.0) -> None:
+        self._buffer.append((kind, time.monotonic(), value))
+
+    def flush(self) -> None:
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self._queue.put(("batch", self._worker, batch))
+
+
+def _code(exc: grpc.aio.AioRpcError) -> str:
+    return exc.code().name if exc.code() is not None else "UNKNOWN"
+
+
+class SimAgent:
+    """One cluster's agent."""
+
+    def __init__(self, spec: WorkerSpec, cluster: ClusterSpec, events: Events,
+                 rng: random.Random) -> None:
+        self.spec = spec
+        self.name = cluster.name
+        self.token = cluster.token
+        self.events = events
+        self.rng = rng
+        self.key = keys.generate_key(keys.KeyType.EC_P256)
+        self.csr = agent_identity.request_for(self.key, self.name)
+        self.next_key: keys.PrivateKey | None = None
+        self.next_csr = b""
+        if spec.renew_keys:
+            self.next_key = keys.generate_key(keys.KeyType.EC_P256)
+            self.next_csr = agent_identity.request_for(self.next_key, self.name)
+        self.chain = b""
+        self.key_pem = keys.dump_private_key(self.key)
+        self.trust = spec.trust
+        self.stream_channel: Any = None
+        self.unary_channel: Any = None
+        self.store = MemoryStore(history=16)
+        self.istio = agent_istio.IstioCA(self.store, self.name)
+        self.working: set[str] = set()
+        self.done: set[str] = set()
+        self.connected = asyncio.Event()
+        self.cacerts: dict[str, bytes] | None = None
+        self.cacerts_version = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def _call(self, what: str, make: Any) -> Any:
+        """One unary call, again while the server is busy or failing; returns the reply."""
+        failure_backoff = 1.0
+        while True:
+            began = time.monotonic()
+            try:
+                reply = await make()
+                self.events.add(f"call:{what}", time.monotonic() - began)
+                return reply
+            except grpc.aio.AioRpcError as exc:
+                error = transport.translate(exc)
+                if isinstance(error, errors.RateLimited):
+                    self.events.add(f"busy:{what}")
+                    wait = backoff.delay(error, failure_backoff, self.rng)
+                else:
+                    self.events.add(f"error:{what}:{_code(exc)}")
+                    wait = backoff.delay(error, failure_backoff, self.rng)
+                    failure_backoff = backoff.next_backoff(error, failure_backoff, 30.0)
+                if self.stopping:
+                    raise
+                await asyncio.sleep(wait)
+
+    def _relay_channel(self) -> Any:
+        return transport.secure_channel(self.spec.relay, trust=self.trust, chain=self.chain,
+                                        key=self.key_pem, server_name=SERVER_NAME)
+
+    def _unary(self) -> Any:
+        return transport.relay_stub(self.unary_channel or self.stream_channel)
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        began = time.monotonic()
+        await self.bootstrap()
+        self.events.add("bootstrapped", time.monotonic() - began)
+        self.stream_channel = self._relay_channel()
+        if self.spec.separate_unary_channel:
+            self.unary_channel = self._relay_channel()
+        reporter = asyncio.create_task(self.report_loop())
+        try:
+            await self.hold_stream(began)
+        finally:
+            reporter.cancel()
+
+    async def bootstrap(self) -> None:
+        request = messages.BootstrapRequest(protocol_version=rpc.PROTOCOL_VERSION,
+                                            cluster=self.name, token=self.token, csr=self.csr)
+
+        async def attempt() -> Any:
+            # A channel per attempt, closed after it, as the agent's RelayClient.bootstrap does.
+            channel = transport.secure_channel(self.spec.bootstrap, trust=self.trust,
+                                               server_name=SERVER_NAME)
+            try:
+                return await transport.bootstrap_stub(channel).Bootstrap(
+                    request, timeout=CALL_TIMEOUT)
+            finally:
+                await channel.close()
+
+        response = await self._call("bootstrap", attempt)
+        self.chain = bytes(response.certificate_chain)
+        self.trust = bytes(response.ca_bundle) or self.trust
+        self.certificate = bundle.load_certificate(self.chain, "certificate chain")
+
+    async def hold_stream(self, began: float) -> None:
+        failure_backoff = 0.5
+        first = True
+        while not self.stopping:
+            stream = transport.relay_stub(self.stream_channel).Work(messages.WorkSubscribe(
+                protocol_version=rpc.PROTOCOL_VERSION, replica=f"{self.name}-sim", leader=True))
+            try:
+                async for item in stream:
+                    if not self.connected.is_set():
+                        self.connected.set()
+                        if first:
+                            self.events.add("connected", time.monotonic() - began)
+                            first = False
+                    if item.HasField("issue_intermediate"):
+                        self._start_work(item)
+                    failure_backoff = 0.5
+                if not self.stopping:
+                    self.events.add("error:work:ENDED")
+            except grpc.aio.AioRpcError as exc:
+                if self.stopping:
+                    return
+                self.events.add(f"error:work:{_code(exc)}")
+            self.connected.clear()
+            if not self.stopping:
+                self.events.add("drop")
+                await asyncio.sleep(failure_backoff * (1 + self.rng.random() / 2))
+                failure_backoff = min(failure_backoff * 2, 30.0)
+
+    async def report_loop(self) -> None:
+        while True:
+            await self.connected.wait()
+            report = messages.StatusReport(
+                protocol_version=rpc.PROTOCOL_VERSION, agent_version="bench",
+                replica=f"{self.name}-sim", leader=True, certificates=self._held())
+            try:
+                await self._call("report", lambda r=report: self._unary().ReportStatus(
+                    r, timeout=CALL_TIMEOUT))
+            except grpc.aio.AioRpcError:
+                pass
+            if self.spec.report_interval <= 0:
+                return
+            await asyncio.sleep(self.spec.report_interval * (0.5 + self.rng.random()))
+
+    def _held(self) -> list[Any]:
+        cert = self.certificate
+        return [messages.HeldCertificate(
+            kind="relay-client", namespace=settings.RELAY_NAMESPACE,
+            secret=settings.RELAY_CLIENT_SECRET, serial=f"{cert.serial_number:x}",
+            subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+            not_before_unix=int(cert.not_valid_before_utc.timestamp()),
+            not_after_unix=int(cert.not_valid_after_utc.timestamp()),
+            renew_at_unix=int(cert.not_valid_after_utc.timestamp()),
+            fingerprint_sha256=bundle.fingerprint(cert), managed=True)]
+
+    # -- work items --------------------------------------------------------------------------
+
+    def _start_work(self, item: Any) -> None:
+        if item.id in self.working or item.id in self.done:
+            return
+        self.working.add(item.id)
+        task = asyncio.create_task(self._work(item))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _work(self, item: Any) -> None:
+        began = time.monotonic()
+        spec = item.issue_intermediate
+        request = agent_istio.Request(
+            id=item.id, policy=spec.policy, key_type=keys.KeyType.parse(spec.key_type),
+            organization=spec.org or "Istio", form=spec.form or "cacerts",
+            trust_domain=spec.trust_domain or settings.DEFAULT_TRUST_DOMAIN,
+            auto_restart_pods=spec.auto_restart_pods)
+
+        async def sign(csr_pem: bytes) -> tuple[bytes, bytes]:
+            ack = await self._call("intermediate", lambda: self._unary().CompleteWork(
+                messages.WorkResult(id=item.id, csr=csr_pem, stage="csr"),
+                timeout=CALL_TIMEOUT))
+            return bytes(ack.certificate_chain), bytes(ack.root_bundle)
+
+        try:
+            outcome = await self.istio.handle(request, sign, None)
+            await self._call("finished", lambda: self._unary().CompleteWork(
+                messages.WorkResult(id=item.id, stage="finished" if outcome.ok else "failed",
+                                    error=outcome.message, restart_needed=True),
+                timeout=CALL_TIMEOUT))
+        except (grpc.aio.AioRpcError, errors.MeshTrustError) as exc:
+            if not self.stopping:
+                self.events.add(f"error:work-item:{type(exc).__name__}")
+            return
+        finally:
+            self.working.discard(item.id)
+        self.done.add(item.id)
+        secret = await self.store.get_secret(settings.ISTIO_NAMESPACE, settings.ISTIO_CA_SECRET)
+        self.cacerts = dict(secret.data)
+        self.cacerts_version += 1
+        self.events.add("intermediate", time.monotonic() - began)
+
+    # -- storm -------------------------------------------------------------------------------
+
+    async def renew(self, spread: float) -> None:
+        """Renew the client certificate, after a random part of ``spread`` seconds."""
+        await asyncio.sleep(self.rng.random() * spread)
+        began = time.monotonic()
+        assert self.next_key is not None, "start the worker with renew_keys"
+        request = messages.RenewRequest(protocol_version=rpc.PROTOCOL_VERSION,
+                                        csr=self.next_csr)
+        response = await self._call("renew", lambda: self._unary().Renew(
+            request, timeout=CALL_TIMEOUT))
+        chain = bytes(response.certificate_chain)
+        if not keys.key_matches(bundle.load_certificate(chain, "certificate chain"),
+                                self.next_key):
+            self.events.add("error:renew:WRONG_KEY")
+            return
+        self.events.add("renewed", time.monotonic() - began)
+        self.key, self.chain = self.next_key, chain
+        self.key_pem = keys.dump_private_key(self.key)
+        self.certificate = bundle.load_certificate(chain, "certificate chain")
+        # As the agent's RelayClient: later calls use a channel with the new certificate;
+        # the work stream keeps the one it was opened on.
+        if self.spec.separate_unary_channel:
+            old, self.unary_channel = self.unary_channel, self._relay_channel()
+            task = asyncio.create_task(_close_later(old))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        self.stopping = True
+        for channel in (self.stream_channel, self.unary_channel):
+            if channel is not None:
+                await channel.close(grace=None)
+        await self.store.close()
+
+
+async def _close_later(channel: Any) -> None:
+    await asyncio.sleep(10)
+    await channel.close()
+
+
+async def handshakes(agents: list[SimAgent], events: Events, rng: random.Random) -> None:
+    """Cross-cluster mTLS between workloads of two clusters, one pair after another.
+
+    Each side's workload certificate is issued from its cluster's current
+    ``cacerts`` (again whenever that changes, as istiod would after the pods
+    restart) and trusts only its cluster's current ``root-cert.pem``.
+    """
+    issued: dict[str, tuple[int, federation.Workload]] = {}
+
+    def workload(agent: SimAgent) -> federation.Workload | None:
+        if agent.cacerts is None:
+            return None
+        held = issued.get(agent.name)
+        if held is None or held[0] != agent.cacerts_version:
+            made = federation.workload(agent.name, agent.cacerts, dt.datetime.now(dt.UTC),
+                                       service_account=f"sa-{agent.name}")
+            held = (agent.cacerts_version, made)
+            issued[agent.name] = held
+        return held[1]
+
+    while True:
+        await asyncio.sleep(0.02)
+        a, b = rng.sample(agents, 2)
+        left, right = workload(a), workload(b)
+        if left is None or right is None:
+            continue
+        try:
+            await federation.handshake(left, right, timeout=5.0)
+            events.add("handshake_ok")
+        except errors.MeshTrustError as exc:
+            events.add("handshake_fail")
+            logging.getLogger("fleetsim").warning("handshake %s -> %s failed: %s",
+                                                  a.name, b.name, exc)
+
+
+def _raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _run(spec: WorkerSpec, queue: Any, commands: Any) -> None:
+    loop = asyncio.get_running_loop()
+    events = Events(queue, spec.index)
+    rng = random.Random(spec.seed)
+    agents = [SimAgent(spec, c, events, random.Random(rng.random())) for c in spec.clusters]
+    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def read_commands() -> None:
+        while True:
+            command = commands.get()
+            loop.call_soon_threadsafe(inbox.put_nowait, command)
+            if command[0] == "stop":
+                return
+
+    threading.Thread(target=read_commands, daemon=True).start()
+    queue.put(("ready", spec.index, len(agents)))
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            events.flush()
+
+    background = [asyncio.create_task(flusher())]
+    lives: list[asyncio.Task[None]] = []
+    while True:
+        command = await inbox.get()
+        if command[0] == "go":
+            await asyncio.sleep(max(0.0, command[1] - time.monotonic()))
+            lives = [asyncio.create_task(agent.run()) for agent in agents]
+            if spec.handshakes and len(agents) >= 2:
+                background.append(asyncio.create_task(handshakes(agents, events, rng)))
+        elif command[0] == "storm":
+            for agent in agents:
+                task = asyncio.create_task(agent.renew(command[1]))
+                agent.tasks.add(task)
+                task.add_done_callback(agent.tasks.discard)
+        elif command[0] == "stop":
+            break
+    for agent in agents:
+        agent.stopping = True
+    for task in [*lives, *background, *(t for a in agents for t in a.tasks)]:
+        task.cancel()
+    await asyncio.gather(*lives, *background, return_exceptions=True)
+    for agent in agents:
+        await agent.close()
+    events.flush()
+    queue.put(("stopped", spec.index, 0))
+
+
+def main(spec: WorkerSpec, queue: Any, commands: Any) -> None:
+    """A worker process's entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
+    _raise_file_limit()
+    asyncio.run(_run(spec, queue, commands))

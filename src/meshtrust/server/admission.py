@@ -1,0 +1,178 @@
+"""Admission control: a bounded number of issuances at once, the rest told when to come back.
+
+An issuance — a bootstrap, a renewal, an Istio intermediate — is the server's
+expensive work: the CSR check, the signature and the store writes that record
+it. When a whole fleet asks at once (every certificate due together, the
+server back after an outage) taking every call makes each of them slow, the
+callers' deadlines pass, and they retry on top of the work already queued.
+So the server signs at most ``limit`` certificates at a time. More callers
+wait in arrival order, as many as it can serve within ``max_wait`` seconds at
+the rate it is issuing (or a fixed ``queue``); the rest are refused at once
+with ``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the wire) and a time to
+retry, and so is a caller still waiting after ``max_wait``. Waiting costs the
+server nothing; a refused caller comes back, which costs it a call (and for a
+bootstrap, a TLS handshake), so the queue takes what can be served in time.
+
+The retry times are a schedule, not a guess: the server knows how long an
+issuance takes (a moving average) and so how many it completes per second at
+the limit, and gives each refused caller its own later slot at that rate. A
+burst of ten thousand callers comes back as an even stream the server can
+serve, instead of ten thousand calls each second. Agents wait the time they
+are given, with a little jitter (``agent.backoff``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from meshtrust import errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 32
+FIRST_ESTIMATE = 0.05  # seconds per issuance before any was measured
+_SMOOTHING = 0.1  # weight of the newest duration in the moving average
+REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """How many issuances run at once, how many wait, and for how long."""
+
+    limit: int = DEFAULT_LIMIT
+    # Callers that may wait for a slot; None: as many as can be served within max_wait.
+    queue: int | None = None
+    max_wait: float = 5.0  # seconds a caller waits for a slot before it is refused
+    # (well within the agent's 15 s deadline for a call)
+    min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
+    max_retry: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError("limit must be at least 1")
+        if self.queue is not None and self.queue < 0:
+            raise ValueError("queue must be 0 or more")
+        if self.max_wait < 0 or not 0 < self.min_retry <= self.max_retry:
+            raise ValueError("max_wait must be >= 0 and 0 < min_retry <= max_retry")
+
+
+class Admission:
+    """Slots for issuances; ``async with admission.slot():`` around each one."""
+
+    def __init__(self, options: Options | None = None, *,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.options = options or Options()
+        self._now = monotonic
+        self._in_flight = 0
+        # Callers waiting for a slot, first come first served; a caller that gave up
+        # stays in the deque, cancelled, until it reaches the front.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting = 0
+        self._duration = FIRST_ESTIMATE
+        self._next_slot = 0.0
+        self.admitted = 0
+        self.refused = 0
+        self._refused_since_report = 0
+        self._reported = monotonic()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def seconds_per_issuance(self) -> float:
+        """How long one issuance takes at the limit, divided by the limit: 1 / throughput."""
+        return self._duration / self.options.limit
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``limit`` slots for the block; RateLimited if none comes in time."""
+        await self._acquire()
+        started = self._now()
+        try:
+            yield
+        finally:
+            elapsed = self._now() - started
+            self._duration += _SMOOTHING * (elapsed - self._duration)
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self._in_flight < self.options.limit and not self.waiting:
+            self._in_flight += 1
+            self.admitted += 1
+            return
+        if not self._may_wait():
+            raise self._refuse()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.options.max_wait):
+                await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                self.admitted += 1  # the slot was handed over as the time ran out: keep it
+                return
+            self._forget(waiter)
+            raise self._refuse() from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot, but the call is gone: pass it on
+            self._forget(waiter)
+            raise
+        self.admitted += 1
+
+    def _may_wait(self) -> bool:
+        """Whether one more caller may queue: a fixed queue, or one served within max_wait."""
+        waiting = self.waiting
+        if self.options.queue is not None:
+            return waiting < self.options.queue and self.options.max_wait > 0
+        return (waiting + 1) * self.seconds_per_issuance <= self.options.max_wait
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        """A waiter gives up: it no longer counts, and ``_release`` passes it over."""
+        if waiter.cancelled() or not waiter.done():  # not handed a slot: it still counts
+            self._waiting -= 1
+        waiter.cancel()
+
+    def _release(self) -> None:
+        """Hand the slot to the first caller still waiting, or free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._waiting -= 1
+                waiter.set_result(None)  # the slot changes hands; in_flight stays
+                return
+        self._in_flight -= 1
+
+    def _refuse(self) -> errors.RateLimited:
+        """The error for a caller who gets no slot, with its own time to come back."""
+        now = self._now()
+        spacing = self.seconds_per_issuance
+        # Callers already in the queue go first; then every refused caller gets the next
+        # free moment at the rate the server issues.
+        ahead = now + (self._in_flight + self.waiting) * spacing
+        self._next_slot = max(self._next_slot, ahead) + spacing
+        retry = min(max(self._next_slot - now, self.options.min_retry), self.options.max_retry)
+        self.refused += 1
+        self._refused_since_report += 1
+        if now - self._reported >= REPORT_EVERY:
+            log.warning("admission control: %d issuances refused in the last %.0f s (%d in "
+                        "flight, %d waiting, about %.0f issued/s); callers were told to come "
+                        "back within %.1f s", self._refused_since_report, now - self._reported,
+                        self._in_flight, self.waiting, 1 / spacing, retry)
+            self._refused_since_report = 0
+            self._reported = now
+        return errors.RateLimited(
+            f"the management server is busy ({self._in_flight} issuances in flight, "
+            f"{self.waiting} waiting); retry in {retry:.2f} s", retry_after=retry)

@@ -1,0 +1,179 @@
+"""Leadership among server replicas, on the in-memory store with a one-second lease."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from meshtrust import clock as clock_module
+from meshtrust import errors
+from meshtrust.server import leadership
+from meshtrust.store import lease
+from meshtrust.testing import MemoryStore
+
+NS = "gloo-mesh"
+TTL = 1
+
+
+class Replica:
+    """One replica's Leadership, run as a task, counting the rounds of a leader-only job."""
+
+    def __init__(self, store: MemoryStore, name: str) -> None:
+        self.elector = leadership.Leadership(store, clock_module.SystemClock(), replica=name,
+                                             ttl=TTL, namespace=NS)
+        self.rounds = 0
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    async def _job(self) -> None:
+        while True:
+            self.rounds += 1
+            await asyncio.sleep(0.05)
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self.elector.run()),
+                      asyncio.create_task(self.elector.while_leading(self._job))]
+
+    async def kill(self) -> None:
+        """Stop as SIGKILL would: no release, the lease just stops being renewed."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait until ``check()``; return how long it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+def run(scenario: Callable[[MemoryStore], Awaitable[None]]) -> None:
+    async def go() -> None:
+        store = MemoryStore(interval=0.01)
+        try:
+            await scenario(store)
+        finally:
+            await store.close()
+    asyncio.run(go())
+
+
+def leaders(replicas: list[Replica]) -> list[Replica]:
+    return [r for r in replicas if r.elector.leading()]
+
+
+class TestLeadership:
+    def test_one_leads_and_a_killed_leader_is_replaced_within_the_ttl(self) -> None:
+        """Of three replicas one runs the job; killed, another takes over within the TTL."""
+        async def scenario(store: MemoryStore) -> None:
+            replicas = [Replica(store, f"server-{i}") for i in range(3)]
+            for replica in replicas:
+                replica.start()
+            await until(lambda: len(leaders(replicas)) == 1, 2, "a leader")
+            for _ in range(2):
+                [leader] = leaders(replicas)
+                others = sum(r.rounds for r in replicas if r is not leader)
+                await asyncio.sleep(0.2)
+                assert sum(r.rounds for r in replicas if r is not leader) == others
+                await leader.kill()
+                replicas.remove(leader)
+                waited = await until(lambda: len(leaders(replicas)) == 1, 2 * TTL,
+                                     "a new leader")
+                assert waited <= TTL + 0.2
+                fresh = Replica(store, f"server-{time.monotonic_ns()}")
+                fresh.start()
+                replicas.append(fresh)
+                assert len(leaders(replicas)) == 1
+            for replica in replicas:
+                await replica.kill()
+        run(scenario)
+
+    def test_only_the_leader_runs_the_jobs(self) -> None:
+        """While one replica leads, the job of the others never runs."""
+        async def scenario(store: MemoryStore) -> None:
+            first, second = Replica(store, "server-a"), Replica(store, "server-b")
+            first.start()
+            await until(first.elector.leading, 2, "the first replica to lead")
+            second.start()
+            await asyncio.sleep(TTL * 1.5)
+            assert first.rounds > 10 and second.rounds == 0
+            for replica in (first, second):
+                await replica.kill()
+        run(scenario)
+
+    def test_a_released_lease_is_taken_at_once(self) -> None:
+        """A leader that stops cleanly releases the lease; the next leads in well under a TTL."""
+        async def scenario(store: MemoryStore) -> None:
+            first, second = Replica(store, "server-a"), Replica(store, "server-b")
+            first.start()
+            await until(first.elector.leading, 2, "the first replica to lead")
+            second.start()
+            await asyncio.sleep(0.1)
+            await first.kill()
+            await first.elector.release()
+            waited = await until(second.elector.leading, 2, "the second replica to lead")
+            assert waited < TTL / 2
+            await second.kill()
+        run(scenario)
+
+    def test_a_leader_that_cannot_renew_steps_down_before_the_lease_ends(self) -> None:
+        """With the store refusing lease writes, the leader stops leading within 2/3 TTL."""
+        async def scenario(store: MemoryStore) -> None:
+            replica = Replica(store, "server-a")
+            replica.start()
+            await until(replica.elector.leading, 2, "the replica to lead")
+
+            async def refuse(obj: Any) -> Any:
+                raise errors.StoreUnavailable("connection refused")
+
+            original = store.update
+            store.update = refuse  # type: ignore[method-assign]
+            try:
+                waited = await until(lambda: not replica.elector.leading(), 2 * TTL,
+                                     "the leader to step down")
+            finally:
+                store.update = original  # type: ignore[method-assign]
+            held = lease.Holding.of(
+                await store.get_resource(lease.KIND, NS, leadership.LEADER_LEASE))
+            assert held.renewed is not None
+            # It stepped down before the lease it last renewed could pass to another.
+            assert clock_module.SystemClock().now() < held.renewed + held.duration
+            assert waited <= TTL * 2 / 3 + 0.1
+            await replica.kill()
+        run(scenario)
+
+    def test_presence_is_swept_once_expired(self) -> None:
+        """A killed replica's presence expires: the sweep names only the live ones."""
+        async def scenario(store: MemoryStore) -> None:
+            first, second = Replica(store, "server-a"), Replica(store, "server-b")
+            first.start()
+            second.start()
+            await until(lambda: len(leaders([first, second])) == 1, 2, "a leader")
+            await second.kill()
+            await asyncio.sleep(TTL + 0.1)
+            live: list[set[str]] = []
+
+            async def forget(names: Any) -> None:
+                live.append(set(names))
+
+            await first.elector.sweep(forget)
+            assert live == [{"server-a"}]
+            await first.kill()
+        run(scenario)
+
+
+class TestReplicaNames:
+    def test_default_is_a_dns_label(self) -> None:
+        """The default name, from the host name and process id, can name a lease."""
+        assert leadership.check_replica(leadership.default_replica())
+
+    def test_bad_name(self) -> None:
+        """An upper-case name is refused with what to give instead."""
+        with pytest.raises(errors.ConfigError, match="such as server-0"):
+            leadership.check_replica("Server-0")

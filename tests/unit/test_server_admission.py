@@ -1,0 +1,218 @@
+"""Admission control of issuances, and the agent's answer to a busy server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from meshtrust import errors
+from meshtrust.agent import backoff
+from meshtrust.server import admission, config
+
+
+def run(coroutine: object) -> object:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+async def hold(control: admission.Admission, release: asyncio.Event,
+               started: list[int] | None = None, index: int = 0) -> None:
+    async with control.slot():
+        if started is not None:
+            started.append(index)
+        await release.wait()
+
+
+class TestAdmission:
+    def test_calls_within_the_limit_run_at_once(self) -> None:
+        """Up to ``limit`` issuances hold a slot together without waiting."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=3, queue=0))
+            release = asyncio.Event()
+            tasks = [asyncio.create_task(hold(control, release)) for _ in range(3)]
+            await asyncio.sleep(0)
+            assert control.in_flight == 3
+            release.set()
+            await asyncio.gather(*tasks)
+            assert control.in_flight == 0 and control.refused == 0
+
+        run(scenario())
+
+    def test_past_the_queue_callers_get_distinct_later_slots(self) -> None:
+        """Refused callers are each given their own time, spaced at the server's rate."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=2, queue=1, max_wait=5))
+            release = asyncio.Event()
+            tasks = [asyncio.create_task(hold(control, release)) for _ in range(3)]
+            await asyncio.sleep(0)
+            assert (control.in_flight, control.waiting) == (2, 1)
+            refusals = []
+            for _ in range(4):
+                with pytest.raises(errors.RateLimited,
+                                   match=r"the management server is busy \(2 issuances in "
+                                         r"flight, 1 waiting\); retry in") as info:
+                    async with control.slot():
+                        pass
+                refusals.append(info.value.retry_after)
+            spacing = control.seconds_per_issuance
+            assert refusals == sorted(refusals) and len(set(refusals)) == 4
+            assert refusals[0] == pytest.approx(4 * spacing, rel=0.05)  # 3 ahead, then its own
+            assert refusals[-1] - refusals[0] == pytest.approx(3 * spacing, rel=0.05)
+            release.set()
+            await asyncio.gather(*tasks)
+            assert control.in_flight == 0
+
+        run(scenario())
+
+    def test_waiters_get_slots_in_arrival_order(self) -> None:
+        """A freed slot goes to the caller that has waited longest."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=1, queue=3, max_wait=5))
+            gates = [asyncio.Event() for _ in range(4)]
+            order: list[int] = []
+            tasks = []
+            for i, gate in enumerate(gates):
+                tasks.append(asyncio.create_task(hold(control, gate, order, i)))
+                await asyncio.sleep(0)
+            for gate in gates:
+                gate.set()
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*tasks)
+            assert order == [0, 1, 2, 3]
+
+        run(scenario())
+
+    def test_a_caller_waits_at_most_max_wait(self) -> None:
+        """A queued caller whose slot does not come within max_wait is refused."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=1, queue=1, max_wait=0.05))
+            release = asyncio.Event()
+            holder = asyncio.create_task(hold(control, release))
+            await asyncio.sleep(0)
+            began = time.monotonic()
+            with pytest.raises(errors.RateLimited):
+                async with control.slot():
+                    pass
+            assert 0.04 < time.monotonic() - began < 1.0
+            assert control.waiting == 0
+            release.set()
+            await holder
+            assert control.in_flight == 0
+
+        run(scenario())
+
+    def test_a_cancelled_waiter_leaks_no_slot(self) -> None:
+        """A call cancelled while it waits leaves the slots as they were."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=1, queue=2, max_wait=5))
+            release = asyncio.Event()
+            holder = asyncio.create_task(hold(control, release))
+            await asyncio.sleep(0)
+            waiter = asyncio.create_task(hold(control, asyncio.Event()))
+            await asyncio.sleep(0)
+            waiter.cancel()
+            release.set()
+            await holder
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert control.in_flight == 0
+            async with control.slot():
+                assert control.in_flight == 1
+
+        run(scenario())
+
+    def test_a_burst_beyond_the_limit_all_succeed_with_retries(self) -> None:
+        """300 callers at once against 4 slots: some are refused, all finish, none is late."""
+        async def scenario() -> tuple[int, float, admission.Admission]:
+            control = admission.Admission(admission.Options(limit=4, max_wait=0.2))
+            rng = random.Random(7)
+            refused = 0
+            worst = 0.0
+
+            async def issue() -> None:
+                async with control.slot():
+                    await asyncio.sleep(0.004)  # the signature and the store write
+
+            async def caller() -> None:
+                nonlocal refused, worst
+                began = time.monotonic()
+                while True:
+                    try:
+                        await issue()
+                        break
+                    except errors.RateLimited as exc:
+                        refused += 1
+                        await asyncio.sleep(backoff.delay(exc, 1.0, rng))
+                worst = max(worst, time.monotonic() - began)
+
+            for _ in range(40):  # the server learns how long an issuance takes
+                await issue()
+            async with asyncio.timeout(10):  # no caller may hang
+                await asyncio.gather(*(caller() for _ in range(300)))
+            return refused, worst, control
+
+        refused, worst, control = run(scenario())  # type: ignore[misc]
+        assert control.admitted == 340 and control.in_flight == 0
+        assert refused > 0
+        # 300 issuances of 4 ms, 4 at a time, take 0.3 s at best; the schedule keeps the
+        # last caller within a small multiple of that, not at some long backoff.
+        assert worst < 1.5, worst
+        # Each refused caller came back about when told: few were refused twice.
+        assert refused < 2 * 300
+
+    def test_options_are_checked(self) -> None:
+        """A limit below one is a caller's mistake."""
+        with pytest.raises(ValueError, match="limit must be at least 1"):
+            admission.Options(limit=0)
+
+
+class TestBackoff:
+    def test_a_busy_server_is_waited_for_as_long_as_it_asks(self) -> None:
+        """The server's time, stretched by at most the jitter; the backoff does not grow."""
+        busy = errors.RateLimited("busy", retry_after=2.0)
+        waits = [backoff.delay(busy, 30.0, random.Random(i)) for i in range(50)]
+        assert all(2.0 <= w <= 2.0 * (1 + backoff.JITTER) for w in waits)
+        assert len(set(waits)) > 1
+        assert backoff.next_backoff(busy, 4.0, 30.0) == 4.0
+
+    def test_other_failures_back_off_exponentially(self) -> None:
+        """A failure waits the backoff and up to half more, and doubles it to the ceiling."""
+        failure = errors.RPCError("connection refused")
+        assert 4.0 <= backoff.delay(failure, 4.0, random.Random(1)) <= 6.0
+        assert backoff.next_backoff(failure, 4.0, 30.0) == 8.0
+        assert backoff.next_backoff(failure, 20.0, 30.0) == 30.0
+
+    def test_while_busy_retries_only_a_busy_server(self) -> None:
+        """A call refused as busy is made again; any other error is raised at once."""
+        calls: list[int] = []
+
+        async def flaky() -> str:
+            calls.append(1)
+            if len(calls) < 3:
+                raise errors.RateLimited("busy", retry_after=0.01)
+            return "signed"
+
+        assert run(backoff.while_busy(flaky, what="test")) == "signed"
+        assert len(calls) == 3
+
+        async def broken() -> str:
+            raise errors.ProfileViolation("no")
+
+        with pytest.raises(errors.ProfileViolation, match="no"):
+            run(backoff.while_busy(broken, what="test"))
+
+
+class TestSettings:
+    def test_the_limits_are_server_settings(self) -> None:
+        """--max-issuances and --max-issuance-wait reach the config; 0 s means no waiting."""
+        made = config.from_mapping({"store": "sqlite:///x.db", "max-issuances": "8",
+                                    "max-issuance-wait": "0"})
+        assert (made.max_issuances, made.max_issuance_wait) == (8, 0.0)
+        assert config.from_mapping({"store": "sqlite:///x.db",
+                                    "max-issuance-wait": "2s"}).max_issuance_wait == 2.0
+        with pytest.raises(errors.ConfigError, match="max-issuances must be at least 1"):
+            config.from_mapping({"store": "sqlite:///x.db", "max-issuances": 0})
+        with pytest.raises(errors.ConfigError, match="max-issuance-wait must be from 0"):
+            config.from_mapping({"store": "sqlite:///x.db", "max-issuance-wait": "20s"})
