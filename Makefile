@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup system-deps lint bench clean
+.PHONY: demo test setup system-deps lint bench fuzz clean
 
 demo: setup
 	rm -rf demo-out
@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 system-deps:
 	scripts/system-deps
 
-# Not part of the two README commands: the checks the tests also run, and the benchmarks.
+# Not part of the two README commands: the checks the tests also run, the benchmarks, and the
+# long fuzzing run (make test runs the fuzz suites at 10,000 examples per target).
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
@@ -38,6 +39,11 @@ bench: setup
 	$(BIN)/python bench/issue.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/relay.py
+
+# A million examples per fuzz target, a new seed each run: hours. FUZZ_EXAMPLES=N for another count.
+fuzz: setup
+	MESHTRUST_FUZZ=long MESHTRUST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest tests/fuzz -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -473,6 +473,23 @@ class Fleet:
         }
         return done
 
+    def partial(self) -> None:
+        """What the converge phase reached when the run was interrupted."""
+        if "converge" in self.result or "go" not in self.marks:
+            return
+        go = self.marks["go"]
+        self.result["converge"] = {
+            "done": False, **{f"{k}_count": self.tally.count(k)
+                              for k in ("bootstrapped", "connected", "intermediate")},
+            "seconds": round(time.monotonic() - go, 1),
+            "bootstrap_latency": latency(self.tally, "bootstrapped", go),
+            "bootstrap_call": latency(self.tally, "call:bootstrap", go),
+            "intermediate_latency": latency(self.tally, "intermediate", go),
+            "busy": dict(self.tally.prefixed("busy:", go)),
+            "errors": dict(self.tally.prefixed("error:", go)),
+            "drops": self.tally.count("drop", go),
+            **(self.sampler.window(go, time.monotonic()) if self.sampler else {})}
+
     def hold(self, progress: Any) -> None:
         """Steady state: every stream held, reports and heartbeats flowing."""
         began = time.monotonic()
@@ -704,6 +721,10 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
     if c:
         streams = c.get("all_connected_s")
         rss = c.get("peak_rss_mib", 0.0)
+        if not c["done"]:
+            out.add_row("converge", "NOT converged: reached",
+                        f"{c['bootstrapped_count']:,} bootstrapped, {c['connected_count']:,} "
+                        f"streams, {c['intermediate_count']:,} intermediates", "")
         out.add_row("converge", "all bootstrapped", _s(c.get("all_bootstrapped_s")), "")
         out.add_row("", "all holding a relay stream", _s(streams),
                     _verdict(streams is not None and streams <= 60, "<= 60 s"))
@@ -896,13 +917,16 @@ def main() -> int:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=False,
                       auto_refresh=False) as progress:
-            converged = fleet.converge(progress)
-            if converged:
-                fleet.hold(progress)
-                if args.storm:
-                    fleet.storm(progress)
-                if args.root_rotation:
-                    fleet.rotate(progress)
+            try:
+                if fleet.converge(progress):
+                    fleet.hold(progress)
+                    if args.storm:
+                        fleet.storm(progress)
+                    if args.root_rotation:
+                        fleet.rotate(progress)
+            except KeyboardInterrupt:
+                result["interrupted"] = True
+                fleet.partial()
     finally:
         fleet.stop()
         log = fleet.server.log.read_text(errors="replace").splitlines()

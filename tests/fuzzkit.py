@@ -1,4 +1,4 @@
-"""What the fuzz suites in ``tests/fuzz`` share: settings, mutations, a watchdog, oracles.
+"""What the fuzz suites in ``tests/fuzz`` share: settings, examples, mutations, oracles.
 
 Settings. ``FUZZ`` is the Hypothesis profile every fuzz test runs with:
 ``ci`` (the default: 10,000 examples per target, derandomized so a failure
@@ -6,14 +6,19 @@ reproduces, no example database) or ``long`` (``MESHTRUST_FUZZ=long``: a
 million examples, a new seed each run; ``make fuzz``). ``MESHTRUST_FUZZ_EXAMPLES``
 overrides the count of either.
 
-Mutations. ``mutated`` turns a list of valid inputs (seeds) into a strategy of
-damaged ones. An example is a seed and a short "program" of bytes, read four
-at a time as operations: bit flips, byte edits, truncation, insertion,
-deletion, splices with another seed, and DER-aware edits (a TLV's length
-field, its tag, its content, or the element itself duplicated, dropped or
-grafted from another seed, with the enclosing lengths fixed up so the parser
-gets past them). Hypothesis shrinks the program, so a failure comes back as a
-seed and one or two operations.
+Examples. Each example is one ``st.binary`` draw that a ``Picker`` reads its
+choices from, as libFuzzer's FuzzedDataProvider does: Hypothesis makes bytes
+far faster than structured values, and shrinking the bytes shrinks every
+choice towards the first and plainest.
+
+Mutations. ``mutate`` damages a valid input (a seed) by a short "program" of
+bytes, read four at a time as operations: bit flips, byte edits, truncation,
+insertion, deletion, splices with another seed, and DER-aware edits (a TLV's
+length field, its tag, its content, or the element itself duplicated, dropped
+or grafted from another seed, with the enclosing lengths fixed up so the
+parser gets past them). ``mutate_document`` does the same to YAML and JSON
+trees: values replaced by ones of every wrong type and range, keys dropped,
+added or renamed.
 
 Properties. ``refusal`` checks an exception is a meshtrust domain error with a
 message; ``watchdog`` fails an example that runs far past any reasonable time
@@ -31,19 +36,24 @@ import copy
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
+import itertools
 import os
+import random
 import signal
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from meshtrust import errors
+from meshtrust.authority import audit, registry, relay_pki
 from meshtrust.pki import issuer, keys
 
 T = TypeVar("T")
@@ -474,19 +484,6 @@ def mutate(seed: bytes, program: bytes, pool: Sequence[bytes] = (), *,
     return data
 
 
-def programs(max_ops: int = 4) -> st.SearchStrategy[bytes]:
-    """Mutation programs of one to ``max_ops`` operations."""
-    return st.binary(min_size=1, max_size=4 * max_ops)
-
-
-def mutated(seeds: Sequence[bytes], *, max_ops: int = 4,
-            structured: bool = True) -> st.SearchStrategy[bytes]:
-    """Seeds damaged by a short mutation program (see ``mutate``)."""
-    pool = tuple(seeds)
-    return st.tuples(st.sampled_from(pool), programs(max_ops)).map(
-        lambda pair: mutate(pair[0], pair[1], pool, structured=structured))
-
-
 def pem(label: str, der: bytes) -> bytes:
     body = base64.encodebytes(der).replace(b"\n", b"")
     lines = [body[i:i + 64] for i in range(0, len(body), 64)]
@@ -551,25 +548,71 @@ def mutate_document(seed: Any, program: bytes, pool: Sequence[Any], *,
 
 
 ACCEPTED_KEYS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-2048-e3")
-REFUSED_KEYS = ("rsa-1024", "ec-p521", "ec-k256", "ed25519", "ed448", "dsa-1024")
+REFUSED_KEYS = ("rsa-1024", "ec-p521", "ec-k256", "ed25519", "ed448")
+_CURVES: dict[str, Callable[[], ec.EllipticCurve]] = {
+    "ec-p256": ec.SECP256R1, "ec-p384": ec.SECP384R1, "ec-p521": ec.SECP521R1,
+    "ec-k256": ec.SECP256K1}
+_SMALL_PRIMES = tuple(n for n in range(3, 2000, 2) if all(n % d for d in range(3, int(n**0.5) + 1,
+                                                                                2)))
+
+
+def _probably_prime(n: int, chooser: random.Random) -> bool:
+    if any(n % p == 0 for p in _SMALL_PRIMES):
+        return n in _SMALL_PRIMES
+    odd, twos = n - 1, 0
+    while odd % 2 == 0:
+        odd, twos = odd // 2, twos + 1
+    for _ in range(24):  # Miller-Rabin
+        x = pow(chooser.randrange(2, n - 2), odd, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(twos - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _rsa_key(bits: int, exponent: int, chooser: random.Random) -> rsa.RSAPrivateKey:
+    """An RSA key made from primes ``chooser`` finds: the same key for the same chooser."""
+    def prime() -> int:
+        while True:
+            candidate = chooser.getrandbits(bits // 2) | 3 << (bits // 2 - 2) | 1
+            if candidate % exponent != 1 and _probably_prime(candidate, chooser):
+                return candidate
+    p, q = prime(), prime()
+    d = pow(exponent, -1, (p - 1) * (q - 1))
+    return rsa.RSAPrivateNumbers(
+        p=p, q=q, d=d, dmp1=d % (p - 1), dmq1=d % (q - 1), iqmp=pow(q, -1, p),
+        public_numbers=rsa.RSAPublicNumbers(exponent, p * q)).private_key()
 
 
 @functools.cache
 def key(name: str) -> Any:
-    """A private key of a named type, made once per session."""
-    makers: dict[str, Callable[[], Any]] = {
-        "ec-p256": lambda: ec.generate_private_key(ec.SECP256R1()),
-        "ec-p384": lambda: ec.generate_private_key(ec.SECP384R1()),
-        "ec-p521": lambda: ec.generate_private_key(ec.SECP521R1()),
-        "ec-k256": lambda: ec.generate_private_key(ec.SECP256K1()),
-        "rsa-2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "rsa-2048-e3": lambda: rsa.generate_private_key(public_exponent=3, key_size=2048),
-        "rsa-1024": lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),
-        "ed25519": ed25519.Ed25519PrivateKey.generate,
-        "ed448": ed448.Ed448PrivateKey.generate,
-        "dsa-1024": lambda: dsa.generate_private_key(1024),
-    }
-    return makers[name]()
+    """The private key named ``kind`` or ``kind#label`` (such as ``ec-p256#3``), the same on
+    every run: seeds made with it are the same bytes, so a failure replays exactly."""
+    kind = name.split("#")[0]
+    seed = hashlib.sha512(name.encode()).digest()
+    if kind in _CURVES:
+        curve = _CURVES[kind]()
+        scalar = int.from_bytes(seed[:(curve.key_size + 7) // 8], "big") >> 1
+        return ec.derive_private_key(scalar, curve)
+    if kind.startswith("rsa-"):
+        bits = int(kind.split("-")[1])
+        return _rsa_key(bits, 3 if kind.endswith("-e3") else 65537, random.Random(seed))
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed[:32])
+    if kind == "ed448":
+        return ed448.Ed448PrivateKey.from_private_bytes(seed[:57])
+    raise ValueError(f"no key named {name!r}")
+
+
+def make_keys() -> None:
+    """Make every named key now, so that no example pays for it against its deadline."""
+    for name in (*ACCEPTED_KEYS, *REFUSED_KEYS):
+        key(name)
 
 
 def sign_hash(private: Any) -> hashes.HashAlgorithm | None:
@@ -578,11 +621,18 @@ def sign_hash(private: Any) -> hashes.HashAlgorithm | None:
     return hashes.SHA256()
 
 
+def sign_request(builder: x509.CertificateSigningRequestBuilder,
+                 private: Any) -> x509.CertificateSigningRequest:
+    """``builder`` signed by ``private``; the same bytes every time (deterministic ECDSA)."""
+    deterministic = True if isinstance(private, ec.EllipticCurvePrivateKey) else None
+    return builder.sign(private, sign_hash(private), ecdsa_deterministic=deterministic)
+
+
 def sign_raw(private: Any, info: bytes) -> bytes:
     """A CSR of the CertificationRequestInfo ``info`` (DER, any content), signed by ``private``."""
     if isinstance(private, ec.EllipticCurvePrivateKey):
         algorithm = tlv(0x30, tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
-        signature = private.sign(info, ec.ECDSA(hashes.SHA256()))
+        signature = private.sign(info, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     elif isinstance(private, rsa.RSAPrivateKey):
         algorithm = tlv(0x30, tlv(0x06, bytes.fromhex("2a864886f70d01010b")) + b"\x05\x00")
         signature = private.sign(info, padding.PKCS1v15(), hashes.SHA256())
@@ -592,6 +642,59 @@ def sign_raw(private: Any, info: bytes) -> bytes:
     else:
         raise TypeError(f"cannot sign with {type(private).__name__}")
     return tlv(0x30, info + algorithm + tlv(0x03, b"\x00" + signature))
+
+
+class _FixedSecrets:
+    """What meshtrust takes from the ``secrets`` module, from one seeded generator."""
+
+    def __init__(self, chooser: random.Random) -> None:
+        self._chooser = chooser
+
+    def token_bytes(self, count: int = 32) -> bytes:
+        return self._chooser.randbytes(count)
+
+    def token_hex(self, count: int = 32) -> str:
+        return self.token_bytes(count).hex()
+
+    def token_urlsafe(self, count: int = 32) -> str:
+        return base64.urlsafe_b64encode(self.token_bytes(count)).rstrip(b"=").decode()
+
+    def randbits(self, count: int) -> int:
+        return self._chooser.getrandbits(count)
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Inside, meshtrust makes the same keys, serial numbers, tokens and signatures each run.
+
+    The fuzz suites build their seeds (a server's state, CSRs, backups) inside it:
+    Hypothesis's derandomized examples then meet the same bytes on every run, so a
+    failure in CI replays anywhere.
+    """
+    made = itertools.count(1)
+    fixed = _FixedSecrets(random.Random(20260301))
+
+    def generate_key(key_type: keys.KeyType) -> keys.PrivateKey:
+        return key(f"{key_type.value.replace('ecdsa-', 'ec-')}#{next(made)}")  # type: ignore[no-any-return]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keys, "generate_key", generate_key)
+        patch.setattr(issuer, "random_serial", lambda: fixed.randbits(127) | 1)
+        for module, attribute in ((registry, "secrets"), (relay_pki, "secrets_module"),
+                                  (audit, "secrets")):
+            patch.setattr(module, attribute, fixed)
+        for builder in (x509.CertificateBuilder, x509.CertificateSigningRequestBuilder):
+            patch.setattr(builder, "sign", _deterministic_sign(builder.sign))
+        yield
+
+
+def _deterministic_sign(original: Callable[..., Any]) -> Callable[..., Any]:
+    def sign(self: Any, private_key: Any, algorithm: Any, backend: Any = None,
+             **options: Any) -> Any:
+        if isinstance(private_key, ec.EllipticCurvePrivateKey):
+            options.setdefault("ecdsa_deterministic", True)
+        return original(self, private_key, algorithm, backend, **options)
+    return sign
 
 
 def request_info(csr_der: bytes) -> bytes:

@@ -1,11 +1,13 @@
 """A management server's state, made once and copied fresh for every fuzz example.
 
 ``template()`` runs the real use cases once on a ``MemoryStore`` and a fake
-clock: the relay PKI, clusters ``c1`` and ``c2`` bootstrapped (``gone`` too,
-then deregistered), an unused single-use token for ``c1``, a trust policy
-with a generated Istio root and one outstanding work item per cluster. It
-keeps every object and the values an example needs (the token, the work item
-IDs, a client certificate per cluster, CSRs the agent would send).
+clock, with every key, serial number, token and signature the same on every
+run (``fuzzkit.deterministic``): the relay PKI, clusters ``c1`` and ``c2``
+bootstrapped (``gone`` too, then deregistered), an unused single-use token for
+``c1``, a trust policy with a generated Istio root and one outstanding work
+item per cluster. It keeps the store and the values an example needs (the
+token, the work item IDs, a client certificate per cluster, CSRs the agent
+would send).
 
 ``World.fresh(template)`` copies that store, at the same revision, so each
 example starts from the same state and a failure replays exactly. Keys are
@@ -68,18 +70,28 @@ def copy_store(source: MemoryStore, clock: FakeClock) -> MemoryStore:
 
 
 def client_csr(cluster: str, key_name: str = "ec-p256") -> bytes:
-    return csr.dump_csr(csr.build_csr(fuzzkit.key(key_name), common_name=cluster,
-                                      names=[cluster]))
+    """The CSR an agent sends to bootstrap or renew, the same bytes every run."""
+    with fuzzkit.deterministic():
+        return csr.dump_csr(csr.build_csr(fuzzkit.key(key_name), common_name=cluster,
+                                          names=[cluster]))
 
 
 def intermediate_csr(cluster: str, key_name: str = "ec-p256") -> bytes:
-    return csr.dump_csr(csr.build_csr(
-        fuzzkit.key(key_name), common_name="Intermediate CA", organization="Istio",
-        locality=cluster, ca=True,
-        names=[issuer.ISTIOD_DNS, "spiffe://cluster.local/ns/istio-system/sa/istiod"]))
+    """The CSR an agent sends for its Istio CA, the same bytes every run."""
+    with fuzzkit.deterministic():
+        return csr.dump_csr(csr.build_csr(
+            fuzzkit.key(key_name), common_name="Intermediate CA", organization="Istio",
+            locality=cluster, ca=True,
+            names=[issuer.ISTIOD_DNS, "spiffe://cluster.local/ns/istio-system/sa/istiod"]))
 
 
 async def template() -> Template:
+    """The server's state, made the same (keys, serials, tokens) on every run."""
+    with fuzzkit.deterministic():
+        return await _template()
+
+
+async def _template() -> Template:
     clock = FakeClock(START)
     store = MemoryStore(clock=clock)
     await relay_pki.ensure(store, clock)

@@ -42,10 +42,13 @@ class CAs:
 
 @functools.cache
 def cas() -> CAs:
-    root = issuer.new_root(keys.KeyType.EC_P256, profiles.RELAY_ROOT, NOW - dt.timedelta(days=1))
-    relay = issuer.new_intermediate(keys.KeyType.EC_P256, root, profiles.RELAY_SIGNING,
-                                    NOW - dt.timedelta(days=1))
-    istio = issuer.new_root(keys.KeyType.EC_P256, profiles.ISTIO_ROOT, NOW - dt.timedelta(days=1))
+    with fuzzkit.deterministic():
+        root = issuer.new_root(keys.KeyType.EC_P256, profiles.RELAY_ROOT,
+                               NOW - dt.timedelta(days=1))
+        relay = issuer.new_intermediate(keys.KeyType.EC_P256, root, profiles.RELAY_SIGNING,
+                                        NOW - dt.timedelta(days=1))
+        istio = issuer.new_root(keys.KeyType.EC_P256, profiles.ISTIO_ROOT,
+                                NOW - dt.timedelta(days=1))
     return CAs(relay=relay, istio=istio)
 
 
@@ -61,7 +64,13 @@ class Seed:
 
 @functools.cache
 def seeds() -> tuple[Seed, ...]:
-    """Valid requests of every shape an agent or an attacker would send."""
+    """Valid requests of every shape an agent or an attacker would send, the same bytes on
+    every run."""
+    with fuzzkit.deterministic():
+        return _seeds()
+
+
+def _seeds() -> tuple[Seed, ...]:
     def build(key_name: str, **kwargs: Any) -> Seed:
         return Seed(_der(csr.build_csr(fuzzkit.key(key_name), **kwargs)), key_name)
 
@@ -158,6 +167,7 @@ class TestDamagedRequests:
     def test_mutated_requests(self) -> None:
         """A damaged CSR (its DER, its PEM text, or its inside validly signed again) is refused
         with a domain error, or gets only what its profile allows."""
+        fuzzkit.make_keys()
         pool = seeds()
         ders = tuple(s.der for s in pool)
         pems = tuple(_as_pem(d, 1) for d in ders)
@@ -263,13 +273,14 @@ def generated_request(pick: fuzzkit.Picker) -> bytes:
         if pick.flag():
             builder = builder.add_extension(
                 x509.UnrecognizedExtension(_OTHER_OID, pick.bytes(12)), critical=pick.flag())
-        request = builder.sign(private, fuzzkit.sign_hash(private))
+        request = fuzzkit.sign_request(builder, private)
     return _as_pem(_der(request), pick.integer(0, 3))
 
 
 class TestGeneratedRequests:
     def test_random_names_extensions_and_keys(self) -> None:
         """A well-signed request gets exactly its profile; its own names and extensions never."""
+        fuzzkit.make_keys()
         tally = fuzzkit.Tally()
 
         @fuzzkit.FUZZ

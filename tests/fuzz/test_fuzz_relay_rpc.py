@@ -79,6 +79,8 @@ class Call:
 
 @dataclasses.dataclass
 class Harness:
+    """Runs one example: a fresh copy of the server's state, the servicers, the call."""
+
     made: fuzzworld.Template
     runner: fuzzkit.Loop
     cache: signers.Signers = dataclasses.field(default_factory=signers.Signers)

@@ -106,6 +106,30 @@ class TestClusters:
                 await w.registry.seen("c9")
         run(scenario)
 
+    def test_an_unchanged_report_is_written_once_a_minute(self) -> None:
+        """A report saying what the status says refreshes lastSeen only after a minute."""
+        async def scenario(w: World) -> None:
+            start = w.clock.now()
+            held = [{"kind": "relay-client", "serial": "1f"}]
+            await w.registry.reported("c1", certificates=held)
+            version = (await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh",
+                                                  "c1")).resource_version
+            w.clock.advance(30)
+            await w.registry.reported("c1", certificates=held)
+            stored = await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh", "c1")
+            assert stored.resource_version == version  # nothing written
+            assert (await w.registry.get("c1")).last_seen == start
+            await w.registry.reported("c1", certificates=[{"kind": "relay-client",
+                                                           "serial": "2e"}])
+            assert (await w.registry.get("c1")).last_seen == start + dt.timedelta(seconds=30)
+            w.clock.advance(61)
+            await w.registry.reported("c1", certificates=[{"kind": "relay-client",
+                                                           "serial": "2e"}])
+            assert (await w.registry.get("c1")).last_seen == start + dt.timedelta(seconds=91)
+            with pytest.raises(errors.UnknownCluster):
+                await w.registry.reported("c9", certificates=held)
+        run(scenario)
+
     def test_status_of_a_missing_cluster_is_ignored(self) -> None:
         """Updating the status of a cluster that was just deregistered is not an error."""
         async def scenario(w: World) -> None:

@@ -162,6 +162,22 @@ class TestAdmission:
         # Each refused caller came back about when told: few were refused twice.
         assert refused < 2 * 300
 
+    def test_slow_issuances_lower_the_limit_and_fast_ones_raise_it(self) -> None:
+        """Past the target duration fewer run at once; back under it, the limit grows again."""
+        now = [0.0]
+        control = admission.Admission(admission.Options(limit=8, target=1.0),
+                                      monotonic=lambda: now[0])
+
+        async def issue(seconds: float, times: int) -> None:
+            for _ in range(times):
+                async with control.slot():
+                    now[0] += seconds
+
+        run(issue(2.0, 20))
+        assert control.limit == 2  # 8 x 0.95^20
+        run(issue(0.1, 200))
+        assert control.limit == 8
+
     def test_options_are_checked(self) -> None:
         """A limit below one is a caller's mistake."""
         with pytest.raises(ValueError, match="limit must be at least 1"):

@@ -109,6 +109,9 @@ class TestParse:
         ({"mgmtServerCa": {"awsPca": {"certificateAuthorityArn": "arn:aws:s3:::bucket"}}},
          r"certificateAuthorityArn: 'arn:aws:s3:::bucket' is not an AWS Private CA ARN"),
         ({"mgmtServerCa": {"awsPca": {"arn": "x"}}}, r"awsPca\.arn: unknown field"),
+        ({"mgmtServerCa": {"awsPca": {"certificateAuthorityArn":
+          "arn:aws:acm-pca:us-east-1:123456789012:certificate-authority/abc\n"}}},
+         "is not an AWS Private CA ARN"),
     ])
     def test_mistakes_are_named(self, change: dict[str, Any], message: str) -> None:
         """Each invalid field is refused with its path and what is allowed."""

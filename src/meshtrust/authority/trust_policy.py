@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshtrust import errors, settings
@@ -178,7 +178,7 @@ def _secret_ref(spec: Mapping[str, Any], path: str) -> SecretRoot:
     return SecretRoot(name=name, namespace=namespace)
 
 
-def _store_name(check: Any, value: str, path: str) -> None:
+def _store_name(check: Callable[[object], str], value: str, path: str) -> None:
     """Refuse a name the store would refuse (``check`` is one of ``base.check_*``)."""
     try:
         check(value)
@@ -186,13 +186,14 @@ def _store_name(check: Any, value: str, path: str) -> None:
         raise _fail(path, exc.reason) from None
 
 
-AWS_PCA_ARN = re.compile(r"^arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:\d{12}:certificate-authority/[\w-]+$")
+AWS_PCA_ARN = re.compile(
+    r"arn:aws[a-z-]*:acm-pca:[a-z0-9-]+:[0-9]{12}:certificate-authority/[A-Za-z0-9_-]+")
 
 
 def _aws_pca(spec: Mapping[str, Any], path: str) -> ExternalRoot:
     _only(spec, path, ("certificateAuthorityArn",))
     arn = spec.get("certificateAuthorityArn")
-    if not isinstance(arn, str) or not AWS_PCA_ARN.match(arn):
+    if not isinstance(arn, str) or not AWS_PCA_ARN.fullmatch(arn):
         raise _fail(f"{path}.certificateAuthorityArn",
                     f"{arn!r} is not an AWS Private CA ARN such as arn:aws:acm-pca:us-east-1:"
                     "123456789012:certificate-authority/11111111-2222-3333-4444-555555555555")

@@ -5,13 +5,16 @@ expensive work: the CSR check, the signature and the store writes that record
 it. When a whole fleet asks at once (every certificate due together, the
 server back after an outage) taking every call makes each of them slow, the
 callers' deadlines pass, and they retry on top of the work already queued.
-So the server signs at most ``limit`` certificates at a time. More callers
-wait in arrival order, as many as it can serve within ``max_wait`` seconds at
-the rate it is issuing (or a fixed ``queue``); the rest are refused at once
-with ``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the wire) and a time to
-retry, and so is a caller still waiting after ``max_wait``. Waiting costs the
-server nothing; a refused caller comes back, which costs it a call (and for a
-bootstrap, a TLS handshake), so the queue takes what can be served in time.
+
+So the server signs at most ``limit`` certificates at a time, and fewer while
+issuances take longer than ``target`` seconds (the CPU is short, the store is
+slow): the limit shrinks by a twentieth at each slow issuance and grows back by
+one per limit's worth of fast ones, so calls in flight finish in time instead
+of sharing the CPU until all are late. More callers wait in arrival order, as
+many as can be served within ``max_wait`` seconds at the rate the server is
+issuing (or a fixed ``queue``); the rest are refused at once with
+``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the wire) and a time to
+retry, and so is a caller still waiting after ``max_wait``.
 
 The retry times are a schedule, not a guess: the server knows how long an
 issuance takes (a moving average) and so how many it completes per second at
@@ -36,8 +39,9 @@ from meshtrust import errors
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 32
-FIRST_ESTIMATE = 0.05  # seconds per issuance before any was measured
+FIRST_ESTIMATE = 0.25  # seconds per issuance (at the limit) before any was measured
 _SMOOTHING = 0.1  # weight of the newest duration in the moving average
+_BACK_OFF = 0.95  # the limit after a slow issuance, as a share of what it was
 REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
 
 
@@ -46,10 +50,10 @@ class Options:
     """How many issuances run at once, how many wait, and for how long."""
 
     limit: int = DEFAULT_LIMIT
+    target: float = 1.0  # seconds an issuance should take; slower ones lower the limit
     # Callers that may wait for a slot; None: as many as can be served within max_wait.
     queue: int | None = None
-    max_wait: float = 5.0  # seconds a caller waits for a slot before it is refused
-    # (well within the agent's 15 s deadline for a call)
+    max_wait: float = 1.0  # seconds a caller waits for a slot before it is refused
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
     max_retry: float = 300.0
 
@@ -58,8 +62,8 @@ class Options:
             raise ValueError("limit must be at least 1")
         if self.queue is not None and self.queue < 0:
             raise ValueError("queue must be 0 or more")
-        if self.max_wait < 0 or not 0 < self.min_retry <= self.max_retry:
-            raise ValueError("max_wait must be >= 0 and 0 < min_retry <= max_retry")
+        if self.target <= 0 or self.max_wait < 0 or not 0 < self.min_retry <= self.max_retry:
+            raise ValueError("target must be > 0, max_wait >= 0 and 0 < min_retry <= max_retry")
 
 
 class Admission:
@@ -70,6 +74,7 @@ class Admission:
         self.options = options or Options()
         self._now = monotonic
         self._in_flight = 0
+        self._limit = float(self.options.limit)  # the current limit, 1 to options.limit
         # Callers waiting for a slot, first come first served; a caller that gave up
         # stays in the deque, cancelled, until it reaches the front.
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -90,24 +95,35 @@ class Admission:
         return self._waiting
 
     @property
+    def limit(self) -> int:
+        """How many issuances may run at once now."""
+        return max(1, int(self._limit))
+
+    @property
     def seconds_per_issuance(self) -> float:
         """How long one issuance takes at the limit, divided by the limit: 1 / throughput."""
-        return self._duration / self.options.limit
+        return self._duration / self.limit
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the ``limit`` slots for the block; RateLimited if none comes in time."""
+        """Hold one of the slots for the block; RateLimited if none comes in time."""
         await self._acquire()
         started = self._now()
         try:
             yield
         finally:
-            elapsed = self._now() - started
-            self._duration += _SMOOTHING * (elapsed - self._duration)
+            self._finished(self._now() - started)
             self._release()
 
+    def _finished(self, elapsed: float) -> None:
+        self._duration += _SMOOTHING * (elapsed - self._duration)
+        if elapsed > self.options.target:
+            self._limit = max(1.0, self._limit * _BACK_OFF)
+        else:
+            self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
+
     async def _acquire(self) -> None:
-        if self._in_flight < self.options.limit and not self.waiting:
+        if self._in_flight < self.limit and not self._waiting:
             self._in_flight += 1
             self.admitted += 1
             return
@@ -134,10 +150,11 @@ class Admission:
 
     def _may_wait(self) -> bool:
         """Whether one more caller may queue: a fixed queue, or one served within max_wait."""
-        waiting = self.waiting
+        if self.options.max_wait == 0:
+            return False
         if self.options.queue is not None:
-            return waiting < self.options.queue and self.options.max_wait > 0
-        return (waiting + 1) * self.seconds_per_issuance <= self.options.max_wait
+            return self._waiting < self.options.queue
+        return (self._waiting + 1) * self.seconds_per_issuance <= self.options.max_wait
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         """A waiter gives up: it no longer counts, and ``_release`` passes it over."""
@@ -146,14 +163,14 @@ class Admission:
         waiter.cancel()
 
     def _release(self) -> None:
-        """Hand the slot to the first caller still waiting, or free it."""
-        while self._waiters:
+        """Free a slot, and hand free slots to the callers that have waited longest."""
+        self._in_flight -= 1
+        while self._waiters and self._in_flight < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._waiting -= 1
-                waiter.set_result(None)  # the slot changes hands; in_flight stays
-                return
-        self._in_flight -= 1
+                self._in_flight += 1
+                waiter.set_result(None)
 
     def _refuse(self) -> errors.RateLimited:
         """The error for a caller who gets no slot, with its own time to come back."""
@@ -161,18 +178,19 @@ class Admission:
         spacing = self.seconds_per_issuance
         # Callers already in the queue go first; then every refused caller gets the next
         # free moment at the rate the server issues.
-        ahead = now + (self._in_flight + self.waiting) * spacing
+        ahead = now + (self._in_flight + self._waiting) * spacing
         self._next_slot = max(self._next_slot, ahead) + spacing
         retry = min(max(self._next_slot - now, self.options.min_retry), self.options.max_retry)
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:
             log.warning("admission control: %d issuances refused in the last %.0f s (%d in "
-                        "flight, %d waiting, about %.0f issued/s); callers were told to come "
-                        "back within %.1f s", self._refused_since_report, now - self._reported,
-                        self._in_flight, self.waiting, 1 / spacing, retry)
+                        "flight, limit %d, %d waiting, about %.0f issued/s); callers were told "
+                        "to come back within %.1f s", self._refused_since_report,
+                        now - self._reported, self._in_flight, self.limit, self._waiting,
+                        1 / spacing, retry)
             self._refused_since_report = 0
             self._reported = now
         return errors.RateLimited(
             f"the management server is busy ({self._in_flight} issuances in flight, "
-            f"{self.waiting} waiting); retry in {retry:.2f} s", retry_after=retry)
+            f"{self._waiting} waiting); retry in {retry:.2f} s", retry_after=retry)

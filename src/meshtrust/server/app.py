@@ -43,7 +43,7 @@ from meshtrust.store import base, follow, open_store
 log = logging.getLogger(__name__)
 
 AUDIT_PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the audit log
-RECONCILE_REST = 2.0  # after a reconcile round, rest this many times its duration
+RECONCILE_REST = 4.0  # after a reconcile round, rest this many times its duration
 RECONCILE_IDLE = 10.0  # with no change, the next round comes after this many times as long
 
 

@@ -40,7 +40,7 @@ class ServerConfig:
     # Issuances signed at once; callers past that wait up to max_issuance_wait seconds
     # (as many as can be served in that time), the rest are told when to retry.
     max_issuances: int = 32
-    max_issuance_wait: float = 5.0
+    max_issuance_wait: float = 1.0
     ready_file: str | None = None
     metrics: str | None = None
     audit_log: str | None = None  # also append each audit record to this file
@@ -71,7 +71,7 @@ class ServerConfig:
             raise errors.ConfigError("max-issuances must be at least 1, such as 32")
         if not 0 <= self.max_issuance_wait < 15:
             raise errors.ConfigError("max-issuance-wait must be from 0 to less than the "
-                                     "agents' 15 s call deadline, such as 5s")
+                                     "agents' 15 s call deadline, such as 1s")
         if self.audit_retention <= dt.timedelta(0) or self.audit_max_events < 1:
             raise errors.ConfigError("audit-retention and audit-max-events must be positive")
         if (isinstance(self.leader_lease_ttl, bool) or not isinstance(self.leader_lease_ttl, int)

@@ -143,7 +143,7 @@ class RelayService(transport.services.RelayServicer):
             "notAfter": _iso(c.not_after_unix), "renewAt": _iso(c.renew_at_unix),
             "fingerprint": c.fingerprint_sha256, "managed": c.managed,
         } for c in request.certificates]
-        await self._authority.registry.seen(
+        await self._authority.registry.reported(
             cluster, certificates=held,
             agent={"version": request.agent_version, "replica": request.replica,
                    "leader": request.leader})
