@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 import fuzzkit
 import fuzzworld
 from meshtrust import errors, metrics
-from meshtrust.authority import backup, relay_pki, signers, trust_policy
+from meshtrust.authority import backup, registry, relay_pki, signers, trust_policy
 from meshtrust.cli import trust_cmd
 from meshtrust.pki import bundle, csr, envelope, issuer, keys, profiles
 from meshtrust.rpc.transport import messages
@@ -173,6 +173,10 @@ class TestBackupFiles:
             assert [row[3] for row in backup.inventory(contents, NOW)][-1] == \
                 "not bootstrapped yet"
             assert backup.unbootstrapped(contents) == ["c1"]
+            clusters = registry.Registry(store, clock)
+            await store.create(odd[1])
+            listed = await clusters.list()  # the registry reads it as not bootstrapped
+            assert [(c.name, c.client_serial) for c in listed] == [("c1", None)]
             return written
         assert len(asyncio.run(scenario())) == 6
 

@@ -63,7 +63,9 @@ class Cluster:
     @classmethod
     def of(cls, resource: base.Resource) -> Cluster:
         status = resource.status
-        client = status.get("clientCertificate") or {}
+        client = status.get("clientCertificate")
+        if not isinstance(client, dict):  # a damaged or hand-edited record reads as none
+            client = {}
         return cls(name=resource.name,
                    registered=manifest.read_time(resource.spec.get("registeredAt")),
                    last_seen=manifest.read_time(status.get("lastSeen")),
