@@ -119,6 +119,7 @@ class SimAgent:
         self.cacerts_version = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self.reported_codes: set[str] = set()  # the first error of each kind is logged
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -138,6 +139,10 @@ class SimAgent:
                     wait = backoff.delay(error, failure_backoff, self.rng)
                 else:
                     self.events.add(f"error:{what}:{_code(exc)}")
+                    if _code(exc) not in self.reported_codes:
+                        self.reported_codes.add(_code(exc))
+                        logging.getLogger("fleetsim").warning(
+                            "%s of %s: %s: %s", what, self.name, _code(exc), exc.details())
                     wait = backoff.delay(error, failure_backoff, self.rng)
                     failure_backoff = backoff.next_backoff(error, failure_backoff, 30.0)
                 if self.stopping:
@@ -170,15 +175,24 @@ class SimAgent:
         request = messages.BootstrapRequest(protocol_version=rpc.PROTOCOL_VERSION,
                                             cluster=self.name, token=self.token, csr=self.csr)
 
+        kept: list[Any] = []
+
         async def attempt() -> Any:
-            # A channel per attempt, closed after it, as the agent's RelayClient.bootstrap does.
-            channel = transport.secure_channel(self.spec.bootstrap, trust=self.trust,
-                                               server_name=SERVER_NAME)
+            # As the agent's RelayClient.bootstrap: a channel for the attempt, kept for
+            # the next one only while the server is busy, closed otherwise.
+            channel = kept.pop() if kept else transport.secure_channel(
+                self.spec.bootstrap, trust=self.trust, server_name=SERVER_NAME)
             try:
-                return await transport.bootstrap_stub(channel).Bootstrap(
+                response = await transport.bootstrap_stub(channel).Bootstrap(
                     request, timeout=CALL_TIMEOUT)
-            finally:
-                await channel.close()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not self.stopping:
+                    kept.append(channel)
+                else:
+                    await channel.close()
+                raise
+            await channel.close()
+            return response
 
         response = await self._call("bootstrap", attempt)
         self.chain = bytes(response.certificate_chain)
@@ -219,11 +233,15 @@ class SimAgent:
             report = messages.StatusReport(
                 protocol_version=rpc.PROTOCOL_VERSION, agent_version="bench",
                 replica=f"{self.name}-sim", leader=True, certificates=self._held())
+            # One attempt per interval, as the agent's _report: a failure waits for the next.
+            began = time.monotonic()
             try:
-                await self._call("report", lambda r=report: self._unary().ReportStatus(
-                    r, timeout=CALL_TIMEOUT))
-            except grpc.aio.AioRpcError:
-                pass
+                await self._unary().ReportStatus(report, timeout=CALL_TIMEOUT)
+                self.events.add("call:report", time.monotonic() - began)
+            except grpc.aio.AioRpcError as exc:
+                if self.stopping:
+                    return
+                self.events.add(f"error:report:{_code(exc)}")
             if self.spec.report_interval <= 0:
                 return
             await asyncio.sleep(self.spec.report_interval * (0.5 + self.rng.random()))

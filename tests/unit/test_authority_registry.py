@@ -172,16 +172,32 @@ class TestTokens:
                 await w.registry.consume_token("c1", token, KEY_B)
         run(scenario)
 
-    def test_the_same_key_may_retry_within_the_window_only(self) -> None:
-        """The key a token was used with may use it again for 5 minutes, and not after."""
+    def test_the_same_key_may_retry_until_the_token_expires(self) -> None:
+        """The key a token was used with may use it again while it lasts: a busy server may
+        have kept that agent waiting for many minutes after its reply was lost."""
         async def scenario(w: World) -> None:
             token = await w.registry.create_token("c1")
             await w.registry.consume_token("c1", token, KEY_A)
-            w.clock.advance(registry.DEFAULT_RETRY_WINDOW - dt.timedelta(seconds=1))
+            w.clock.advance(registry.DEFAULT_TOKEN_TTL - dt.timedelta(seconds=1))
             await w.registry.consume_token("c1", token, KEY_A)
+            with pytest.raises(errors.AuthError, match="was already used"):
+                await w.registry.consume_token("c1", token, KEY_B)
+            w.clock.advance(1)
+            with pytest.raises(errors.AuthError, match="expired"):
+                await w.registry.consume_token("c1", token, KEY_A)
+        run(scenario)
+
+    def test_a_retry_window_can_be_shorter(self) -> None:
+        """With a retry window, the same key may use the token again within it only."""
+        async def scenario(w: World) -> None:
+            short = registry.Registry(w.store, w.clock, retry_window=dt.timedelta(minutes=5))
+            token = await short.create_token("c1")
+            await short.consume_token("c1", token, KEY_A)
+            w.clock.advance(dt.timedelta(minutes=5) - dt.timedelta(seconds=1))
+            await short.consume_token("c1", token, KEY_A)
             w.clock.advance(1)
             with pytest.raises(errors.AuthError, match="was already used"):
-                await w.registry.consume_token("c1", token, KEY_A)
+                await short.consume_token("c1", token, KEY_A)
         run(scenario)
 
     def test_a_token_expires_at_the_end_of_its_lifetime(self) -> None:

@@ -46,6 +46,9 @@ class RelayClient:
         self._closing: set[asyncio.Task[None]] = set()
         self._server = 0     # which of config.servers the relay channels go to
         self._bootstrap = 0  # which of config.bootstrap_servers answered last
+        # The bootstrap channel kept while a busy server has the agent wait: (address,
+        # trust) and the channel.
+        self._kept: tuple[tuple[str, bytes], Any] | None = None
 
     @property
     def address(self) -> str:
@@ -126,15 +129,29 @@ class RelayClient:
 
     async def _bootstrap_at(self, address: str, trust: bytes, token: str,
                             csr_pem: bytes) -> Any:
-        channel = transport.secure_channel(address, trust=trust,
-                                           server_name=self._config.server_name)
+        # A server that was busy is asked again on the same connection: a TLS handshake
+        # for each retry would cost it more than answering the retry.
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == (address, trust):
+            channel = kept[1]
+        else:
+            if kept is not None:
+                await kept[1].close()
+            channel = transport.secure_channel(address, trust=trust,
+                                               server_name=self._config.server_name)
         try:
             stub = transport.bootstrap_stub(channel)
-            return await transport.call(stub.Bootstrap(messages.BootstrapRequest(
+            response = await transport.call(stub.Bootstrap(messages.BootstrapRequest(
                 protocol_version=rpc.PROTOCOL_VERSION, cluster=self._config.cluster,
                 token=token, csr=csr_pem), timeout=CALL_TIMEOUT))
-        finally:
+        except errors.RateLimited:
+            self._kept = ((address, trust), channel)
+            raise
+        except BaseException:
             await channel.close()
+            raise
+        await channel.close()
+        return response
 
     async def work(self, channel: Any, leader: bool) -> AsyncIterator[Any]:
         """Items of the server's work stream on ``channel``; raises a domain error at its end."""
@@ -148,6 +165,9 @@ class RelayClient:
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
+        if self._kept is not None:
+            await self._kept[1].close()
+            self._kept = None
         for task in list(self._closing):
             task.cancel()
 

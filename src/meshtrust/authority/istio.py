@@ -294,10 +294,12 @@ class IstioAuthority:
                 await self._policy_status(resource, {"state": "FAILED", "message": str(exc)})
                 continue
             selected = sorted(c for c in clusters if policy.selects(c))
+            # How many, not which: the list would make every read of the policy (each
+            # signature, each work lookup) cost as much as the fleet is large.
             await self._policy_status(resource, {
-                "state": "ACCEPTED", "message": "", "clusters": selected,
+                "state": "ACCEPTED", "message": "", "selectedClusters": len(selected),
                 "rootFingerprint": bundle.fingerprint(current.ca.root),
-                "signer": current.ca.provider})
+                "signer": current.ca.provider}, drop=("clusters",))
             template = _spec_template(policy, resource.generation, current)
 
             async def ensure(cluster: str, policy: trust_policy.TrustPolicy = policy,
@@ -319,8 +321,9 @@ class IstioAuthority:
                 except errors.NotFound:
                     pass
 
-    async def _policy_status(self, resource: base.Resource, status: dict[str, Any]) -> None:
-        merged = {**resource.status, **status}
+    async def _policy_status(self, resource: base.Resource, status: dict[str, Any], *,
+                             drop: tuple[str, ...] = ()) -> None:
+        merged = {k: v for k, v in {**resource.status, **status}.items() if k not in drop}
         if merged != resource.status:
             try:
                 await self._store.update_status(dataclasses.replace(resource, status=merged))

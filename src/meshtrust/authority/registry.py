@@ -9,8 +9,8 @@ Per-cluster tokens are better than the reference's single shared token: each
 is single-use, expires (one hour by default), and is stored only as a SHA-256
 hash in a ``BootstrapToken`` resource. Consumption is a compare-and-swap, so
 of many concurrent bootstraps with one token exactly one wins. A consumed
-token stays usable for a short retry window by the same key only, so an agent
-that lost the response can try again.
+token stays usable by the same key only, until it expires, so an agent that
+lost the response can try again, even after a busy server had it wait.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ TOKEN_KIND = "BootstrapToken"
 TOKEN_API = "meshtrust.io/v1"
 TOKEN_PREFIX = "mt1"
 DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
-DEFAULT_RETRY_WINDOW = dt.timedelta(minutes=5)
+# How long the key a token was used with may use it again; None: until the token expires.
+# A busy server may keep an agent whose reply was lost waiting for many minutes (it is told
+# when to come back), so a fixed short window would lock it out; the key must match.
+DEFAULT_RETRY_WINDOW: dt.timedelta | None = None
 REPORT_FRESH = dt.timedelta(minutes=1)  # an unchanged report refreshes lastSeen this often
 _CAS_ATTEMPTS = 5
 
@@ -99,7 +102,7 @@ class Registry:
 
     def __init__(self, store: base.Store, clock: clock_module.Clock, *,
                  namespace: str = settings.RELAY_NAMESPACE,
-                 retry_window: dt.timedelta = DEFAULT_RETRY_WINDOW,
+                 retry_window: dt.timedelta | None = DEFAULT_RETRY_WINDOW,
                  audit: audit_module.AuditLog | None = None) -> None:
         self._store = store
         self._clock = clock
@@ -314,7 +317,8 @@ class Registry:
             if consumed is not None:
                 same_key = hmac.compare_digest(str(status.get("keySha256", "")),
                                                key_fingerprint)
-                if same_key and now < consumed + self._retry_window:
+                if same_key and (self._retry_window is None
+                                 or now < consumed + self._retry_window):
                     return
                 raise errors.AuthError(
                     f"identity token for cluster {cluster!r} was already used; mint a new one "

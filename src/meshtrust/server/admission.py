@@ -6,21 +6,24 @@ it. When a whole fleet asks at once (every certificate due together, the
 server back after an outage) taking every call makes each of them slow, the
 callers' deadlines pass, and they retry on top of the work already queued.
 
-So the server signs at most ``limit`` certificates at a time, and fewer while
-issuances take longer than ``target`` seconds (the CPU is short, the store is
-slow): the limit shrinks by a twentieth at each slow issuance and grows back by
-one per limit's worth of fast ones, so calls in flight finish in time instead
-of sharing the CPU until all are late. More callers wait in arrival order, as
-many as can be served within ``max_wait`` seconds at the rate the server is
-issuing (or a fixed ``queue``); the rest are refused at once with
-``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the wire) and a time to
-retry, and so is a caller still waiting after ``max_wait``.
+So the server signs at most ``limit`` certificates at a time, and fewer (down
+to a quarter) while issuances take longer than ``target`` seconds (the CPU is
+short, the store is slow): the limit shrinks by a tenth for each round of
+slow issuances (at most once per issuance time) and grows back by one per
+limit's worth of fast ones, so calls in flight finish in time instead of
+sharing the CPU until all are late. More
+callers wait in arrival order, as many as can be served within ``max_wait``
+seconds at the rate the server is issuing (or a fixed ``queue``); the rest are
+refused at once with ``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the
+wire) and a time to retry, and so is a caller still waiting after ``max_wait``.
 
 The retry times are a schedule, not a guess: the server knows how long an
 issuance takes (a moving average) and so how many it completes per second at
-the limit, and gives each refused caller its own later slot at that rate. A
-burst of ten thousand callers comes back as an even stream the server can
-serve, instead of ten thousand calls each second. Agents wait the time they
+the limit, and gives each refused caller its own later slot at that rate,
+after the queue and after the callers already told to come back who have not
+yet. A burst of ten thousand callers comes back as an even stream the server
+can serve, instead of ten thousand calls each second; the schedule follows the
+rate as it changes, and no caller is told to wait more than ``max_retry``. Agents wait the time they
 are given, with a little jitter (``agent.backoff``).
 """
 
@@ -41,7 +44,12 @@ log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 32
 FIRST_ESTIMATE = 0.25  # seconds per issuance (at the limit) before any was measured
 _SMOOTHING = 0.1  # weight of the newest duration in the moving average
-_BACK_OFF = 0.95  # the limit after a slow issuance, as a share of what it was
+_BACK_OFF = 0.9  # the limit after a round of slow issuances, as a share of what it was
+_FLOOR = 0.25  # the limit never falls below this share of Options.limit
+# Refused callers are scheduled this much sooner than the measured rate says: the rate is
+# measured at the limit, which the schedule itself keeps the server from reaching if it is
+# too low; a caller that comes too early waits in the queue or is told again (cheaply).
+_EAGER = 0.5
 REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
 
 
@@ -55,7 +63,7 @@ class Options:
     queue: int | None = None
     max_wait: float = 1.0  # seconds a caller waits for a slot before it is refused
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
-    max_retry: float = 300.0
+    max_retry: float = 30.0  # past it a caller is told again, at the rate known by then
 
     def __post_init__(self) -> None:
         if self.limit < 1:
@@ -75,12 +83,14 @@ class Admission:
         self._now = monotonic
         self._in_flight = 0
         self._limit = float(self.options.limit)  # the current limit, 1 to options.limit
+        self._lowered = -float("inf")  # when the limit was last lowered
         # Callers waiting for a slot, first come first served; a caller that gave up
         # stays in the deque, cancelled, until it reaches the front.
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._waiting = 0
         self._duration = FIRST_ESTIMATE
-        self._next_slot = 0.0
+        # When refused callers were told to come back, those still to come, in order.
+        self._slots: collections.deque[float] = collections.deque()
         self.admitted = 0
         self.refused = 0
         self._refused_since_report = 0
@@ -118,7 +128,11 @@ class Admission:
     def _finished(self, elapsed: float) -> None:
         self._duration += _SMOOTHING * (elapsed - self._duration)
         if elapsed > self.options.target:
-            self._limit = max(1.0, self._limit * _BACK_OFF)
+            # Once per round of issuances, not for each of the slow ones in flight together.
+            now = self._now()
+            if now - self._lowered >= self._duration:
+                self._lowered = now
+                self._limit = max(self.options.limit * _FLOOR, self._limit * _BACK_OFF)
         else:
             self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
 
@@ -176,11 +190,15 @@ class Admission:
         """The error for a caller who gets no slot, with its own time to come back."""
         now = self._now()
         spacing = self.seconds_per_issuance
-        # Callers already in the queue go first; then every refused caller gets the next
-        # free moment at the rate the server issues.
-        ahead = now + (self._in_flight + self._waiting) * spacing
-        self._next_slot = max(self._next_slot, ahead) + spacing
-        retry = min(max(self._next_slot - now, self.options.min_retry), self.options.max_retry)
+        while self._slots and self._slots[0] <= now:
+            self._slots.popleft()
+        # Callers in the queue go first, then those told to come back who have not yet;
+        # this one after them, all at the rate the server issues now (so the schedule
+        # follows the rate, rather than the rate of when the others were told).
+        ahead = self._in_flight + self._waiting + len(self._slots) + 1
+        retry = min(max(ahead * spacing * _EAGER, self.options.min_retry),
+                    self.options.max_retry)
+        self._slots.append(max(now + retry, self._slots[-1] if self._slots else 0.0))
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:
