@@ -168,8 +168,12 @@ class RelayAuthority:
             "trust": bundle.roots_fingerprint(trust)})
         return issued
 
-    async def authorize(self, peer_pem: bytes) -> str:
-        """The registered cluster a verified peer certificate names; AuthError if none."""
+    async def authorize(self, peer_pem: bytes, *, registered: bool = True) -> str:
+        """The registered cluster a verified peer certificate names; AuthError if none.
+
+        ``registered=False`` skips asking the registry, for a caller whose own registry
+        access refuses an unregistered cluster.
+        """
         cluster = _cluster_named(peer_pem)
         if cluster is None:
             try:
@@ -178,7 +182,8 @@ class RelayAuthority:
                 raise errors.AuthError(
                     "the peer presented no readable client certificate") from exc
             raise errors.AuthError("the client certificate names no cluster (DNS SAN or CN)")
-        await self.registry.get(cluster)  # on every call: a deregistered cluster is refused
+        if registered:  # on every call: a deregistered cluster is refused
+            await self.registry.get(cluster)
         return cluster
 
 

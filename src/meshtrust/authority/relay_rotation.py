@@ -150,6 +150,11 @@ class RelayRootRotations:
                                 profile=profiles.RELAY_ROOT.name,
                                 message=f"relay root rotation: {step.value} done")
 
+    @property
+    def wanted(self) -> tuple[str, str] | None:
+        """The (signer, trust) fingerprints every client certificate must have, if any."""
+        return self._wanted
+
     async def renewal_wanted(self, cluster: str) -> bool:
         """Whether ``cluster``'s agent must renew for the rotation under way."""
         if self._wanted is None:

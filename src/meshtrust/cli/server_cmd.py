@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--token-mode", choices=["shared", "cluster", "any"],
                         help="tokens bootstrap accepts: the shared relay-identity-token-secret, "
                              "per-cluster single-use tokens, or either (default any)")
-    parser.add_argument("--heartbeat", help="work-stream heartbeat interval (default 10s)")
+    parser.add_argument("--heartbeat",
+                        help="how often an idle work stream sends its agent a heartbeat "
+                             "(default 30s; gRPC keepalive pings keep connections checked)")
     parser.add_argument("--reconcile-interval",
                         help="how often trust policies are checked for renewals (default 5s)")
     parser.add_argument("--max-issuances", metavar="N",

@@ -43,8 +43,12 @@ from meshtrust.store import base, follow, open_store
 log = logging.getLogger(__name__)
 
 AUDIT_PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the audit log
-RECONCILE_REST = 4.0  # after a reconcile round, rest this many times its duration
-RECONCILE_IDLE = 10.0  # with no change, the next round comes after this many times as long
+# After a reconcile round, rest this many times its duration (at most RECONCILE_REST_MAX
+# seconds), so that rounds take at most a tenth of the server's time; with no change, the
+# next round comes after RECONCILE_IDLE times its duration, or the reconcile interval.
+RECONCILE_REST = 9.0
+RECONCILE_REST_MAX = 60.0
+RECONCILE_IDLE = 10.0
 
 
 class Server:
@@ -308,7 +312,7 @@ class Server:
                 # every intermediate's change would leave little time to serve. Rest a
                 # multiple of the round's duration (changes meanwhile make one round).
                 took = asyncio.get_running_loop().time() - began
-                await asyncio.sleep(min(RECONCILE_REST * took, self.config.reconcile_interval))
+                await asyncio.sleep(min(RECONCILE_REST * took, RECONCILE_REST_MAX))
         finally:
             for task in followers:
                 task.cancel()
@@ -330,7 +334,12 @@ class Server:
         step = await self.relay_rotations.step()
         if step in (None, relay_rotation.Step.DONE) and await self.renewal.root_due():
             await self.relay_rotations.start()
+        asked = self.relay_rotations.wanted
         await self.relay_rotations.advance()
+        if self.relay_rotations.wanted not in (None, asked):
+            # A step that wants new client certificates: ask every agent now, not at its
+            # stream's next heartbeat.
+            self.relay_service.kick()
 
     async def stop(self, grace: float = 2.0) -> None:
         for task in self._tasks:

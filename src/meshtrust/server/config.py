@@ -35,7 +35,7 @@ class ServerConfig:
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     key_type: keys.KeyType = keys.KeyType.EC_P256
     token_mode: relay.TokenMode = relay.TokenMode.ANY
-    heartbeat: float = 10.0
+    heartbeat: float = 30.0
     reconcile_interval: float = 5.0
     # Issuances signed at once; callers past that wait up to max_issuance_wait seconds
     # (as many as can be served in that time), the rest are told when to retry.

@@ -84,7 +84,7 @@ class RelayService(transport.services.RelayServicer):
 
     def __init__(self, authority: relay.RelayAuthority, clock: clock_module.Clock,
                  meters: metrics.Metrics, *, insecure: bool = False,
-                 heartbeat: float = 10.0, istio_ca: istio.IstioAuthority | None = None,
+                 heartbeat: float = 30.0, istio_ca: istio.IstioAuthority | None = None,
                  admission_control: admission.Admission | None = None,
                  relay_rotation: relay_rotation_module.RelayRootRotations | None = None) -> None:
         self._authority = authority
@@ -100,22 +100,31 @@ class RelayService(transport.services.RelayServicer):
         # cluster without any is not looked up on each heartbeat.
         self.work = work.WorkIndex()
 
-    async def _cluster(self, context: Any, request: Any) -> str:
-        """The calling cluster, from its verified certificate (or the header when insecure)."""
+    async def _cluster(self, context: Any, request: Any, *, registered: bool = True) -> str:
+        """The calling cluster, from its verified certificate (or the header when insecure).
+
+        With ``registered`` the registry is asked whether the cluster is still registered;
+        a caller whose next store access says so anyway passes False and saves a read.
+        """
         pem = transport.peer_certificate(context)
         try:
             _check_version(request)
             if pem is not None:
-                return await self._authority.authorize(pem)
+                return await self._authority.authorize(pem, registered=registered)
             if self._insecure:
                 name = transport.metadata(context, INSECURE_CLUSTER_HEADER) or ""
-                await self._authority.registry.get(name)
+                if registered:
+                    await self._authority.registry.get(name)
                 return name
             raise errors.AuthError("a client certificate is required")
         except errors.MeshTrustError as exc:
-            log.warning("relay call refused from %s: %s", transport.peer_host(context), exc)
-            await transport.abort(context, exc)
+            await self._refuse(context, exc)
             raise AssertionError("unreachable") from exc
+
+    @staticmethod
+    async def _refuse(context: Any, exc: errors.MeshTrustError) -> None:
+        log.warning("relay call refused from %s: %s", transport.peer_host(context), exc)
+        await transport.abort(context, exc)
 
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
         cluster = await self._cluster(context, request)
@@ -136,17 +145,23 @@ class RelayService(transport.services.RelayServicer):
         return _response(issued)
 
     async def ReportStatus(self, request: Any, context: Any) -> messages.StatusAck:
-        cluster = await self._cluster(context, request)
+        # The report's own edit of the registry record refuses an unregistered cluster: one
+        # read per report, which ten thousand agents send every 30 s.
+        cluster = await self._cluster(context, request, registered=False)
         held = [{
             "kind": c.kind, "namespace": c.namespace, "secret": c.secret, "serial": c.serial,
             "subject": c.subject, "issuer": c.issuer,
             "notAfter": _iso(c.not_after_unix), "renewAt": _iso(c.renew_at_unix),
             "fingerprint": c.fingerprint_sha256, "managed": c.managed,
         } for c in request.certificates]
-        await self._authority.registry.reported(
-            cluster, certificates=held,
-            agent={"version": request.agent_version, "replica": request.replica,
-                   "leader": request.leader})
+        try:
+            await self._authority.registry.reported(
+                cluster, certificates=held,
+                agent={"version": request.agent_version, "replica": request.replica,
+                       "leader": request.leader})
+        except errors.UnknownCluster as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("unreachable") from exc
         return messages.StatusAck(server_time_unix=int(self._clock.now().timestamp()))
 
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
