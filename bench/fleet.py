@@ -455,7 +455,8 @@ class Fleet:
 
         done = self.wait(lambda: all(self.tally.count(k) >= n for k in bars),
                          self.args.timeout, progress, update)
-        self.marks["converged"] = time.monotonic()
+        ended = time.monotonic()
+        self.marks["converged" if done else "converge phase timed out"] = ended
         self._finish_profile(spies, "converge")
         times = {k: self.tally.nth_time(k, n, go) for k in bars}
         assert self.sampler is not None
@@ -469,7 +470,7 @@ class Fleet:
             "busy": dict(self.tally.prefixed("busy:", go)),
             "errors": dict(self.tally.prefixed("error:", go)),
             "drops": self.tally.count("drop", go),
-            **self.sampler.window(go, self.marks["converged"]),
+            **self.sampler.window(go, ended),
         }
         return done
 
@@ -864,9 +865,9 @@ def main() -> int:
                         help="seconds of steady state to measure after convergence")
     parser.add_argument("--report-interval", type=float, default=30.0,
                         help="seconds between an agent's status reports (agent default 30)")
-    parser.add_argument("--channels", type=int, choices=[1, 2], default=2,
-                        help="connections per agent: 2 as the agent (the work stream, and one "
-                             "for calls) or 1 (both on one)")
+    parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
+                        help="connections per agent: 1 as the agent (the work stream and the "
+                             "calls share it) or 2 (one for each, as the agent had before)")
     parser.add_argument("--max-issuances", type=int, default=0,
                         help="the server's --max-issuances (default: the server's default)")
     parser.add_argument("--server-arg", action="append", default=[],

@@ -2,7 +2,8 @@
 
 Each simulated agent speaks the real protocol with the real messages over
 real mutual TLS: it bootstraps with its own token and a CSR for its own key
-(on a channel of its own, as the agent does), holds a ``Relay.Work`` stream,
+(on a channel of its own, as the agent does), holds a ``Relay.Work`` stream
+(on the one connection it also makes its calls on, as the agent does),
 answers Istio work items through the agent's own ``IstioCA`` (the key is made
 here, only a CSR is sent, ``cacerts`` is written to an in-memory store), reports
 its certificates with ``ReportStatus``, and renews over mTLS when told to. A
@@ -61,7 +62,7 @@ class WorkerSpec:
     bootstrap: str
     trust: bytes
     report_interval: float  # seconds between status reports (0: only the first)
-    separate_unary_channel: bool  # the agent uses one channel for the stream, one for calls
+    separate_unary_channel: bool  # one channel for the stream and one for calls, not one
     renew_keys: bool  # make a second key and CSR per cluster for the storm
     handshakes: bool  # run cross-cluster mTLS handshakes between workloads continuously
     seed: int
@@ -120,6 +121,8 @@ class SimAgent:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.reported_codes: set[str] = set()  # the first error of each kind is logged
+        self.moved = asyncio.Event()  # set when the certificate changed: move the stream
+        self.was_connected = False
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -200,32 +203,54 @@ class SimAgent:
         self.certificate = bundle.load_certificate(self.chain, "certificate chain")
 
     async def hold_stream(self, began: float) -> None:
+        """As the agent's ``_connect``: hold the work stream, and when the certificate
+        changes, open a stream on the new connection and end the old one once it answers."""
         failure_backoff = 0.5
-        first = True
-        while not self.stopping:
-            stream = transport.relay_stub(self.stream_channel).Work(messages.WorkSubscribe(
-                protocol_version=rpc.PROTOCOL_VERSION, replica=f"{self.name}-sim", leader=True))
-            try:
-                async for item in stream:
-                    if not self.connected.is_set():
-                        self.connected.set()
-                        if first:
-                            self.events.add("connected", time.monotonic() - began)
-                            first = False
-                    if item.HasField("issue_intermediate"):
-                        self._start_work(item)
-                    failure_backoff = 0.5
-                if not self.stopping:
-                    self.events.add("error:work:ENDED")
-            except grpc.aio.AioRpcError as exc:
+        held: asyncio.Task[None] | None = None
+        try:
+            while not self.stopping:
+                self.moved.clear()
+                opened = asyncio.Event()
+                stream = asyncio.create_task(self._follow(self.stream_channel, opened, began))
+                old, held = held, stream
+                if old is not None:
+                    await _first(stream, asyncio.ensure_future(opened.wait()))
+                    old.cancel()
+                await _first(stream, asyncio.ensure_future(self.moved.wait()))
+                if not stream.done():
+                    continue  # a new certificate: move the stream
+                held = None
+                exc = stream.exception()
                 if self.stopping:
                     return
-                self.events.add(f"error:work:{_code(exc)}")
-            self.connected.clear()
-            if not self.stopping:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    self.events.add(f"error:work:{_code(exc)}")
+                elif exc is not None:
+                    raise exc
+                else:
+                    self.events.add("error:work:ENDED")
+                self.connected.clear()
                 self.events.add("drop")
+                if opened.is_set():
+                    failure_backoff = 0.5
                 await asyncio.sleep(failure_backoff * (1 + self.rng.random() / 2))
                 failure_backoff = min(failure_backoff * 2, 30.0)
+        finally:
+            if held is not None:
+                held.cancel()
+
+    async def _follow(self, channel: Any, opened: asyncio.Event, began: float) -> None:
+        stream = transport.relay_stub(channel).Work(messages.WorkSubscribe(
+            protocol_version=rpc.PROTOCOL_VERSION, replica=f"{self.name}-sim", leader=True))
+        async for item in stream:
+            opened.set()
+            if not self.connected.is_set():
+                self.connected.set()
+                if not self.was_connected:
+                    self.was_connected = True
+                    self.events.add("connected", time.monotonic() - began)
+            if item.HasField("issue_intermediate"):
+                self._start_work(item)
 
     async def report_loop(self) -> None:
         while True:
@@ -320,13 +345,16 @@ class SimAgent:
         self.key, self.chain = self.next_key, chain
         self.key_pem = keys.dump_private_key(self.key)
         self.certificate = bundle.load_certificate(chain, "certificate chain")
-        # As the agent's RelayClient: later calls use a channel with the new certificate;
-        # the work stream keeps the one it was opened on.
+        # As the agent: later calls use a channel with the new certificate, and the work
+        # stream moves to it (with --channels 2, the older two-connection agent, it stays).
         if self.spec.separate_unary_channel:
             old, self.unary_channel = self.unary_channel, self._relay_channel()
-            task = asyncio.create_task(_close_later(old))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        else:
+            old, self.stream_channel = self.stream_channel, self._relay_channel()
+            self.moved.set()
+        task = asyncio.create_task(_close_later(old))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def close(self) -> None:
         self.stopping = True
@@ -334,6 +362,14 @@ class SimAgent:
             if channel is not None:
                 await channel.close(grace=None)
         await self.store.close()
+
+
+async def _first(stream: asyncio.Task[None], helper: asyncio.Future[Any]) -> None:
+    """Wait until ``stream`` ends or ``helper`` is done; the helper is cancelled."""
+    try:
+        await asyncio.wait({stream, helper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        helper.cancel()
 
 
 async def _close_later(channel: Any) -> None:

@@ -82,8 +82,11 @@ class TestClientRotation:
             >= set(renewed)
         assert not agent.lines(PROBLEMS), agent.lines(PROBLEMS)[:5]
         assert not server.process.lines("refused|WARNING|ERROR")
-        # The agent's work stream outlived the certificate it was opened with.
-        assert len(server.process.lines("agent of cluster cluster-1 connected")) == 1
+        # The agent's work stream moved to each new certificate's connection (one connection
+        # for the stream and the calls) and was opened before the old one ended: the server
+        # never saw the cluster go.
+        opened = server.process.lines("agent of cluster cluster-1 connected")
+        assert 2 <= len(opened) <= len(renewed) + 1, opened
         assert not server.process.lines("agent of cluster cluster-1 disconnected")
         assert first.serial in seen and len(seen) >= 4
 

@@ -185,34 +185,65 @@ class Agent:
         return token or None
 
     async def _connect(self) -> None:
-        """Hold the work stream open, reconnecting with backoff and the current certificate."""
+        """Hold the work stream open, reconnecting with backoff and the current certificate.
+
+        The stream and the calls share one connection (``RelayClient.channel``): a
+        server holding ten thousand agents holds ten thousand connections, not twice
+        as many. When the certificate changes (a renewal), a stream is opened on the
+        new certificate's connection and the old stream is ended once the new one
+        answers, so the server never sees the cluster go; the old connection is
+        closed once the calls on it have had time to finish.
+        """
         backoff = 0.5
-        while True:
-            current = None if self.config.insecure else await self.provider.wait_ready()
-            if current is not None and current.expired(self.clock.now()):
-                await self.provider.wait_for_change(current, timeout=1.0)
-                continue
-            channel = self.client.open_channel(current)
-            try:
-                async for item in self.client.work(channel, self.leader.is_set()):
-                    if item.HasField("issue_intermediate"):
-                        self._start_work(item)
-                    elif item.heartbeat.renew_client and self.leader.is_set():
-                        self.rotator.renew_now()
-                    if not self.connected.is_set():
-                        log.info("connected to %s over %s", self.client.address,
-                                 "plaintext" if self.config.insecure else "mTLS")
-                        self.connected.set()
-                        self._said.discard("connect")
-                    backoff = 0.5
-            except errors.MeshTrustError as exc:
-                self._log_connect_failure(exc, current)
-            finally:
+        held: asyncio.Task[None] | None = None  # the stream in use
+        try:
+            while True:
+                current = None if self.config.insecure else await self.provider.wait_ready()
+                if current is not None and current.expired(self.clock.now()):
+                    await self.provider.wait_for_change(current, timeout=1.0)
+                    continue
+                opened = asyncio.Event()
+                stream = asyncio.create_task(self._hold(self.client.channel(), opened))
+                old, held = held, stream
+                if old is not None:  # a new certificate: the old stream ends when this answers
+                    try:
+                        await _first(stream, asyncio.ensure_future(opened.wait()))
+                    finally:
+                        _end(old)
+                changed = None if current is None else asyncio.ensure_future(
+                    self.provider.wait_for_change(current))
+                await _first(stream, changed)
+                if not stream.done():
+                    continue  # the certificate changed under a working stream: move it
+                held = None
+                try:
+                    stream.result()
+                except errors.MeshTrustError as exc:
+                    self._log_connect_failure(exc, current)
                 self.connected.clear()
-                await channel.close()
+                self.client.reset()
                 self.client.next_server()  # with several addresses, try the next replica
-            await asyncio.sleep(backoff * (1 + random.random() / 2))
-            backoff = min(backoff * 2, self.config.reconnect_max)
+                if opened.is_set():
+                    backoff = 0.5
+                await asyncio.sleep(backoff * (1 + random.random() / 2))
+                backoff = min(backoff * 2, self.config.reconnect_max)
+        finally:
+            if held is not None:
+                _end(held)
+
+    async def _hold(self, channel: Any, opened: asyncio.Event) -> None:
+        """Follow one work stream on ``channel`` until it ends; ``opened`` once it answers."""
+        async for item in self.client.work(channel, self.leader.is_set()):
+            opened.set()
+            if item.HasField("issue_intermediate"):
+                self._start_work(item)
+            elif item.heartbeat.renew_client and self.leader.is_set():
+                self.rotator.renew_now()
+            if not self.connected.is_set():
+                log.info("connected to %s over %s", self.client.address,
+                         "plaintext" if self.config.insecure else "mTLS")
+                self.connected.set()
+                self._said.discard("connect")
 
     def _start_work(self, item: Any) -> None:
         """Handle an issuance work item once, on the leader, in the background."""
@@ -372,3 +403,20 @@ async def run(config: AgentConfig) -> None:
 
 def _log_bounce(event: bounce.Event) -> None:
     log.info("pod restart: %s", event)
+
+
+
+async def _first(stream: asyncio.Task[Any], helper: asyncio.Future[Any] | None) -> None:
+    """Wait until ``stream`` ends or ``helper`` is done; the helper is cancelled either way."""
+    waits: set[asyncio.Future[Any]] = {stream} if helper is None else {stream, helper}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if helper is not None:
+            helper.cancel()
+
+
+def _end(stream: asyncio.Task[Any]) -> None:
+    """Cancel a stream that is no longer used; how it ended no longer matters."""
+    stream.cancel()
+    stream.add_done_callback(lambda task: task.cancelled() or task.exception())

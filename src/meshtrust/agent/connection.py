@@ -1,9 +1,10 @@
 """The agent's gRPC client: channels built from the provider's current certificate.
 
-Unary calls go over a channel made from the identity the provider holds; when
-the identity changes, the next call gets a new channel and the old one is
-closed after a grace period, so calls in flight finish. A long-lived work
-stream keeps the channel it was opened on until it ends.
+The work stream and the unary calls share one channel, made from the identity
+the provider holds; when the identity changes, the next user gets a new channel
+and the old one is closed after a grace period, so calls in flight finish. The
+agent moves its work stream to the new channel as soon as the identity changes
+(``agent.app``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class RelayClient:
             return (("x-meshtrust-cluster", self._config.cluster),)
         return ()
 
-    def open_channel(self, identity: ClientIdentity | None) -> Any:
+    def _open_channel(self, identity: ClientIdentity | None) -> Any:
         """A new channel to the relay listener with ``identity``'s certificate."""
         if self._config.insecure:
             return transport.insecure_channel(self.address)
@@ -75,34 +76,48 @@ class RelayClient:
                                         chain=identity.chain, key=identity.key,
                                         server_name=self._config.server_name)
 
-    def _current_channel(self) -> Any:
+    def reset(self) -> None:
+        """Forget the channel (the stream on it failed): the next user opens a new one, so
+        that reconnecting does not wait for the old channel's own reconnect backoff."""
+        if self._channel is not None:
+            self._retire(self._channel)
+            self._channel = None
+            self._channel_identity = None
+
+    def _retire(self, channel: Any) -> None:
+        task = asyncio.create_task(_close_later(channel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def channel(self) -> Any:
+        """The connection for the provider's current identity, shared by the work stream
+        and the calls; a new identity or address gets a new one, and the old one is
+        closed after ``CLOSE_GRACE`` seconds, so that calls in flight on it finish."""
         identity = self._provider.current
         if (self._channel is None or identity != self._channel_identity
                 or self.address != self._channel_address):
             old = self._channel
-            self._channel = self.open_channel(identity)
+            self._channel = self._open_channel(identity)
             self._channel_identity = identity
             self._channel_address = self.address
             if old is not None:
-                task = asyncio.create_task(_close_later(old))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._retire(old)
         return self._channel
 
     async def renew(self, csr_pem: bytes) -> Any:
-        stub = transport.relay_stub(self._current_channel())
+        stub = transport.relay_stub(self.channel())
         return await transport.call(stub.Renew(
             messages.RenewRequest(protocol_version=rpc.PROTOCOL_VERSION, csr=csr_pem),
             timeout=CALL_TIMEOUT, metadata=self._metadata()))
 
     async def report(self, report: Any) -> Any:
-        stub = transport.relay_stub(self._current_channel())
+        stub = transport.relay_stub(self.channel())
         return await transport.call(stub.ReportStatus(report, timeout=CALL_TIMEOUT,
                                                       metadata=self._metadata()))
 
     async def complete_work(self, result: Any) -> Any:
         """Answer a work item: send its CSR (the reply holds the certificate) or its outcome."""
-        stub = transport.relay_stub(self._current_channel())
+        stub = transport.relay_stub(self.channel())
         return await transport.call(stub.CompleteWork(result, timeout=CALL_TIMEOUT,
                                                       metadata=self._metadata()))
 

@@ -159,7 +159,7 @@ class RelayService(transport.services.RelayServicer):
                 cluster, certificates=held,
                 agent={"version": request.agent_version, "replica": request.replica,
                        "leader": request.leader})
-        except errors.UnknownCluster as exc:
+        except errors.MeshTrustError as exc:  # not registered; the store is unavailable
             await self._refuse(context, exc)
             raise AssertionError("unreachable") from exc
         return messages.StatusAck(server_time_unix=int(self._clock.now().timestamp()))
@@ -191,14 +191,17 @@ class RelayService(transport.services.RelayServicer):
         finally:
             streams = self._streams.get(cluster, set())
             streams.discard(stream)
-            if not streams:
+            if streams:  # the agent moved its stream to a new connection (a new certificate)
+                log.debug("a work stream of cluster %s ended; %d still open", cluster,
+                          len(streams))
+            else:
                 self._streams.pop(cluster, None)
                 self._meters.connected.set(len(self._streams))
                 try:
                     await registry.disconnect(cluster, self.replica)
                 except errors.MeshTrustError:
                     pass
-            log.info("agent of cluster %s disconnected", cluster)
+                log.info("agent of cluster %s disconnected", cluster)
 
     async def _renewal_wanted(self, cluster: str) -> bool:
         if self._relay_rotation is None:
