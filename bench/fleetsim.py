@@ -35,7 +35,7 @@ import grpc
 import grpc.aio
 
 from meshtrust import errors, federation, rpc, settings
-from meshtrust.agent import backoff
+from meshtrust.agent import backoff, connection
 from meshtrust.agent import identity as agent_identity
 from meshtrust.agent import istio as agent_istio
 from meshtrust.pki import bundle, keys
@@ -44,7 +44,7 @@ from meshtrust.rpc.transport import messages
 from meshtrust.testing import MemoryStore
 
 SERVER_NAME = "localhost"  # a SAN of the generated relay server certificate
-CALL_TIMEOUT = 15.0  # the agent's (agent.connection.CALL_TIMEOUT)
+CALL_TIMEOUT = connection.CALL_TIMEOUT  # the agent's
 FLUSH_EVERY = 0.2  # seconds between two event batches to the driver
 
 
@@ -373,7 +373,7 @@ async def _first(stream: asyncio.Task[None], helper: asyncio.Future[Any]) -> Non
 
 
 async def _close_later(channel: Any) -> None:
-    await asyncio.sleep(10)
+    await asyncio.sleep(connection.CLOSE_GRACE)  # as the agent's RelayClient
     await channel.close()
 
 
