@@ -35,7 +35,7 @@ import grpc
 import grpc.aio
 
 from meshtrust import errors, federation, rpc, settings
-from meshtrust.agent import backoff, connection
+from meshtrust.agent import app, backoff, connection
 from meshtrust.agent import identity as agent_identity
 from meshtrust.agent import istio as agent_istio
 from meshtrust.pki import bundle, keys
@@ -214,9 +214,9 @@ class SimAgent:
                 stream = asyncio.create_task(self._follow(self.stream_channel, opened, began))
                 old, held = held, stream
                 if old is not None:
-                    await _first(stream, asyncio.ensure_future(opened.wait()))
+                    await app.first_done(stream, asyncio.ensure_future(opened.wait()))
                     old.cancel()
-                await _first(stream, asyncio.ensure_future(self.moved.wait()))
+                await app.first_done(stream, asyncio.ensure_future(self.moved.wait()))
                 if not stream.done():
                     continue  # a new certificate: move the stream
                 held = None
@@ -362,14 +362,6 @@ class SimAgent:
             if channel is not None:
                 await channel.close(grace=None)
         await self.store.close()
-
-
-async def _first(stream: asyncio.Task[None], helper: asyncio.Future[Any]) -> None:
-    """Wait until ``stream`` ends or ``helper`` is done; the helper is cancelled."""
-    try:
-        await asyncio.wait({stream, helper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        helper.cancel()
 
 
 async def _close_later(channel: Any) -> None:

@@ -207,12 +207,12 @@ class Agent:
                 old, held = held, stream
                 if old is not None:  # a new certificate: the old stream ends when this answers
                     try:
-                        await _first(stream, asyncio.ensure_future(opened.wait()))
+                        await first_done(stream, asyncio.ensure_future(opened.wait()))
                     finally:
                         _end(old)
                 changed = None if current is None else asyncio.ensure_future(
                     self.provider.wait_for_change(current))
-                await _first(stream, changed)
+                await first_done(stream, changed)
                 if not stream.done():
                     continue  # the certificate changed under a working stream: move it
                 held = None
@@ -405,8 +405,7 @@ def _log_bounce(event: bounce.Event) -> None:
     log.info("pod restart: %s", event)
 
 
-
-async def _first(stream: asyncio.Task[Any], helper: asyncio.Future[Any] | None) -> None:
+async def first_done(stream: asyncio.Task[Any], helper: asyncio.Future[Any] | None) -> None:
     """Wait until ``stream`` ends or ``helper`` is done; the helper is cancelled either way."""
     waits: set[asyncio.Future[Any]] = {stream} if helper is None else {stream, helper}
     try:
