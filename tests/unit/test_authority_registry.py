@@ -128,6 +128,9 @@ class TestClusters:
             assert (await w.registry.get("c1")).last_seen == start + dt.timedelta(seconds=91)
             with pytest.raises(errors.UnknownCluster):
                 await w.registry.reported("c9", certificates=held)
+            for name in ("", "Not A Name"):  # what an insecure-mode header may carry
+                with pytest.raises(errors.UnknownCluster, match="is not registered"):
+                    await w.registry.reported(name, certificates=held)
         run(scenario)
 
     def test_status_of_a_missing_cluster_is_ignored(self) -> None:

@@ -208,12 +208,12 @@ class Registry:
                            edit: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
         """Replace the cluster's status by ``edit(status)``, retrying lost compare-and-swaps.
 
-        Returns False if the cluster is not registered.
+        Returns False if the cluster is not registered (or ``name`` cannot name one).
         """
         for _ in range(_CAS_ATTEMPTS):
             try:
                 resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
-            except errors.NotFound:
+            except (errors.NotFound, ValueError):  # ValueError: not even a valid object name
                 return False
             status = edit(dict(resource.status))
             if status == resource.status:
