@@ -459,37 +459,34 @@ class Fleet:
         self.marks["converged" if done else "converge phase timed out"] = ended
         self._finish_profile(spies, "converge")
         times = {k: self.tally.nth_time(k, n, go) for k in bars}
-        assert self.sampler is not None
         self.result["converge"] = {
             "done": done,
             **{f"all_{k}_s": round(t - go, 2) if t else None for k, t in times.items()},
-            **{f"{k}_count": self.tally.count(k) for k in bars},
+            **self._converge_figures(go, ended),
+        }
+        return done
+
+    def _converge_figures(self, go: float, end: float) -> dict[str, Any]:
+        """Counts, latencies, refusals, errors and resources of the converge phase so far."""
+        return {
+            **{f"{k}_count": self.tally.count(k)
+               for k in ("bootstrapped", "connected", "intermediate")},
             "bootstrap_latency": latency(self.tally, "bootstrapped", go),
             "bootstrap_call": latency(self.tally, "call:bootstrap", go),
             "intermediate_latency": latency(self.tally, "intermediate", go),
             "busy": dict(self.tally.prefixed("busy:", go)),
             "errors": dict(self.tally.prefixed("error:", go)),
             "drops": self.tally.count("drop", go),
-            **self.sampler.window(go, ended),
+            **(self.sampler.window(go, end) if self.sampler else {}),
         }
-        return done
 
     def partial(self) -> None:
         """What the converge phase reached when the run was interrupted."""
         if "converge" in self.result or "go" not in self.marks:
             return
-        go = self.marks["go"]
-        self.result["converge"] = {
-            "done": False, **{f"{k}_count": self.tally.count(k)
-                              for k in ("bootstrapped", "connected", "intermediate")},
-            "seconds": round(time.monotonic() - go, 1),
-            "bootstrap_latency": latency(self.tally, "bootstrapped", go),
-            "bootstrap_call": latency(self.tally, "call:bootstrap", go),
-            "intermediate_latency": latency(self.tally, "intermediate", go),
-            "busy": dict(self.tally.prefixed("busy:", go)),
-            "errors": dict(self.tally.prefixed("error:", go)),
-            "drops": self.tally.count("drop", go),
-            **(self.sampler.window(go, time.monotonic()) if self.sampler else {})}
+        go, now = self.marks["go"], time.monotonic()
+        self.result["converge"] = {"done": False, "seconds": round(now - go, 1),
+                                   **self._converge_figures(go, now)}
 
     def hold(self, progress: Any) -> None:
         """Steady state: every stream held, reports and heartbeats flowing."""

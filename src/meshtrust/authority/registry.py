@@ -229,19 +229,10 @@ class Registry:
 
     async def seen(self, name: str, *, min_interval: dt.timedelta = dt.timedelta(seconds=5),
                    **changes: Any) -> None:
-        """Record that the cluster's agent called, at most once per ``min_interval``."""
-        now = self._clock.now()
-        if changes:  # recorded whenever they come: the edit is the only read needed
-            stamp = manifest.dump_time(now)
-            if not await self._edit_status(name, lambda status: {**status, "lastSeen": stamp,
-                                                                  **changes}):
-                await self.get(name)  # raises UnknownCluster
-            return
-        cluster = await self.get(name)
-        if (not changes and cluster.last_seen is not None
-                and now - cluster.last_seen < min_interval):
-            return
-        await self.update_status(name, lastSeen=manifest.dump_time(now), **changes)
+        """Record that the cluster's agent called: ``changes`` at once, lastSeen alone at
+        most once per ``min_interval``. Raise UnknownCluster if it is not registered."""
+        await self.reported(name, fresh_for=dt.timedelta(0) if changes else min_interval,
+                            **changes)
 
     async def reported(self, name: str, *, fresh_for: dt.timedelta = REPORT_FRESH,
                        **report: Any) -> None:
