@@ -111,6 +111,7 @@ class SimAgent:
         self.trust = spec.trust
         self.stream_channel: Any = None
         self.unary_channel: Any = None
+        self.retirement = connection.Retirement()
         self.store = MemoryStore(history=16)
         self.istio = agent_istio.IstioCA(self.store, self.name)
         self.working: set[str] = set()
@@ -156,8 +157,12 @@ class SimAgent:
         return transport.secure_channel(self.spec.relay, trust=self.trust, chain=self.chain,
                                         key=self.key_pem, server_name=SERVER_NAME)
 
-    def _unary(self) -> Any:
-        return transport.relay_stub(self.unary_channel or self.stream_channel)
+    async def _rpc(self, method: str, request: Any) -> Any:
+        """One unary relay call, on the connection the agent would use for it."""
+        channel = self.unary_channel or self.stream_channel
+        with self.retirement.using(channel):  # as the agent's RelayClient
+            stub = getattr(transport.relay_stub(channel), method)
+            return await stub(request, timeout=CALL_TIMEOUT)
 
     # -- life --------------------------------------------------------------------------------
 
@@ -240,6 +245,10 @@ class SimAgent:
                 held.cancel()
 
     async def _follow(self, channel: Any, opened: asyncio.Event, began: float) -> None:
+        with self.retirement.using(channel):
+            await self._follow_on(channel, opened, began)
+
+    async def _follow_on(self, channel: Any, opened: asyncio.Event, began: float) -> None:
         stream = transport.relay_stub(channel).Work(messages.WorkSubscribe(
             protocol_version=rpc.PROTOCOL_VERSION, replica=f"{self.name}-sim", leader=True))
         async for item in stream:
@@ -261,7 +270,7 @@ class SimAgent:
             # One attempt per interval, as the agent's _report: a failure waits for the next.
             began = time.monotonic()
             try:
-                await self._unary().ReportStatus(report, timeout=CALL_TIMEOUT)
+                await self._rpc("ReportStatus", report)
                 self.events.add("call:report", time.monotonic() - began)
             except grpc.aio.AioRpcError as exc:
                 if self.stopping:
@@ -302,17 +311,15 @@ class SimAgent:
             auto_restart_pods=spec.auto_restart_pods)
 
         async def sign(csr_pem: bytes) -> tuple[bytes, bytes]:
-            ack = await self._call("intermediate", lambda: self._unary().CompleteWork(
-                messages.WorkResult(id=item.id, csr=csr_pem, stage="csr"),
-                timeout=CALL_TIMEOUT))
+            ack = await self._call("intermediate", lambda: self._rpc("CompleteWork",
+                messages.WorkResult(id=item.id, csr=csr_pem, stage="csr")))
             return bytes(ack.certificate_chain), bytes(ack.root_bundle)
 
         try:
             outcome = await self.istio.handle(request, sign, None)
-            await self._call("finished", lambda: self._unary().CompleteWork(
+            await self._call("finished", lambda: self._rpc("CompleteWork",
                 messages.WorkResult(id=item.id, stage="finished" if outcome.ok else "failed",
-                                    error=outcome.message, restart_needed=True),
-                timeout=CALL_TIMEOUT))
+                                    error=outcome.message, restart_needed=True)))
         except (grpc.aio.AioRpcError, errors.MeshTrustError) as exc:
             if not self.stopping:
                 self.events.add(f"error:work-item:{type(exc).__name__}")
@@ -334,8 +341,7 @@ class SimAgent:
         assert self.next_key is not None, "start the worker with renew_keys"
         request = messages.RenewRequest(protocol_version=rpc.PROTOCOL_VERSION,
                                         csr=self.next_csr)
-        response = await self._call("renew", lambda: self._unary().Renew(
-            request, timeout=CALL_TIMEOUT))
+        response = await self._call("renew", lambda: self._rpc("Renew", request))
         chain = bytes(response.certificate_chain)
         if not keys.key_matches(bundle.load_certificate(chain, "certificate chain"),
                                 self.next_key):
@@ -352,21 +358,15 @@ class SimAgent:
         else:
             old, self.stream_channel = self.stream_channel, self._relay_channel()
             self.moved.set()
-        task = asyncio.create_task(_close_later(old))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.retirement.retire(old)  # closed once the calls and stream on it are done
 
     async def close(self) -> None:
         self.stopping = True
         for channel in (self.stream_channel, self.unary_channel):
             if channel is not None:
                 await channel.close(grace=None)
+        await self.retirement.close()
         await self.store.close()
-
-
-async def _close_later(channel: Any) -> None:
-    await asyncio.sleep(connection.CLOSE_GRACE)  # as the agent's RelayClient
-    await channel.close()
 
 
 async def handshakes(agents: list[SimAgent], events: Events, rng: random.Random) -> None:

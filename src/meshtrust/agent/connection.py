@@ -2,16 +2,18 @@
 
 The work stream and the unary calls share one channel, made from the identity
 the provider holds; when the identity changes, the next user gets a new channel
-and the old one is closed after a grace period, so calls in flight finish. The
-agent moves its work stream to the new channel as soon as the identity changes
-(``agent.app``).
+and the old one is closed as soon as no call or stream uses it any more (at
+the latest after a grace period), so calls in flight finish and a fleet that
+renews at once does not hold twice its connections. The agent moves its work
+stream to the new channel as soon as the identity changes (``agent.app``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from meshtrust import errors, rpc
@@ -24,9 +26,72 @@ from meshtrust.rpc.transport import messages
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 15.0
-# A replaced connection is closed after the deadline of any call on it has passed: a call
-# that a busy server answers late is answered, not cut off.
+# A replaced connection still in use is closed at the latest after the deadline of any call
+# on it has passed: a call that a busy server answers late is answered, not cut off.
 CLOSE_GRACE = CALL_TIMEOUT + 5.0
+
+
+class Retirement:
+    """Counts the calls and streams on each channel; closes a replaced one once unused.
+
+    ``using(channel)`` around each call or stream; ``retire(channel)`` when a new
+    channel replaces it: it is closed at once if nothing uses it, else when the
+    last user is done, and after ``grace`` seconds whatever still uses it.
+    """
+
+    def __init__(self, grace: float = CLOSE_GRACE) -> None:
+        self._grace = grace
+        self._uses: dict[int, int] = {}  # id(channel) -> its users, while it has any
+        self._retired: dict[int, tuple[Any, asyncio.Task[None]]] = {}  # -> its deadline
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def retired(self) -> int:
+        """Replaced channels not closed yet."""
+        return len(self._retired)
+
+    @contextlib.contextmanager
+    def using(self, channel: Any) -> Iterator[Any]:
+        key = id(channel)
+        self._uses[key] = self._uses.get(key, 0) + 1
+        try:
+            yield channel
+        finally:
+            self._uses[key] -= 1
+            if not self._uses[key]:
+                del self._uses[key]
+                if key in self._retired:
+                    self._close(key)
+
+    def retire(self, channel: Any) -> None:
+        key = id(channel)
+        if key in self._retired:
+            return
+        self._retired[key] = (channel, self._spawn(self._close_later(key)))
+        if key not in self._uses:
+            self._close(key)
+
+    async def close(self) -> None:
+        """Close every replaced channel now (the agent stops)."""
+        for key in list(self._retired):
+            self._close(key)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _close(self, key: int) -> None:
+        channel, deadline = self._retired.pop(key)
+        deadline.cancel()
+        self._spawn(channel.close())
+
+    async def _close_later(self, key: int) -> None:
+        await asyncio.sleep(self._grace)
+        channel, _ = self._retired.pop(key)
+        await channel.close()
+
+    def _spawn(self, job: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(job)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        return task
 
 
 def describe_trust(trust: bytes) -> str:
@@ -46,7 +111,7 @@ class RelayClient:
         self._channel: Any = None
         self._channel_identity: ClientIdentity | None = None
         self._channel_address = ""
-        self._closing: set[asyncio.Task[None]] = set()
+        self._retirement = Retirement()
         self._server = 0     # which of config.servers the relay channels go to
         self._bootstrap = 0  # which of config.bootstrap_servers answered last
         # The bootstrap channel kept while a busy server has the agent wait: (address,
@@ -82,19 +147,14 @@ class RelayClient:
         """Forget the channel (the stream on it failed): the next user opens a new one, so
         that reconnecting does not wait for the old channel's own reconnect backoff."""
         if self._channel is not None:
-            self._retire(self._channel)
+            self._retirement.retire(self._channel)
             self._channel = None
             self._channel_identity = None
-
-    def _retire(self, channel: Any) -> None:
-        task = asyncio.create_task(_close_later(channel))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
     def channel(self) -> Any:
         """The connection for the provider's current identity, shared by the work stream
         and the calls; a new identity or address gets a new one, and the old one is
-        closed after ``CLOSE_GRACE`` seconds, so that calls in flight on it finish."""
+        closed once the calls and the stream on it are done (``Retirement``)."""
         identity = self._provider.current
         if (self._channel is None or identity != self._channel_identity
                 or self.address != self._channel_address):
@@ -103,25 +163,26 @@ class RelayClient:
             self._channel_identity = identity
             self._channel_address = self.address
             if old is not None:
-                self._retire(old)
+                self._retirement.retire(old)
         return self._channel
 
+    async def _call(self, method: str, request: Any) -> Any:
+        """One unary relay call on the current connection."""
+        with self._retirement.using(self.channel()) as channel:
+            stub = getattr(transport.relay_stub(channel), method)
+            return await transport.call(stub(request, timeout=CALL_TIMEOUT,
+                                             metadata=self._metadata()))
+
     async def renew(self, csr_pem: bytes) -> Any:
-        stub = transport.relay_stub(self.channel())
-        return await transport.call(stub.Renew(
-            messages.RenewRequest(protocol_version=rpc.PROTOCOL_VERSION, csr=csr_pem),
-            timeout=CALL_TIMEOUT, metadata=self._metadata()))
+        return await self._call("Renew", messages.RenewRequest(
+            protocol_version=rpc.PROTOCOL_VERSION, csr=csr_pem))
 
     async def report(self, report: Any) -> Any:
-        stub = transport.relay_stub(self.channel())
-        return await transport.call(stub.ReportStatus(report, timeout=CALL_TIMEOUT,
-                                                      metadata=self._metadata()))
+        return await self._call("ReportStatus", report)
 
     async def complete_work(self, result: Any) -> Any:
         """Answer a work item: send its CSR (the reply holds the certificate) or its outcome."""
-        stub = transport.relay_stub(self.channel())
-        return await transport.call(stub.CompleteWork(result, timeout=CALL_TIMEOUT,
-                                                      metadata=self._metadata()))
+        return await self._call("CompleteWork", result)
 
     async def bootstrap(self, trust: bytes, token: str, csr_pem: bytes) -> Any:
         """Call Bootstrap over server-authenticated TLS on a bootstrap listener.
@@ -172,12 +233,13 @@ class RelayClient:
 
     async def work(self, channel: Any, leader: bool) -> AsyncIterator[Any]:
         """Items of the server's work stream on ``channel``; raises a domain error at its end."""
-        stub = transport.relay_stub(channel)
-        stream = stub.Work(messages.WorkSubscribe(protocol_version=rpc.PROTOCOL_VERSION,
-                                                  replica=self._config.replica, leader=leader),
-                           metadata=self._metadata())
-        async for item in transport.iterate(stream):
-            yield item
+        with self._retirement.using(channel):
+            stub = transport.relay_stub(channel)
+            stream = stub.Work(messages.WorkSubscribe(
+                protocol_version=rpc.PROTOCOL_VERSION, replica=self._config.replica,
+                leader=leader), metadata=self._metadata())
+            async for item in transport.iterate(stream):
+                yield item
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -185,10 +247,4 @@ class RelayClient:
         if self._kept is not None:
             await self._kept[1].close()
             self._kept = None
-        for task in list(self._closing):
-            task.cancel()
-
-
-async def _close_later(channel: Any) -> None:
-    await asyncio.sleep(CLOSE_GRACE)
-    await channel.close()
+        await self._retirement.close()
