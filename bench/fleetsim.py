@@ -22,6 +22,7 @@ takes ``("go", t0)``, ``("storm", spread)``, ``("stop",)`` on ``commands``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -123,6 +124,7 @@ class SimAgent:
         self.stopping = False
         self.reported_codes: set[str] = set()  # the first error of each kind is logged
         self.moved = asyncio.Event()  # set when the certificate changed: move the stream
+        self.held_changed = asyncio.Event()  # a new certificate or cacerts: report now
         self.was_connected = False
 
     # -- calls -------------------------------------------------------------------------------
@@ -278,7 +280,12 @@ class SimAgent:
                 self.events.add(f"error:report:{_code(exc)}")
             if self.spec.report_interval <= 0:
                 return
-            await asyncio.sleep(self.spec.report_interval * (0.5 + self.rng.random()))
+            # As the agent: again after the interval, or at once when what it holds changed.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.spec.report_interval
+                                           * (0.5 + self.rng.random())):
+                    await self.held_changed.wait()
+            self.held_changed.clear()
 
     def _held(self) -> list[Any]:
         cert = self.certificate
@@ -330,6 +337,7 @@ class SimAgent:
         secret = await self.store.get_secret(settings.ISTIO_NAMESPACE, settings.ISTIO_CA_SECRET)
         self.cacerts = dict(secret.data)
         self.cacerts_version += 1
+        self.held_changed.set()
         self.events.add("intermediate", time.monotonic() - began)
 
     # -- storm -------------------------------------------------------------------------------
@@ -359,6 +367,7 @@ class SimAgent:
             old, self.stream_channel = self.stream_channel, self._relay_channel()
             self.moved.set()
         self.retirement.retire(old)  # closed once the calls and stream on it are done
+        self.held_changed.set()
 
     async def close(self) -> None:
         self.stopping = True

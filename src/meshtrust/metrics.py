@@ -109,6 +109,11 @@ class Metrics:
             "meshtrust_server_leader",
             "1 while this server replica holds the leader lease and runs the timed loops.",
             registry=self.registry)
+        self.loop_lag = prom.Gauge(
+            "meshtrust_server_event_loop_lag_seconds",
+            "How late the server's event loop ran a timer last (sampled every half second): "
+            "above a second the server is overloaded and every call waits that long more.",
+            registry=self.registry)
         self.rotation_step = prom.Gauge(
             "meshtrust_root_rotation_step",
             "1 for the step each policy's root rotation is at, 0 for the others.",

@@ -45,7 +45,8 @@ class Aborted(Exception):
 
 
 class Context:
-    """What a servicer reads of a call: its verified peer certificate, address and metadata."""
+    """What a servicer reads of a call: its verified peer certificate, address, metadata
+    and deadline."""
 
     def __init__(self, *, certificate: bytes | None = None,
                  metadata: Sequence[Metadatum] = ()) -> None:
@@ -60,6 +61,9 @@ class Context:
 
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
         return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return 15.0  # the agent's call deadline
 
     async def abort(self, code: grpc.StatusCode, details: str = "",
                     trailing_metadata: Any = ()) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 from meshtrust import clock as clock_module
 from meshtrust import errors
 from meshtrust.server import leadership
-from meshtrust.store import lease
+from meshtrust.store import lease, open_store
 from meshtrust.testing import MemoryStore
 
 NS = "gloo-mesh"
@@ -166,6 +168,59 @@ class TestLeadership:
             assert live == [{"server-a"}]
             await first.kill()
         run(scenario)
+
+
+class TestLeasesApart:
+    def test_a_blocked_event_loop_does_not_lose_the_lease(self, tmp_path: Any) -> None:
+        """Kept on a thread of their own (as the server runs them), the leases are renewed
+        while the server's event loop is blocked for three TTLs; the job runs on that loop,
+        and stopping ends the thread."""
+        url = f"sqlite:///{tmp_path / 'mgmt.db'}"
+
+        async def scenario() -> tuple[list[bool], set[int], int, int]:
+            main = await open_store(url)
+            elector = leadership.Leadership(main, clock_module.SystemClock(),
+                                            replica="server-a", ttl=TTL, namespace=NS)
+            threads: set[int] = set()
+            again: list[int] = []
+
+            async def job() -> None:
+                while True:
+                    threads.add(threading.get_ident())
+                    await asyncio.sleep(0.05)
+
+            async def present_again() -> None:
+                again.append(threading.get_ident())
+
+            elector.on_present_again = present_again
+            apart = asyncio.create_task(elector.run_apart(lambda: open_store(url)))
+            jobs = asyncio.create_task(elector.while_leading(job))
+            try:
+                await until(elector.leading, 5, "the replica to lead")
+                await until(lambda: bool(threads), 2, "the job to run")
+                before = lease.Holding.of(
+                    await main.get_resource(lease.KIND, NS, leadership.LEADER_LEASE))
+                seen = []
+                for _ in range(6):  # 3 TTLs in all, with the loop blocked
+                    time.sleep(TTL / 2)  # noqa: ASYNC251 - blocking the loop is the point
+                    seen.append(elector.leading())
+                after = lease.Holding.of(
+                    await main.get_resource(lease.KIND, NS, leadership.LEADER_LEASE))
+                assert before.renewed is not None and after.renewed is not None
+                assert after.renewed - before.renewed >= dt.timedelta(seconds=2 * TTL)
+            finally:
+                for task in (apart, jobs):
+                    task.cancel()
+                await asyncio.gather(apart, jobs, return_exceptions=True)
+                await main.close()
+            lease_threads = [t for t in threading.enumerate() if t.name.startswith("leases-")]
+            return seen, threads, len(again) and again[0], len(lease_threads)
+
+        seen, job_threads, present_thread, left = asyncio.run(scenario())
+        assert seen == [True] * 6
+        assert job_threads == {threading.get_ident()}  # the jobs ran on the server's loop
+        assert present_thread == threading.get_ident()
+        assert left == 0
 
 
 class TestReplicaNames:

@@ -103,6 +103,36 @@ class TestAdmission:
 
         run(scenario())
 
+    def test_a_caller_waits_no_longer_than_its_deadline_allows(self) -> None:
+        """With 0.6 s left and issuances taking about 0.25 s, a caller waits 0.35 s at most;
+        one whose deadline leaves no time for the issuance is refused at once."""
+        async def scenario() -> tuple[float, float]:
+            control = admission.Admission(admission.Options(limit=1, queue=5, max_wait=10))
+            release = asyncio.Event()
+            holder = asyncio.create_task(hold(control, release))
+            await asyncio.sleep(0)
+            waits = []
+            for remaining in (0.6, 0.2):
+                began = time.monotonic()
+                with pytest.raises(errors.RateLimited):
+                    async with control.slot(remaining):
+                        pass
+                waits.append(time.monotonic() - began)
+            assert control.waiting == 0
+            async with asyncio.timeout(1):  # no deadline: it waits for the slot
+                waiter = asyncio.create_task(hold(control, asyncio.Event()))
+                await asyncio.sleep(0.05)
+                assert control.waiting == 1
+                release.set()
+                await holder
+                assert control.in_flight == 1 and control.waiting == 0
+                waiter.cancel()
+            return waits[0], waits[1]
+
+        deadline_wait, no_time = run(scenario())  # type: ignore[misc]
+        assert 0.3 <= deadline_wait < 0.6
+        assert no_time < 0.05
+
     def test_a_cancelled_waiter_leaks_no_slot(self) -> None:
         """A call cancelled while it waits leaves the slots as they were."""
         async def scenario() -> None:

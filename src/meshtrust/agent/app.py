@@ -29,10 +29,11 @@ from meshtrust.agent.rotator import Rotator
 from meshtrust.agent.watcher import Watcher, read_trust
 from meshtrust.pki import bundle, keys, rotation
 from meshtrust.rpc.transport import messages
-from meshtrust.store import base, lease, open_store
+from meshtrust.store import base, follow, lease, open_store
 
 log = logging.getLogger(__name__)
 
+REPORT_RETRY = 2.0  # seconds before a failed status report is sent again, doubling
 _TLS_FAILURE = re.compile(r"handshake|certificate_verify_failed|ssl", re.IGNORECASE)
 
 
@@ -314,24 +315,54 @@ class Agent:
             await self.provider.wait_for_change(current, timeout=None)
 
     async def _report(self) -> None:
-        """Tell the server what the agent holds, now and then and after each change."""
+        """Tell the server what the agent holds: on connecting, as soon as its client
+        certificate or its Istio CA (``cacerts``, whoever wrote it) changes, and every
+        ``status_interval`` otherwise. A failed report is sent again with backoff (at a
+        busy server's time), not only at the next interval: a relay root rotation waits
+        for the report of the renewed certificate."""
         interval = self.config.status_interval
-        while True:
-            if not self.connected.is_set():
+        names = self.config.names
+        cacerts = asyncio.Event()
+
+        async def changed(event: base.WatchEvent) -> None:
+            if event.object.name == names.istio_ca:
+                cacerts.set()
+
+        follower = asyncio.create_task(follow.follow(
+            self.store, base.SECRET_KIND, changed, namespace=names.istio_namespace))
+        failure_backoff = REPORT_RETRY
+        try:
+            while True:
+                if not self.connected.is_set():
+                    try:
+                        async with asyncio.timeout(interval):
+                            await self.connected.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                current = self.provider.current
+                wait = interval
+                if current is not None or self.config.insecure:
+                    cacerts.clear()
+                    try:
+                        held = await self._istio_ca_held()
+                        await self.client.report(self._status(current, held))
+                        failure_backoff = REPORT_RETRY
+                    except errors.MeshTrustError as exc:
+                        log.debug("status report failed: %s", exc)
+                        wait = min(retry.delay(exc, failure_backoff), interval)
+                        failure_backoff = retry.next_backoff(exc, failure_backoff, interval)
+                waits = [asyncio.ensure_future(self.provider.wait_for_change(current,
+                                                                             timeout=wait)),
+                         asyncio.ensure_future(cacerts.wait())]
                 try:
-                    async with asyncio.timeout(interval):
-                        await self.connected.wait()
-                except TimeoutError:
-                    pass
-                continue
-            current = self.provider.current
-            if current is not None or self.config.insecure:
-                try:
-                    held = await self._istio_ca_held()
-                    await self.client.report(self._status(current, held))
-                except errors.MeshTrustError as exc:
-                    log.debug("status report failed: %s", exc)
-            await self.provider.wait_for_change(current, timeout=interval)
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
 
     async def _istio_ca_held(self) -> list[messages.HeldCertificate]:
         """The Istio CA in ``cacerts``, as the server's inventory should see it.

@@ -9,6 +9,10 @@ import socket
 from meshtrust import errors, settings
 from meshtrust.pki import keys
 
+# Seconds between two status reports that nothing prompted: a report also goes as soon as
+# the client certificate or the Istio CA changes, so this only refreshes the server's view.
+DEFAULT_STATUS_INTERVAL = 300.0
+
 
 def default_replica() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -27,7 +31,8 @@ class AgentConfig:
     key_type: keys.KeyType = keys.KeyType.EC_P256
     replica: str = dataclasses.field(default_factory=default_replica)
     lease_ttl: float = 15.0
-    status_interval: float = 30.0
+    # Reports also go at once when what the agent holds changes (agent.app._report).
+    status_interval: float = DEFAULT_STATUS_INTERVAL
     reconnect_max: float = 30.0
     rotate: bool | None = None  # None: rotate unless bring-your-own is detected
     metrics: str | None = None  # host:port to serve Prometheus metrics on

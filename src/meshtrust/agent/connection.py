@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 from meshtrust import errors, rpc
@@ -87,7 +87,7 @@ class Retirement:
         channel, _ = self._retired.pop(key)
         await channel.close()
 
-    def _spawn(self, job: Any) -> asyncio.Task[None]:
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(job)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from meshtrust.agent import app
+from meshtrust.agent import config as agent_config
 from meshtrust.agent.config import AgentConfig
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
@@ -42,8 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                           "(default host-pid)")
     parser.add_argument("--lease-ttl", type=float, default=15.0,
                         help="leader lease duration in seconds (default %(default)s)")
-    parser.add_argument("--status-interval", type=float, default=30.0,
-                        help="seconds between status reports (default %(default)s)")
+    parser.add_argument("--status-interval", type=float,
+                        default=agent_config.DEFAULT_STATUS_INTERVAL,
+                        help="seconds between status reports when nothing changed; the agent "
+                             "also reports as soon as its client certificate or its Istio CA "
+                             "changes (default %(default)s)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics")
     parser.add_argument("--simulate-pods", action="store_true",

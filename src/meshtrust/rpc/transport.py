@@ -139,6 +139,12 @@ def peer_host(context: grpc.aio.ServicerContext) -> str:
     return peer
 
 
+def time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds until the caller's deadline, None if it set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else float(remaining)
+
+
 def metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     for item in context.invocation_metadata() or ():
         if item.key == key:

@@ -16,6 +16,10 @@ callers wait in arrival order, as many as can be served within ``max_wait``
 seconds at the rate the server is issuing (or a fixed ``queue``); the rest are
 refused at once with ``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the
 wire) and a time to retry, and so is a caller still waiting after ``max_wait``.
+A caller with a deadline waits no longer than would still let its issuance
+finish before it: an answer its caller has given up on is work thrown away.
+A waiting call costs the server memory only, a refusal a whole call more, so
+waiting is the cheaper way to hold a burst.
 
 The retry times are a schedule, not a guess: the server knows how long an
 issuance takes (a moving average) and so how many it completes per second at
@@ -115,9 +119,12 @@ class Admission:
         return self._duration / self.limit
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one of the slots for the block; RateLimited if none comes in time."""
-        await self._acquire()
+    async def slot(self, remaining: float | None = None) -> AsyncIterator[None]:
+        """Hold one of the slots for the block; RateLimited if none comes in time.
+
+        ``remaining``: seconds to the caller's deadline, if it has one.
+        """
+        await self._acquire(self._patience(remaining))
         started = self._now()
         try:
             yield
@@ -136,18 +143,24 @@ class Admission:
         else:
             self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
 
-    async def _acquire(self) -> None:
+    def _patience(self, remaining: float | None) -> float:
+        """How long a caller may wait: max_wait, less if its issuance would end too late."""
+        if remaining is None:
+            return self.options.max_wait
+        return max(0.0, min(self.options.max_wait, remaining - self._duration))
+
+    async def _acquire(self, patience: float) -> None:
         if self._in_flight < self.limit and not self._waiting:
             self._in_flight += 1
             self.admitted += 1
             return
-        if not self._may_wait():
+        if not self._may_wait(patience):
             raise self._refuse()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._waiting += 1
         try:
-            async with asyncio.timeout(self.options.max_wait):
+            async with asyncio.timeout(patience):
                 await waiter
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():
@@ -162,13 +175,13 @@ class Admission:
             raise
         self.admitted += 1
 
-    def _may_wait(self) -> bool:
-        """Whether one more caller may queue: a fixed queue, or one served within max_wait."""
-        if self.options.max_wait == 0:
+    def _may_wait(self, patience: float) -> bool:
+        """Whether one more caller may queue: a fixed queue, or one served in its patience."""
+        if patience <= 0:
             return False
         if self.options.queue is not None:
             return self._waiting < self.options.queue
-        return (self._waiting + 1) * self.seconds_per_issuance <= self.options.max_wait
+        return (self._waiting + 1) * self.seconds_per_issuance <= patience
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         """A waiter gives up: it no longer counts, and ``_release`` passes it over."""

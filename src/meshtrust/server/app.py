@@ -46,6 +46,9 @@ AUDIT_PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the audit log
 # After a reconcile round, rest this many times its duration (at most RECONCILE_REST_MAX
 # seconds), so that rounds take at most a tenth of the server's time; with no change, the
 # next round comes after RECONCILE_IDLE times its duration, or the reconcile interval.
+LAG_SAMPLE = 0.5  # seconds between two measurements of the event loop's lag
+LAG_WARN = 1.0  # a lag above this many seconds is logged (at most every LAG_WARN_EVERY s)
+LAG_WARN_EVERY = 10.0
 RECONCILE_REST = 9.0
 RECONCILE_REST_MAX = 60.0
 RECONCILE_IDLE = 10.0
@@ -148,7 +151,11 @@ class Server:
             self._tasks.append(asyncio.create_task(self._follow_server_secret()))
         self._tasks.append(asyncio.create_task(self._follow_registry()))
         self._tasks.append(asyncio.create_task(self._follow_work()))
-        self._tasks.append(asyncio.create_task(self.leadership.run()))
+        # The leases on a thread and a store connection of their own: a busy event loop
+        # must not delay their renewal (leadership.py).
+        self._tasks.append(asyncio.create_task(self.leadership.run_apart(
+            lambda: open_store(self.config.store))))
+        self._tasks.append(asyncio.create_task(self._watch_lag()))
         # What writes on a timer runs on the leader only; every replica serves.
         self._tasks.append(asyncio.create_task(self.leadership.while_leading(
             self._reconcile_trust, self._prune_audit, self._sweep_replicas)))
@@ -316,6 +323,22 @@ class Server:
         finally:
             for task in followers:
                 task.cancel()
+
+    async def _watch_lag(self) -> None:
+        """Measure how late the event loop runs a timer: the wait every call adds when busy."""
+        loop = asyncio.get_running_loop()
+        warned = -LAG_WARN_EVERY
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(LAG_SAMPLE)
+            now = loop.time()
+            lag = max(0.0, now - asked - LAG_SAMPLE)
+            self.metrics.loop_lag.set(lag)
+            if lag > LAG_WARN and now - warned >= LAG_WARN_EVERY:
+                warned = now
+                log.warning("the server is overloaded: its event loop ran %.1f s late (%d "
+                            "issuances in flight, %d waiting for a slot)", lag,
+                            self.admission.in_flight, self.admission.waiting)
 
     async def _prune_audit(self) -> None:
         """Keep the audit log within its retention: at start, then every hour."""

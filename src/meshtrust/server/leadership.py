@@ -18,6 +18,12 @@ next one takes it at once.
 Each replica also holds a presence lease ``meshtrust-server.<replica>``: the
 leader drops the connection records of replicas whose presence expired,
 and deletes such leases.
+
+A replica that thousands of agents keep busy answers everything late, and a
+renewal that waits its turn behind their calls can miss the lease: the
+replica would stop reconciling just when a rotation storm needs it. So the
+server keeps its leases on a thread, an event loop and a store connection of
+their own (``run_apart``); the jobs still run on the server's event loop.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import Any, NoReturn
@@ -83,9 +90,13 @@ class Leadership:
         self._clock = clock
         self._namespace = namespace
         self._leases = lease.Leases(store, namespace=namespace, clock=clock)
+        # Whether this replica holds the lease, as the renewals see it; the two events say
+        # the same on the loop the jobs run on (``_home``), which may be another thread's.
+        self._holding = False
         self._leading = asyncio.Event()
         self._following = asyncio.Event()
         self._following.set()
+        self._home: asyncio.AbstractEventLoop | None = None
         self._poke = asyncio.Event()
         self._deadline = 0.0  # monotonic time until which the leadership is surely ours
         self._present_until = 0.0
@@ -98,20 +109,44 @@ class Leadership:
 
     def leading(self) -> bool:
         """True while this replica surely holds the lease (checked before each round)."""
-        return self._leading.is_set() and time.monotonic() < self._deadline
+        return self._holding and time.monotonic() < self._deadline
 
-    async def run(self) -> NoReturn:
-        """Renew or seek the leader lease and the presence lease, forever."""
+    async def run_apart(self, open_store: Callable[[], Awaitable[base.Store]]) -> NoReturn:
+        """``run`` on a thread and an event loop of its own, with the store ``open_store``
+        opens there; cancel this task to stop it. ``while_leading`` stays on this loop."""
+        home = asyncio.get_running_loop()
+
+        async def renewing() -> None:
+            store = await open_store()
+            try:
+                await self.run(store, home=home)
+            finally:
+                await store.close()
+
+        await _in_own_thread(renewing, name=f"leases-{self.replica}")
+        raise AssertionError("unreachable")  # run returns only by an exception
+
+    async def run(self, store: base.Store | None = None, *,
+                  home: asyncio.AbstractEventLoop | None = None) -> NoReturn:
+        """Renew or seek the leader lease and the presence lease, forever.
+
+        ``store``: where to keep the leases, by default the store given at
+        construction (the same data, through another connection); ``home``: the
+        event loop the jobs run on, when this runs on another one.
+        """
+        self._home = home
+        leases = self._leases if store is None else lease.Leases(
+            store, namespace=self._namespace, clock=self._clock)
         interval = self.ttl / 3
-        watcher = asyncio.create_task(self._watch_releases())
+        watcher = asyncio.create_task(self._watch_releases(store or self._store))
         try:
             while True:
                 started = time.monotonic()
-                await self._presence(started)
+                await self._presence(started, leases)
                 held: bool | None
                 try:
                     async with asyncio.timeout(interval):
-                        held = await self._leases.acquire(LEADER_LEASE, self.replica, self.ttl)
+                        held = await leases.acquire(LEADER_LEASE, self.replica, self.ttl)
                 except TimeoutError:
                     log.warning("leader election: the store did not answer in %.1f s", interval)
                     held = None
@@ -128,7 +163,7 @@ class Leadership:
                     self._set(True)
                 elif held is False or time.monotonic() >= self._deadline:
                     self._set(False)
-                await self._pause(interval, started)
+                await self._pause(interval, started, store or self._store)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -191,24 +226,37 @@ class Leadership:
     # -- inside ---------------------------------------------------------------------------
 
     def _set(self, leading: bool) -> None:
-        if leading == self._leading.is_set():
+        if leading == self._holding:
             return
+        self._holding = leading
         if leading:
-            self._following.clear()
-            self._leading.set()
             log.info("replica %s is now the leader (lease %s, ttl %d s)", self.replica,
                      LEADER_LEASE, self.ttl)
         else:
+            log.info("replica %s is no longer the leader", self.replica)
+        home = self._home
+        if home is not None and home is not _running_loop():
+            home.call_soon_threadsafe(self._switch, leading)
+        else:
+            self._switch(leading)
+
+    def _switch(self, leading: bool) -> None:
+        """Start or stop the jobs (on the loop they run on)."""
+        if leading != self._holding or leading == self._leading.is_set():
+            return  # changed again meanwhile, or already so
+        if leading:
+            self._following.clear()
+            self._leading.set()
+        else:
             self._leading.clear()
             self._following.set()
-            log.info("replica %s is no longer the leader", self.replica)
         self.on_change(leading)
 
-    async def _presence(self, started: float) -> None:
+    async def _presence(self, started: float, leases: lease.Leases) -> None:
         """Renew the presence lease; after a gap, say again what this replica holds."""
         try:
             async with asyncio.timeout(self.ttl / 3):
-                held = await self._leases.acquire(self.presence_lease, self.replica, self.ttl)
+                held = await leases.acquire(self.presence_lease, self.replica, self.ttl)
         except TimeoutError:
             log.warning("presence lease: the store did not answer in %.1f s", self.ttl / 3)
             return
@@ -226,18 +274,25 @@ class Leadership:
         self._present_until = started + self.ttl
         if gap and self.on_present_again is not None:
             try:
-                await self.on_present_again()
+                await self._at_home(self.on_present_again)
             except Exception:  # noqa: BLE001 - try again on the next renewal
                 log.exception("cannot record this replica's connections again; retrying")
                 self._present_until = 0.0
 
-    async def _pause(self, interval: float, started: float) -> None:
+    async def _at_home(self, job: Job) -> None:
+        """Run ``job`` on the loop the jobs run on, and wait for it."""
+        home = self._home
+        if home is None or home is _running_loop():
+            await job()
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(job(), home))
+
+    async def _pause(self, interval: float, started: float, store: base.Store) -> None:
         """Sleep a third of the TTL, or less: until the lease seen expires, or is released."""
         wait = interval - (time.monotonic() - started)
-        if not self._leading.is_set():
+        if not self._holding:
             try:
-                current = await self._store.get_resource(lease.KIND, self._namespace,
-                                                         LEADER_LEASE)
+                current = await store.get_resource(lease.KIND, self._namespace, LEADER_LEASE)
                 held = lease.Holding.of(current)
                 if held.renewed is not None:
                     expires = held.renewed + held.duration - self._clock.now()
@@ -249,13 +304,60 @@ class Leadership:
             async with asyncio.timeout(max(wait, 0.01)):
                 await self._poke.wait()
 
-    async def _watch_releases(self) -> NoReturn:
+    async def _watch_releases(self, store: base.Store) -> NoReturn:
         """Wake the election at once when the leader lease is released or deleted."""
         async def changed(event: base.WatchEvent) -> None:
-            if event.object.name != LEADER_LEASE or self._leading.is_set():
+            if event.object.name != LEADER_LEASE or self._holding:
                 return
             spec = event.object.spec if isinstance(event.object, base.Resource) else {}
             if event.type is base.EventType.DELETED or not spec.get("holderIdentity"):
                 self._poke.set()
 
-        await follow.follow(self._store, lease.KIND, changed, namespace=self._namespace)
+        await follow.follow(store, lease.KIND, changed, namespace=self._namespace)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _in_own_thread(make: Callable[[], Coroutine[Any, Any, None]], *, name: str) -> None:
+    """Run ``make()`` on a new event loop in a new thread until it ends, and raise what it
+    raised; cancelling the calling task cancels it there and waits for the thread."""
+    home = asyncio.get_running_loop()
+    finished: asyncio.Future[BaseException | None] = home.create_future()
+    loop = asyncio.new_event_loop()
+
+    def settle(outcome: BaseException | None) -> None:
+        if not finished.done():
+            finished.set_result(outcome)
+
+    def body() -> None:
+        outcome: BaseException | None = None
+        try:
+            loop.run_until_complete(make())
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling task
+            outcome = exc
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+            with contextlib.suppress(RuntimeError):  # the calling loop is gone already
+                home.call_soon_threadsafe(settle, outcome)
+
+    def cancel_all() -> None:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    try:
+        outcome = await asyncio.shield(finished)
+    except asyncio.CancelledError:
+        with contextlib.suppress(RuntimeError):  # its loop is closed: it ended already
+            loop.call_soon_threadsafe(cancel_all)
+        await asyncio.wait({finished}, timeout=30)
+        raise
+    if outcome is not None:
+        raise outcome

@@ -51,7 +51,7 @@ class BootstrapService(transport.services.BootstrapServicer):
             with self._meters.bootstrapping():
                 _check_version(request)
                 self._limiter.check(peer)
-                async with self._admission.slot():
+                async with self._admission.slot(transport.time_remaining(context)):
                     with self._meters.issuing(metrics.RELAY_CLIENT):
                         issued = await self._authority.bootstrap(
                             request.cluster, request.token, request.csr, peer=peer)
@@ -129,7 +129,7 @@ class RelayService(transport.services.RelayServicer):
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
         cluster = await self._cluster(context, request)
         try:
-            async with self._admission.slot():
+            async with self._admission.slot(transport.time_remaining(context)):
                 with self._meters.issuing(metrics.RELAY_CLIENT):
                     issued = await self._authority.renew(cluster, request.csr)
         except errors.RateLimited as exc:
@@ -254,7 +254,7 @@ class RelayService(transport.services.RelayServicer):
                 raise errors.ConfigError(
                     f"no work item {request.id!r} is waiting for this cluster")
             if request.stage in ("", "csr"):
-                async with self._admission.slot():
+                async with self._admission.slot(transport.time_remaining(context)):
                     with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
                         signed = await self._istio.sign(cluster, request.id, request.csr)
                 self._meters.certificate(signed.certificate, kind="istio-intermediate",
