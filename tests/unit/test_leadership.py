@@ -223,6 +223,36 @@ class TestLeasesApart:
         assert left == 0
 
 
+    def test_a_store_that_cannot_be_opened_yet_is_tried_again(self, tmp_path: Any) -> None:
+        """The leases' own connection fails twice (the database is restarting): the
+        replica still comes to lead, once it opens."""
+        url = f"sqlite:///{tmp_path / 'mgmt.db'}"
+
+        async def scenario() -> int:
+            main = await open_store(url)
+            elector = leadership.Leadership(main, clock_module.SystemClock(),
+                                            replica="server-a", ttl=TTL, namespace=NS)
+            attempts = 0
+
+            async def flaky() -> Any:
+                nonlocal attempts
+                attempts += 1
+                if attempts <= 2:
+                    raise errors.StoreUnavailable("connection refused")
+                return await open_store(url)
+
+            apart = asyncio.create_task(elector.run_apart(flaky))
+            try:
+                await until(elector.leading, 5, "the replica to lead")
+            finally:
+                apart.cancel()
+                await asyncio.gather(apart, return_exceptions=True)
+                await main.close()
+            return attempts
+
+        assert asyncio.run(scenario()) == 3
+
+
 class TestReplicaNames:
     def test_default_is_a_dns_label(self) -> None:
         """The default name, from the host name and process id, can name a lease."""

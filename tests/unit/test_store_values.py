@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import threading
+import time
+from typing import Any
 
 import pytest
 
 from meshtrust import errors, testing
-from meshtrust.store import base, manifest
+from meshtrust.store import backend, base, manifest, sqlite
 
 UTC = dt.UTC
 
@@ -148,3 +152,64 @@ class TestFakeClock:
         """Advancing by a negative amount is a caller error."""
         with pytest.raises(ValueError, match="does not go backwards"):
             testing.FakeClock().advance(-1)
+
+
+class TestLoadingMany:
+    def test_a_long_list_lets_other_tasks_run_while_it_is_parsed(self) -> None:
+        """Parsing a thousand records hands the event loop over between slices, and keeps
+        their order."""
+        texts = [manifest.dump_json(base.Resource(
+            api_version="v1", kind="Thing", namespace="ns", name=f"thing-{i:04d}"))
+            for i in range(1000)]
+
+        async def scenario() -> tuple[list[str], int]:
+            turns = 0
+            done = False
+
+            async def other() -> None:
+                nonlocal turns
+                while not done:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            beside = asyncio.create_task(other())
+            await asyncio.sleep(0)
+            started = turns
+            loaded = await backend.load_all(texts, source="test")
+            done = True
+            await beside
+            return [obj.name for obj in loaded], turns - started
+
+        names, turns = asyncio.run(scenario())
+        assert names == [f"thing-{i:04d}" for i in range(1000)]
+        assert turns >= 1000 // backend.LOAD_SLICE
+
+
+class TestWriteTurns:
+    def test_writers_of_one_file_take_the_lock_in_arrival_order(self, tmp_path: Any) -> None:
+        """A writer that asks for the lock while another holds it and a third waits gets it
+        third, whatever the first does next: one busy writer cannot keep another out."""
+        turns = sqlite._turns_for(str(tmp_path / "a.db"))
+        assert sqlite._turns_for(str(tmp_path / "." / "a.db")) is turns  # one per file
+        order: list[str] = []
+        holding = threading.Event()
+
+        def busy() -> None:  # takes turn after turn, as a writer under a storm
+            for _ in range(3):
+                with turns.turn():
+                    order.append("busy")
+                    holding.set()
+                    time.sleep(0.05)
+
+        def lease() -> None:
+            with turns.turn():
+                order.append("lease")
+
+        first = threading.Thread(target=busy)
+        first.start()
+        holding.wait()
+        second = threading.Thread(target=lease)
+        second.start()
+        first.join()
+        second.join()
+        assert order == ["busy", "lease", "busy", "busy"]

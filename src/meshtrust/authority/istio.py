@@ -19,7 +19,7 @@ import enum
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cryptography import x509
@@ -280,13 +280,14 @@ class IstioAuthority:
         """Bring every IssuedCertificate in line with the policies, clusters and the clock.
 
         The intermediates are read in one list, and up to ``RECONCILE_PARALLEL``
-        clusters are brought in line at once, so that their writes share commits.
+        clusters are brought in line at once, so that their writes share commits; the
+        event loop gets a turn after each cluster, so that a round over a fleet of
+        thousands, most of them already in line, does not hold every call meanwhile.
         """
         clusters = {c.name for c in await self._registry.list()}
         existing = {item.name: item for item in
                     await self._store.list_resources(ISSUED_KIND, namespace=self._ns)}
         wanted: set[str] = set()
-        gate = asyncio.Semaphore(RECONCILE_PARALLEL)
         for resource, policy in await self.policies():
             try:
                 current = await self.signer(policy)
@@ -301,15 +302,18 @@ class IstioAuthority:
                 "rootFingerprint": bundle.fingerprint(current.ca.root),
                 "signer": current.ca.provider}, drop=("clusters",))
             template = _spec_template(policy, resource.generation, current)
+            queue = iter(selected)
 
-            async def ensure(cluster: str, policy: trust_policy.TrustPolicy = policy,
-                             template: dict[str, Any] = template) -> None:
-                async with gate:
+            async def worker(policy: trust_policy.TrustPolicy = policy,
+                             template: dict[str, Any] = template,
+                             queue: Iterator[str] = queue) -> None:
+                for cluster in queue:
                     await self._ensure(policy, cluster, {**template, "cluster": cluster},
                                        existing.get(issued_name(policy.name, cluster)))
+                    await asyncio.sleep(0)
 
             wanted.update(issued_name(policy.name, cluster) for cluster in selected)
-            outcomes = await asyncio.gather(*(ensure(c) for c in selected),
+            outcomes = await asyncio.gather(*(worker() for _ in range(RECONCILE_PARALLEL)),
                                             return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):

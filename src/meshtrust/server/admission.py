@@ -67,7 +67,12 @@ class Options:
     queue: int | None = None
     max_wait: float = 1.0  # seconds a caller waits for a slot before it is refused
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
-    max_retry: float = 30.0  # past it a caller is told again, at the rate known by then
+    # Past it a caller is told again, at the rate known by then. Not less than the time
+    # the server needs for what is asked of it: ten thousand callers at ten issuances a
+    # second told to come back within 30 s would each be refused again and again, and the
+    # refusals alone would take the server's time. Agents cap a wait at the same 300 s
+    # (agent.backoff.MAX_HINT).
+    max_retry: float = 300.0
 
     def __post_init__(self) -> None:
         if self.limit < 1:

@@ -97,6 +97,7 @@ class Server:
         self.leadership.on_present_again = self.relay_service.record_connections
         self.leadership.on_change = lambda leading: self.metrics.leader.set(int(leading))
         self._fleet_connected: set[str] = set()  # clusters with a stream to any replica
+        self._pruned_at = 0.0  # event loop time of the last audit prune; 0: none yet
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server()
         self._tasks: list[asyncio.Task[None]] = []
@@ -341,8 +342,13 @@ class Server:
                             self.admission.in_flight, self.admission.waiting)
 
     async def _prune_audit(self) -> None:
-        """Keep the audit log within its retention: at start, then every hour."""
+        """Keep the audit log within its retention: at start, then every hour (not again
+        each time this replica becomes the leader: pruning reads the whole log)."""
+        loop = asyncio.get_running_loop()
         while True:
+            due = self._pruned_at + AUDIT_PRUNE_INTERVAL - loop.time()
+            if self._pruned_at and due > 0:
+                await asyncio.sleep(due)
             try:
                 removed = await self.audit.prune(max_age=self.config.audit_retention,
                                                  max_events=self.config.audit_max_events)
@@ -350,7 +356,7 @@ class Server:
                     log.info("audit log: removed %d records past the retention", removed)
             except Exception:  # noqa: BLE001 - keep pruning; log and go on
                 log.exception("pruning the audit log failed; retrying in an hour")
-            await asyncio.sleep(AUDIT_PRUNE_INTERVAL)
+            self._pruned_at = loop.time()
 
     async def _rotate_relay_root(self) -> None:
         """Start a relay root rotation when the root is due; move the one under way on."""

@@ -117,7 +117,14 @@ class Leadership:
         home = asyncio.get_running_loop()
 
         async def renewing() -> None:
-            store = await open_store()
+            while True:
+                try:
+                    store = await open_store()
+                    break
+                except errors.MeshTrustError as exc:  # the store is down: try again
+                    log.warning("leases: cannot open the store: %s; retrying in %.1f s", exc,
+                                self.ttl / 3)
+                    await asyncio.sleep(self.ttl / 3)
             try:
                 await self.run(store, home=home)
             finally:
@@ -142,7 +149,6 @@ class Leadership:
         try:
             while True:
                 started = time.monotonic()
-                await self._presence(started, leases)
                 held: bool | None
                 try:
                     async with asyncio.timeout(interval):
@@ -163,6 +169,8 @@ class Leadership:
                     self._set(True)
                 elif held is False or time.monotonic() >= self._deadline:
                     self._set(False)
+                # After the leader lease, whose renewal must not wait for this one.
+                await self._presence(started, leases)
                 await self._pause(interval, started, store or self._store)
         finally:
             watcher.cancel()

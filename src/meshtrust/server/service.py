@@ -127,7 +127,9 @@ class RelayService(transport.services.RelayServicer):
         await transport.abort(context, exc)
 
     async def Renew(self, request: Any, context: Any) -> messages.CertificateResponse:
-        cluster = await self._cluster(context, request)
+        # The renewal itself refuses an unregistered cluster, once it is this call's turn: a
+        # storm's calls that are told to come back later cost no store read.
+        cluster = await self._cluster(context, request, registered=False)
         try:
             async with self._admission.slot(transport.time_remaining(context)):
                 with self._meters.issuing(metrics.RELAY_CLIENT):
@@ -248,13 +250,15 @@ class RelayService(transport.services.RelayServicer):
             await self._authority.registry.connect(cluster, self.replica)
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
-        cluster = await self._cluster(context, request)
+        cluster = await self._cluster(context, request, registered=False)
+        registry = self._authority.registry
         try:
             if self._istio is None:
                 raise errors.ConfigError(
                     f"no work item {request.id!r} is waiting for this cluster")
             if request.stage in ("", "csr"):
                 async with self._admission.slot(transport.time_remaining(context)):
+                    await registry.get(cluster)  # still registered, now that it is its turn
                     with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
                         signed = await self._istio.sign(cluster, request.id, request.csr)
                 self._meters.certificate(signed.certificate, kind="istio-intermediate",
@@ -265,6 +269,7 @@ class RelayService(transport.services.RelayServicer):
                 return messages.WorkAck(certificate_chain=signed.chain_pem,
                                         root_bundle=signed.root_bundle)
             ok = request.stage == "finished"
+            await registry.get(cluster)
             await self._istio.report(cluster, request.id, ok=ok, message=request.error,
                                      pods=list(request.pods_bounced),
                                      restart_needed=request.restart_needed)

@@ -10,9 +10,25 @@ protocol's typed reads and writes.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
 
-from meshtrust.store import base, change, feed
+from meshtrust.store import base, change, feed, manifest
+
+# Stored records parsed between two turns of the event loop: parsing the ten thousand
+# clusters of a fleet at once would hold every call for seconds.
+LOAD_SLICE = 256
+
+
+async def load_all(texts: Iterable[str | bytes], *, source: str) -> list[base.Object]:
+    """Parse stored records (``manifest.load_json``), letting other tasks run between
+    slices of ``LOAD_SLICE``."""
+    loaded: list[base.Object] = []
+    for text in texts:
+        if loaded and not len(loaded) % LOAD_SLICE:
+            await asyncio.sleep(0)
+        loaded.append(manifest.load_json(text, source=source))
+    return loaded
 
 
 class Backend(abc.ABC):

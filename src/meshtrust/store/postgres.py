@@ -223,7 +223,7 @@ class PostgresStore(backend.Backend):
             sql += " AND labels @> %s::jsonb"
             params.append(json.dumps(dict(labels)))
         rows = await self._query(sql + " ORDER BY namespace, name", params)
-        return [manifest.load_json(row[0], source=self._name) for row in rows]
+        return await backend.load_all((row[0] for row in rows), source=self._name)
 
     async def _read_changes(self, after: int, kind: str, namespace: str | None,
                             limit: int) -> tuple[list[base.WatchEvent], int]:
@@ -244,9 +244,10 @@ class PostgresStore(backend.Backend):
             cursor = await conn.execute(sql + " ORDER BY revision LIMIT %s",
                                         params + [limit])
             rows = await cursor.fetchall()
+        loaded = await backend.load_all((row[2] for row in rows), source=self._name)
         events = [base.WatchEvent(type=base.EventType(kind_), resource_version=int(revision),
-                                  object=manifest.load_json(body, source=self._name))
-                  for revision, kind_, body in rows]
+                                  object=obj)
+                  for (revision, kind_, _), obj in zip(rows, loaded, strict=True)]
         examined = events[-1].resource_version if len(rows) == limit else head
         return events, examined
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +26,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from meshtrust import clock as clock_module
@@ -56,6 +57,45 @@ DEFAULT_HISTORY = 10_000
 BUSY_TIMEOUT = 10.0
 MAX_BATCH = 512
 _WRITTEN_CACHE = 4096
+
+
+class _Turns:
+    """The writers of one database file in this process take its write lock in turn.
+
+    SQLite's own wait for a busy lock is not fair: a writer that commits batch
+    after batch can keep another connection out for seconds (the server's leases
+    have a connection of their own, and must be renewed in time). Within one
+    process, writers queue here first, in arrival order, so that each waits at
+    most for the batches ahead of it.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._changed:
+            ticket = self._issued
+            self._issued += 1
+            while ticket != self._serving:
+                self._changed.wait()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._serving += 1
+                self._changed.notify_all()
+
+
+_TURNS: dict[str, _Turns] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def _turns_for(path: str) -> _Turns:
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(os.path.realpath(path), _Turns())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +199,7 @@ class SqliteStore(backend.Backend):
         self._closed = False
         # What this writer last stored per key, to skip parsing it back (writer thread only).
         self._written: dict[change.Key, base.Object] = {}
+        self._turns = _turns_for(path)
         self._thread.start()
 
     @classmethod
@@ -240,7 +281,7 @@ class SqliteStore(backend.Backend):
             sql += " AND json_extract(labels, ?) = ?"
             params += [f'$."{key}"', value]
         rows = await self._query(sql + " ORDER BY namespace, name", params)
-        return [manifest.load_json(row[0], source=self._name) for row in rows]
+        return await backend.load_all((row[0] for row in rows), source=self._name)
 
     async def _read_changes(self, after: int, kind: str, namespace: str | None,
                             limit: int) -> tuple[list[base.WatchEvent], int]:
@@ -254,9 +295,10 @@ class SqliteStore(backend.Backend):
             params.append(namespace)
         rows = await self._query(sql + " AND revision <= ? ORDER BY revision LIMIT ?",
                                  params + [meta["revision"], limit])
+        loaded = await backend.load_all((row[2] for row in rows), source=self._name)
         events = [base.WatchEvent(type=base.EventType(kind_), resource_version=revision,
-                                  object=manifest.load_json(body, source=self._name))
-                  for revision, kind_, body in rows]
+                                  object=obj)
+                  for (revision, kind_, _), obj in zip(rows, loaded, strict=True)]
         examined = events[-1].resource_version if len(rows) == limit else meta["revision"]
         return events, examined
 
@@ -303,43 +345,48 @@ class SqliteStore(backend.Backend):
                 loop.call_soon_threadsafe(_resolve, done, answers, notify)
 
     def _commit(self, jobs: list[_Job]) -> list[base.WatchEvent | Exception]:
-        conn = self._writer
-        now = self._clock.now()
-        results: list[base.WatchEvent | Exception] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if meta.get("schema_version") != SCHEMA_VERSION:
-                    raise errors.SchemaError(
-                        f"sqlite store {self._name} changed to schema "
-                        f"{meta.get('schema_version')} while open; restart meshtrust")
-                head = int(meta["revision"])
-                for job in jobs:
-                    try:
-                        event = change.apply(job.write, self._current(job.write.key),
-                                             head + 1, now)
-                    except (errors.StoreError, errors.ConfigError) as exc:
-                        results.append(exc)
-                        continue
-                    head = event.resource_version
-                    self._persist(event)
-                    results.append(event)
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (head,))
-                if head - int(meta["compacted"]) > self._history + self._history // 8:
-                    conn.execute("DELETE FROM changes WHERE revision <= ?",
-                                 (head - self._history,))
-                    conn.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
-                                 (head - self._history,))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            with self._turns.turn():
+                return self._apply(jobs)
         except sqlite3.Error as exc:
             return [_translate(exc, self._name)] * len(jobs)
         except errors.MeshTrustError as exc:
             return [exc] * len(jobs)
+
+    def _apply(self, jobs: list[_Job]) -> list[base.WatchEvent | Exception]:
+        """Apply ``jobs`` in one transaction; each write's own failure is its result."""
+        conn = self._writer
+        now = self._clock.now()
+        results: list[base.WatchEvent | Exception] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise errors.SchemaError(
+                    f"sqlite store {self._name} changed to schema "
+                    f"{meta.get('schema_version')} while open; restart meshtrust")
+            head = int(meta["revision"])
+            for job in jobs:
+                try:
+                    event = change.apply(job.write, self._current(job.write.key),
+                                         head + 1, now)
+                except (errors.StoreError, errors.ConfigError) as exc:
+                    results.append(exc)
+                    continue
+                head = event.resource_version
+                self._persist(event)
+                results.append(event)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (head,))
+            if head - int(meta["compacted"]) > self._history + self._history // 8:
+                conn.execute("DELETE FROM changes WHERE revision <= ?",
+                             (head - self._history,))
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'compacted'",
+                             (head - self._history,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return results
 
     def _current(self, key: change.Key) -> base.Object | None:
