@@ -111,8 +111,9 @@ class Metrics:
             registry=self.registry)
         self.loop_lag = prom.Gauge(
             "meshtrust_server_event_loop_lag_seconds",
-            "How late the server's event loop ran a timer last (sampled every half second): "
-            "above a second the server is overloaded and every call waits that long more.",
+            "How late the server's event loop ran a timer, at most, in the last 10 s (sampled "
+            "every half second): above a second the server is overloaded and calls wait that "
+            "long more.",
             registry=self.registry)
         self.rotation_step = prom.Gauge(
             "meshtrust_root_rotation_step",

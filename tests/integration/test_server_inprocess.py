@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshtrust import clock as clock_module
@@ -124,3 +127,38 @@ class TestServerRefusals:
         assert "relay protocol 99" in str(newer)
         assert isinstance(no_cert, errors.AuthError)
         assert "client certificate is required" in str(no_cert)
+
+
+async def _stalled(tmp: Path) -> tuple[float, float]:
+    """The lag gauge while the server's loop is idle, and after it was held for 1.6 s."""
+    metrics_address = f"127.0.0.1:{_port()}"
+    cfg = config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
+                              listen=f"127.0.0.1:{_port()}",
+                              bootstrap_listen=f"127.0.0.1:{_port()}", metrics=metrics_address)
+    store = await open_store(cfg.store)
+    server = app.Server(cfg, store)
+    await server.start()
+    lag = ("meshtrust_server_event_loop_lag_seconds", ())
+    try:
+        await asyncio.sleep(1.2)
+        idle = (await asyncio.to_thread(_scrape, metrics_address))[lag]
+        time.sleep(1.6)  # noqa: ASYNC251 - a handler that blocks the loop is the point
+        await asyncio.sleep(0.7)
+        held = (await asyncio.to_thread(_scrape, metrics_address))[lag]
+    finally:
+        await server.stop(0)
+        await store.close()
+    return idle, held
+
+
+class TestOverload:
+    def test_a_held_event_loop_shows_in_the_lag_gauge_and_the_log(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Idle, the loop runs its timers on time; held for 1.6 s, the gauge says about that
+        and the server logs that it is overloaded."""
+        caplog.set_level(logging.WARNING, logger="meshtrust.server.app")
+        idle, held = asyncio.run(_stalled(tmp_path))
+        assert idle < 0.5
+        assert 1.0 < held < 2.5
+        assert any("the server is overloaded: its event loop ran" in r.getMessage()
+                   for r in caplog.records)

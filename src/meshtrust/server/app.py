@@ -12,6 +12,7 @@ leader lease (``server.leadership``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -43,12 +44,12 @@ from meshtrust.store import base, follow, open_store
 log = logging.getLogger(__name__)
 
 AUDIT_PRUNE_INTERVAL = 3600.0  # seconds between two prunings of the audit log
+LAG_SAMPLE = 0.5  # seconds between two measurements of the event loop's lag
+LAG_WINDOW = 10.0  # the lag gauge shows the longest lag of this many seconds
+LAG_WARN = 1.0  # a lag above this many seconds is logged (at most once per LAG_WINDOW)
 # After a reconcile round, rest this many times its duration (at most RECONCILE_REST_MAX
 # seconds), so that rounds take at most a tenth of the server's time; with no change, the
 # next round comes after RECONCILE_IDLE times its duration, or the reconcile interval.
-LAG_SAMPLE = 0.5  # seconds between two measurements of the event loop's lag
-LAG_WARN = 1.0  # a lag above this many seconds is logged (at most every LAG_WARN_EVERY s)
-LAG_WARN_EVERY = 10.0
 RECONCILE_REST = 9.0
 RECONCILE_REST_MAX = 60.0
 RECONCILE_IDLE = 10.0
@@ -326,16 +327,22 @@ class Server:
                 task.cancel()
 
     async def _watch_lag(self) -> None:
-        """Measure how late the event loop runs a timer: the wait every call adds when busy."""
+        """Measure how late the event loop runs a timer: the wait every call adds when busy.
+        The gauge holds the longest lag of the last ``LAG_WINDOW`` seconds, so that a scrape
+        sees a stall that ended before it."""
         loop = asyncio.get_running_loop()
-        warned = -LAG_WARN_EVERY
+        warned = -LAG_WINDOW
+        recent: collections.deque[tuple[float, float]] = collections.deque()
         while True:
             asked = loop.time()
             await asyncio.sleep(LAG_SAMPLE)
             now = loop.time()
             lag = max(0.0, now - asked - LAG_SAMPLE)
-            self.metrics.loop_lag.set(lag)
-            if lag > LAG_WARN and now - warned >= LAG_WARN_EVERY:
+            recent.append((now, lag))
+            while recent[0][0] < now - LAG_WINDOW:
+                recent.popleft()
+            self.metrics.loop_lag.set(max(seen for _, seen in recent))
+            if lag > LAG_WARN and now - warned >= LAG_WINDOW:
                 warned = now
                 log.warning("the server is overloaded: its event loop ran %.1f s late (%d "
                             "issuances in flight, %d waiting for a slot)", lag,
