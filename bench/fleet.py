@@ -23,10 +23,10 @@ which the agents wait out as told) and dropped streams.
 
 ``--storm``: then every client certificate and every intermediate falls due
 at once: each agent renews after a random delay of at most ``--storm-spread``
-seconds (the worst case; the agents' own jitter spreads real renewals over a
-share of the grace window), and the policy is applied again with a new
-intermediate lifetime, which sends every cluster a new work item. Reports the
-time to drain, errors and p99.
+seconds (the agent's spread of an overdue renewal, ``--renew-spread``; the agents'
+jitter spreads renewals that are not overdue over a share of the grace window),
+and the policy is applied again with a new intermediate lifetime, which sends
+every cluster a new work item. Reports the time to drain, errors and p99.
 
 ``--root-rotation``: then the policy's root is rotated (as ``meshtrust rotate
 root`` does) while every worker runs mTLS handshakes between workloads of two
@@ -855,9 +855,11 @@ def main() -> int:
     parser.add_argument("--storm", action="store_true",
                         help="then renew every client certificate and re-issue every "
                              "intermediate at once")
-    parser.add_argument("--storm-spread", type=float, default=1.0,
+    parser.add_argument("--storm-spread", type=float,
+                        default=agent_config.DEFAULT_RENEW_SPREAD,
                         help="each agent renews after a random delay of at most this many "
-                             "seconds (default 1, the agent's rotator checks once a second)")
+                             "seconds (default: the agent's --renew-spread for an overdue "
+                             "renewal, %(default)s; 1 is the agent without it)")
     parser.add_argument("--root-rotation", action="store_true",
                         help="then rotate the policy's root while workloads of the clusters "
                              "handshake across clusters")

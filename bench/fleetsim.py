@@ -148,7 +148,8 @@ class SimAgent:
                     if _code(exc) not in self.reported_codes:
                         self.reported_codes.add(_code(exc))
                         logging.getLogger("fleetsim").warning(
-                            "%s of %s: %s: %s", what, self.name, _code(exc), exc.details())
+                            "%s of %s: %s: %s (%s)", what, self.name, _code(exc),
+                            exc.details(), exc.debug_error_string())
                     wait = backoff.delay(error, failure_backoff, self.rng)
                     failure_backoff = backoff.next_backoff(error, failure_backoff, 30.0)
                 if self.stopping:

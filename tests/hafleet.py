@@ -174,7 +174,7 @@ class HAFleet:
             f"agent-{cluster}", "agent", "--cluster", cluster, "--server", relay,
             "--bootstrap-server", boot, "--store", self.fleet.store_url(cluster),
             "--replica", f"{cluster}-a", "--lease-ttl", "2", "--status-interval", "1",
-            "--grace-ratio", "0.5")
+            "--renew-spread", "1", "--grace-ratio", "0.5")
         self.agents[cluster] = agent
         return agent
 

@@ -144,7 +144,7 @@ class Mesh:
                 f"agent-{cluster}", "agent", "--cluster", cluster, "--server",
                 proxy.address, "--store", self.fleet.store_url(cluster), "--insecure",
                 "--replica", f"{cluster}-a", "--lease-ttl", "2", "--status-interval", "1",
-                *argv)
+                "--renew-spread", "1", *argv)
         else:
             agent = self.fleet.start_agent(cluster, extra=argv)
         self.agents[cluster] = agent

@@ -220,7 +220,7 @@ class Fleet:
         replica = replica or f"{cluster}-a"
         argv = ["agent", "--cluster", cluster, "--server", self.server.relay,
                 "--store", self.store_url(cluster), "--replica", replica,
-                "--grace-ratio", str(grace_ratio), "--status-interval", "1",
+                "--grace-ratio", str(grace_ratio), "--status-interval", "1", "--renew-spread", "1",
                 "--lease-ttl", str(lease_ttl), *extra]
         if insecure:
             argv.append("--insecure")

@@ -12,6 +12,9 @@ from meshtrust.pki import keys
 # Seconds between two status reports that nothing prompted: a report also goes as soon as
 # the client certificate or the Istio CA changes, so this only refreshes the server's view.
 DEFAULT_STATUS_INTERVAL = 300.0
+# Seconds over which an overdue renewal is spread at random: a whole fleet finds its
+# certificates due at once after an outage, or when a relay root rotation asks them all.
+DEFAULT_RENEW_SPREAD = 30.0
 
 
 def default_replica() -> str:
@@ -28,6 +31,7 @@ class AgentConfig:
     insecure: bool = False
     grace_ratio: float = settings.DEFAULT_GRACE_RATIO
     jitter: float = 0.1
+    renew_spread: float = DEFAULT_RENEW_SPREAD
     key_type: keys.KeyType = keys.KeyType.EC_P256
     replica: str = dataclasses.field(default_factory=default_replica)
     lease_ttl: float = 15.0
@@ -46,6 +50,8 @@ class AgentConfig:
                 "clientTlsSecretRotationGracePeriodRatio must be between 0 and 1, e.g. 0.1")
         if not 0 <= self.jitter < 1:
             raise errors.ConfigError("jitter must be in [0, 1)")
+        if not 0 <= self.renew_spread <= 3600:
+            raise errors.ConfigError("renew spread must be from 0 to 3600 seconds")
         for name in ("server", *(("bootstrap_server",) if self.bootstrap_server else ())):
             value = getattr(self, name)
             for address in _addresses(value):

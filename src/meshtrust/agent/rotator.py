@@ -2,7 +2,10 @@
 
 It renews at ``notAfter − ratio × lifetime`` (moved earlier by jitter) with a
 new key, over mTLS, and writes ``relay-client-tls-secret``; the watcher then
-hands the new certificate to the provider. Failures back off and retry
+hands the new certificate to the provider. A renewal that is overdue when it
+is planned (the agent was down, or the server asks for it) waits a random part
+of ``renew_spread`` first: a fleet due at once then calls over that time, not
+within one second that the server could not even answer in time. Failures back off and retry
 until the certificate expires; after that the agent bootstraps again if it
 has a token.
 """
@@ -55,9 +58,17 @@ class Rotator:
         """When to renew ``current``; jitter is drawn once per certificate."""
         serial = current.serial
         if serial not in self._planned:
-            self._planned = {serial: rotation.renew_at(
-                current.certificate, self._config.grace_ratio, self._config.jitter, self._rng)}
+            planned = rotation.renew_at(current.certificate, self._config.grace_ratio,
+                                        self._config.jitter, self._rng)
+            if planned <= self._clock.now():  # overdue already
+                planned = self._spread()
+            self._planned = {serial: planned}
         return self._planned[serial]
+
+    def _spread(self) -> dt.datetime:
+        """Now, plus a random part of ``renew_spread``: when an overdue renewal goes."""
+        return self._clock.now() + dt.timedelta(
+            seconds=self._rng.uniform(0, self._config.renew_spread))
 
     def renew_now(self) -> None:
         """The server asks for a new certificate (a relay root rotation needs it): renew
@@ -66,7 +77,7 @@ class Rotator:
         if current is None or time.monotonic() - self._renewed_at < ASKED_SPACING:
             return
         self.due_at(current)
-        self._planned[current.serial] = min(self._planned[current.serial], self._clock.now())
+        self._planned[current.serial] = min(self._planned[current.serial], self._spread())
 
     async def run(self) -> None:
         backoff = 1.0

@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--jitter", type=float, default=0.1,
                         help="renew up to this share of the grace window earlier, at random "
                              "(default %(default)s)")
+    parser.add_argument("--renew-spread", type=float,
+                        default=agent_config.DEFAULT_RENEW_SPREAD, metavar="SECONDS",
+                        help="a renewal found overdue (after an outage, or asked by a relay "
+                             "root rotation, when the whole fleet is due at once) waits a "
+                             "random part of this first, so that the agents do not all call "
+                             "in the same second (default %(default)s)")
     parser.add_argument("--key-type", default="ecdsa-p256",
                         help="type of the client key (default %(default)s)")
     parser.add_argument("--replica", help="this replica's name for leader election "
@@ -69,6 +75,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         cluster=args.cluster, server=args.server, store=common.store_url(args),
         bootstrap_server=args.bootstrap_server, server_name=args.server_name,
         insecure=args.insecure, grace_ratio=args.grace_ratio, jitter=args.jitter,
+        renew_spread=args.renew_spread,
         key_type=keys.KeyType.parse(args.key_type), lease_ttl=args.lease_ttl,
         status_interval=args.status_interval, rotate=False if args.no_rotate else None,
         metrics=args.metrics, simulate_pods=args.simulate_pods,
