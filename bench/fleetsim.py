@@ -265,26 +265,31 @@ class SimAgent:
                 self._start_work(item)
 
     async def report_loop(self) -> None:
+        """As the agent's ``_report``: on connecting, when what it holds changed, and every
+        interval otherwise; a failed report again after a backoff (or the busy server's time)."""
+        failure_backoff = app.REPORT_RETRY
         while True:
             await self.connected.wait()
             report = messages.StatusReport(
                 protocol_version=rpc.PROTOCOL_VERSION, agent_version="bench",
                 replica=f"{self.name}-sim", leader=True, certificates=self._held())
-            # One attempt per interval, as the agent's _report: a failure waits for the next.
             began = time.monotonic()
+            wait = self.spec.report_interval * (0.5 + self.rng.random())
             try:
                 await self._rpc("ReportStatus", report)
                 self.events.add("call:report", time.monotonic() - began)
+                failure_backoff = app.REPORT_RETRY
             except grpc.aio.AioRpcError as exc:
                 if self.stopping:
                     return
                 self.events.add(f"error:report:{_code(exc)}")
+                error = transport.translate(exc)
+                wait = min(backoff.delay(error, failure_backoff, self.rng), wait)
+                failure_backoff = backoff.next_backoff(error, failure_backoff, wait)
             if self.spec.report_interval <= 0:
                 return
-            # As the agent: again after the interval, or at once when what it holds changed.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.spec.report_interval
-                                           * (0.5 + self.rng.random())):
+                async with asyncio.timeout(wait):
                     await self.held_changed.wait()
             self.held_changed.clear()
 

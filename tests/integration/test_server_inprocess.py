@@ -36,11 +36,18 @@ def _scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def _config(tmp: Path, *, metrics: bool = False) -> config.ServerConfig:
+    """A server on free ports of 127.0.0.1, with a SQLite store in ``tmp``."""
+    return config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
+                               listen=f"127.0.0.1:{_port()}",
+                               bootstrap_listen=f"127.0.0.1:{_port()}",
+                               metrics=f"127.0.0.1:{_port()}" if metrics else None)
+
+
 async def _scenario(tmp: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    metrics_address = f"127.0.0.1:{_port()}"
-    cfg = config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
-                              listen=f"127.0.0.1:{_port()}",
-                              bootstrap_listen=f"127.0.0.1:{_port()}", metrics=metrics_address)
+    cfg = _config(tmp, metrics=True)
+    metrics_address = cfg.metrics
+    assert metrics_address is not None
     store = await open_store(cfg.store)
     server = app.Server(cfg, store)
     await server.start()
@@ -86,9 +93,7 @@ class TestServerMetrics:
 
 
 async def _refusals(tmp: Path) -> list[errors.MeshTrustError]:
-    cfg = config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
-                              listen=f"127.0.0.1:{_port()}",
-                              bootstrap_listen=f"127.0.0.1:{_port()}")
+    cfg = _config(tmp)
     store = await open_store(cfg.store)
     server = app.Server(cfg, store)
     await server.start()
@@ -131,10 +136,9 @@ class TestServerRefusals:
 
 async def _stalled(tmp: Path) -> tuple[float, float]:
     """The lag gauge while the server's loop is idle, and after it was held for 1.6 s."""
-    metrics_address = f"127.0.0.1:{_port()}"
-    cfg = config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
-                              listen=f"127.0.0.1:{_port()}",
-                              bootstrap_listen=f"127.0.0.1:{_port()}", metrics=metrics_address)
+    cfg = _config(tmp, metrics=True)
+    metrics_address = cfg.metrics
+    assert metrics_address is not None
     store = await open_store(cfg.store)
     server = app.Server(cfg, store)
     await server.start()
