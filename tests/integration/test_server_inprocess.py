@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from meshtrust.pki import keys
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
 from meshtrust.server import app, config
-from meshtrust.store import open_store
+from meshtrust.store import base, open_store
 
 
 def _port() -> int:
@@ -44,14 +46,25 @@ def _config(tmp: Path, *, metrics: bool = False) -> config.ServerConfig:
                                metrics=f"127.0.0.1:{_port()}" if metrics else None)
 
 
-async def _scenario(tmp: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    cfg = _config(tmp, metrics=True)
-    metrics_address = cfg.metrics
-    assert metrics_address is not None
+@contextlib.asynccontextmanager
+async def _serving(tmp: Path, *, metrics: bool = False
+                   ) -> AsyncIterator[tuple[config.ServerConfig, base.Store]]:
+    """A started in-process server (``_config``) and its store, stopped at the end."""
+    cfg = _config(tmp, metrics=metrics)
     store = await open_store(cfg.store)
     server = app.Server(cfg, store)
     await server.start()
     try:
+        yield cfg, store
+    finally:
+        await server.stop(0)
+        await store.close()
+
+
+async def _scenario(tmp: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with _serving(tmp, metrics=True) as (cfg, store):
+        metrics_address = cfg.metrics
+        assert metrics_address is not None
         enrolled = await enrollment.enroll(store, clock_module.SystemClock(), "cluster-1",
                                            server=cfg.listen,
                                            bootstrap_server=cfg.bootstrap_listen)
@@ -71,9 +84,6 @@ async def _scenario(tmp: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
         finally:
             await channel.close()
         return await asyncio.to_thread(_scrape, metrics_address)
-    finally:
-        await server.stop(0)
-        await store.close()
 
 
 class TestServerMetrics:
@@ -93,12 +103,8 @@ class TestServerMetrics:
 
 
 async def _refusals(tmp: Path) -> list[errors.MeshTrustError]:
-    cfg = _config(tmp)
-    store = await open_store(cfg.store)
-    server = app.Server(cfg, store)
-    await server.start()
     found: list[errors.MeshTrustError] = []
-    try:
+    async with _serving(tmp) as (cfg, store):
         enrolled = await enrollment.enroll(store, clock_module.SystemClock(), "cluster-1",
                                            server=cfg.listen,
                                            bootstrap_server=cfg.bootstrap_listen)
@@ -118,9 +124,6 @@ async def _refusals(tmp: Path) -> list[errors.MeshTrustError]:
                     found.append(exc)
         finally:
             await channel.close()
-    finally:
-        await server.stop(0)
-        await store.close()
     return found
 
 
@@ -136,22 +139,15 @@ class TestServerRefusals:
 
 async def _stalled(tmp: Path) -> tuple[float, float]:
     """The lag gauge while the server's loop is idle, and after it was held for 1.6 s."""
-    cfg = _config(tmp, metrics=True)
-    metrics_address = cfg.metrics
-    assert metrics_address is not None
-    store = await open_store(cfg.store)
-    server = app.Server(cfg, store)
-    await server.start()
     lag = ("meshtrust_server_event_loop_lag_seconds", ())
-    try:
+    async with _serving(tmp, metrics=True) as (cfg, store):
+        metrics_address = cfg.metrics
+        assert metrics_address is not None
         await asyncio.sleep(1.2)
         idle = (await asyncio.to_thread(_scrape, metrics_address))[lag]
         time.sleep(1.6)  # noqa: ASYNC251 - a handler that blocks the loop is the point
         await asyncio.sleep(0.7)
         held = (await asyncio.to_thread(_scrape, metrics_address))[lag]
-    finally:
-        await server.stop(0)
-        await store.close()
     return idle, held
 
 
