@@ -29,12 +29,10 @@ T = TypeVar("T")
 
 RETRY_AFTER_MS = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to retry
 
-# Keepalive so that a dead peer is noticed and a half-open connection is dropped. A peer
-# that is busy answers a ping late, and a connection whose ping times out is closed with
-# every call on it (CANCELLED): at 10 s, a server holding ten thousand agents that connected
-# together cut hundreds of them at once, 30 s after they connected. So pings wait 20 s for
-# their answer, and the server, which has every connection to check, pings each once a
-# minute (the agent, every 20 s).
+# Keepalive so that a dead peer is noticed and a half-open connection is dropped. A busy
+# peer answers a ping late, and a connection whose ping times out is closed with every call
+# on it; so pings wait 20 s for their answer, and the server, which has every connection to
+# check, pings each once a minute (the agent, every 20 s).
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 20_000),
