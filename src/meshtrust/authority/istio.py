@@ -461,7 +461,10 @@ class IstioAuthority:
         return resource
 
     async def sign(self, cluster: str, id_: str, csr_pem: bytes) -> Signed:
-        """Sign a cluster's intermediate CSR for work item ``id_``; refusals are recorded."""
+        """Sign a cluster's intermediate CSR for work item ``id_``; refusals are recorded.
+
+        A deregistered cluster is refused (``UnknownCluster``), as on every relay call."""
+        await self._registry.get(cluster)
         try:
             return await self._sign(cluster, id_, csr_pem)
         except errors.MeshTrustError as exc:
@@ -532,7 +535,9 @@ class IstioAuthority:
 
     async def report(self, cluster: str, id_: str, *, ok: bool, message: str = "",
                      pods: list[str] | None = None, restart_needed: bool = False) -> None:
-        """Record how the agent finished a work item: FINISHED, or FAILED with the reason."""
+        """Record how the agent finished a work item: FINISHED, or FAILED with the reason
+        (``UnknownCluster`` for a deregistered cluster)."""
+        await self._registry.get(cluster)
         resource = await self._current(cluster, id_)
         await self._set_state(resource, State.FINISHED if ok else State.FAILED,
                               message=message, bouncedPods=pods or [],

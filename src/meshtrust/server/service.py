@@ -250,15 +250,14 @@ class RelayService(transport.services.RelayServicer):
             await self._authority.registry.connect(cluster, self.replica)
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
+        # Signing and recording refuse a deregistered cluster, the CSR once it is its turn.
         cluster = await self._cluster(context, request, registered=False)
-        registry = self._authority.registry
         try:
             if self._istio is None:
                 raise errors.ConfigError(
                     f"no work item {request.id!r} is waiting for this cluster")
             if request.stage in ("", "csr"):
                 async with self._admission.slot(transport.time_remaining(context)):
-                    await registry.get(cluster)  # still registered, now that it is its turn
                     with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
                         signed = await self._istio.sign(cluster, request.id, request.csr)
                 self._meters.certificate(signed.certificate, kind="istio-intermediate",
@@ -269,7 +268,6 @@ class RelayService(transport.services.RelayServicer):
                 return messages.WorkAck(certificate_chain=signed.chain_pem,
                                         root_bundle=signed.root_bundle)
             ok = request.stage == "finished"
-            await registry.get(cluster)
             await self._istio.report(cluster, request.id, ok=ok, message=request.error,
                                      pods=list(request.pods_bounced),
                                      restart_needed=request.restart_needed)
