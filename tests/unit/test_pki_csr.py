@@ -7,11 +7,12 @@ import datetime as dt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshtrust import errors
 from meshtrust.pki import csr, issuer, keys, profiles
+from meshtrust.pki import der as der_mod
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 
@@ -69,6 +70,31 @@ class TestLoadCSR:
         der[-5] ^= 0x01  # inside the signature value
         with pytest.raises(errors.InvalidCSR, match="signature"):
             csr.load_csr(bytes(der))
+
+    @pytest.mark.parametrize("scheme", [padding.PKCS1v15(), padding.PSS(
+        mgf=padding.MGF1(hashes.SHA256()), salt_length=32)], ids=["pkcs1v15", "pss"])
+    def test_checks_rsa_signatures_in_either_padding(self, scheme: padding.AsymmetricPadding
+                                                     ) -> None:
+        """An RSA CSR signed with PKCS #1 v1.5 or PSS loads; the same one tampered is refused."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        signed = _named("cluster-1").sign(key, SHA256, rsa_padding=scheme)
+        der = bytearray(signed.public_bytes(serialization.Encoding.DER))
+        assert csr.load_csr(bytes(der)).common_name == "cluster-1"
+        der[-5] ^= 0x01
+        with pytest.raises(errors.InvalidCSR, match="does not match its public key"):
+            csr.load_csr(bytes(der))
+
+    def test_refuses_a_signature_algorithm_that_does_not_fit_the_key(self) -> None:
+        """An EC key with an RSA signature algorithm is refused, saying which algorithm."""
+        signed = _named("x").sign(EC_KEY, SHA256)
+        rsa_sha256 = x509.ObjectIdentifier("1.2.840.113549.1.1.11")
+        forged = der_mod.sequence(signed.tbs_certrequest_bytes,
+                                  der_mod.sequence(der_mod.object_identifier(rsa_sha256),
+                                                   der_mod.NULL),
+                                  der_mod.bit_string(signed.signature))
+        with pytest.raises(errors.InvalidCSR, match=r"1\.2\.840\.113549\.1\.1\.11 does not "
+                                                    "fit the CSR's ECDSA P-256 key"):
+            csr.load_csr(forged)
 
     def test_refuses_small_rsa(self) -> None:
         """An RSA key below 2048 bits is refused as too weak."""

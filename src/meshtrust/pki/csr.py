@@ -9,13 +9,15 @@ What the CSR may obtain is decided later, by the profile (``issuer.issue``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from meshtrust import errors
@@ -33,8 +35,9 @@ class Request:
     csr: x509.CertificateSigningRequest
     public_key: keys.PublicKey
 
-    @property
+    @functools.cached_property
     def common_name(self) -> str | None:
+        # Kept: cryptography parses the subject again on every read.
         return identity.common_name(self.csr.subject)
 
     @property
@@ -128,7 +131,7 @@ def load_csr(data: bytes) -> Request:
         ) from exc
     checked = keys.check_public_key(public_key)
     try:
-        valid = csr.is_signature_valid
+        valid = _signature_valid(csr, checked)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise errors.InvalidCSR(f"the CSR's signature cannot be checked ({exc})") from exc
     if not valid:
@@ -136,6 +139,7 @@ def load_csr(data: bytes) -> Request:
             "the CSR's signature does not match its public key; sign the request "
             "with the private key it names"
         )
+    request = Request(csr=csr, public_key=checked)
     try:
         # The subject and the extensions are parsed when first read: malformed ones
         # (a bad string, an attribute of the wrong type, an extension twice, an unknown
@@ -143,9 +147,37 @@ def load_csr(data: bytes) -> Request:
         # which cryptography only warns of.
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            _ = csr.subject, csr.extensions
+            _ = request.common_name, csr.extensions
     except (ValueError, TypeError, UserWarning, x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType) as exc:
         raise errors.InvalidCSR(f"the CSR has a malformed subject or extension ({exc})") \
             from exc
-    return Request(csr=csr, public_key=checked)
+    return request
+
+
+def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.PublicKey) -> bool:
+    """Check the CSR's self-signature with the key already read from it.
+
+    The same check as ``csr.is_signature_valid``, which would read the public
+    key a second time. The signature algorithm must fit the key: a CSR with an
+    EC key and an RSA signature algorithm (or the reverse) is refused.
+    """
+    scheme = csr.signature_algorithm_parameters
+    signature, signed = csr.signature, csr.tbs_certrequest_bytes
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(scheme, ec.ECDSA):
+            public_key.verify(signature, signed, scheme)
+        elif isinstance(public_key, rsa.RSAPublicKey) and \
+                isinstance(scheme, (padding.PKCS1v15, padding.PSS)):
+            digest = csr.signature_hash_algorithm
+            if digest is None:
+                raise ValueError("the signature algorithm names no hash")
+            public_key.verify(signature, signed, scheme, digest)
+        else:
+            algorithm = csr.signature_algorithm_oid.dotted_string
+            raise ValueError(f"signature algorithm {algorithm} does not fit the CSR's "
+                             f"{keys.describe_key(public_key)} key; sign the request with "
+                             "its own key's algorithm")
+    except InvalidSignature:
+        return False
+    return True

@@ -14,21 +14,25 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import secrets
+from collections.abc import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from meshtrust import errors
 from meshtrust.pki import csr as csr_mod
-from meshtrust.pki import identity, keys
+from meshtrust.pki import der, identity, keys
 from meshtrust.pki.profiles import Naming, Profile
 
 # NotBefore is set a little in the past to absorb clock skew: five minutes, but never
 # more than a twentieth of the lifetime, so short-lived certificates keep their shape.
 BACKDATE = dt.timedelta(minutes=5)
 RELAY_SERVER_WILDCARD = "*.gloo-mesh"
+_VERSION_3 = der.explicit(0, der.integer(2))  # X.509 v3, the only version issued
 ISTIOD_DNS = "istiod.istio-system.svc"
 
 
@@ -93,17 +97,50 @@ class CA:
         return (self.certificate, *self.chain)
 
     @functools.cached_property
-    def _aki(self) -> x509.AuthorityKeyIdentifier:
+    def _aki(self) -> bytes:
+        """The authorityKeyIdentifier extension of what this CA signs, as DER."""
         try:
             ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-            return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
         except x509.ExtensionNotFound:
-            return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 self.certificate.public_key())  # type: ignore[arg-type]
+        return der.extension(aki, critical=False)
 
     @functools.cached_property
-    def _hash(self) -> hashes.SHA256 | hashes.SHA384:
-        return keys.signature_hash(self.key)
+    def _name(self) -> bytes:
+        """This CA's subject as DER: the issuer name of what it signs."""
+        return self.certificate.subject.public_bytes()
+
+    @functools.cached_property
+    def _signer(self) -> _Signer:
+        return _Signer.of(self.key)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Signer:
+    """How a key signs a certificate: the AlgorithmIdentifier it names and the signing call."""
+
+    algorithm: bytes
+    sign: Callable[[bytes], bytes]
+
+    @classmethod
+    def of(cls, key: keys.PrivateKey) -> _Signer:
+        digest = keys.signature_hash(key)
+        sha384 = isinstance(digest, hashes.SHA384)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            # RFC 5758 3.2: ECDSA algorithm identifiers have no parameters.
+            oid = SignatureAlgorithmOID.ECDSA_WITH_SHA384 if sha384 else \
+                SignatureAlgorithmOID.ECDSA_WITH_SHA256
+            algorithm = ec.ECDSA(digest)
+            return cls(algorithm=der.sequence(der.object_identifier(oid)),
+                       sign=lambda data: key.sign(data, algorithm))
+        # RFC 4055 5: PKCS #1 v1.5 identifiers carry an explicit NULL.
+        oid = SignatureAlgorithmOID.RSA_WITH_SHA384 if sha384 else \
+            SignatureAlgorithmOID.RSA_WITH_SHA256
+        pkcs1 = padding.PKCS1v15()
+        return cls(algorithm=der.sequence(der.object_identifier(oid), der.NULL),
+                   sign=lambda data: key.sign(data, pkcs1, digest))
 
 
 def backdated(now: dt.datetime, lifetime: dt.timedelta) -> dt.datetime:
@@ -129,10 +166,8 @@ def issue(
     _check_request(request, profile, subject)
     not_before, not_after = _validity(now, lifetime or profile.default_lifetime,
                                       issuer.certificate)
-    builder = _base_builder(profile, subject, request.public_key, not_before, not_after)
-    builder = builder.issuer_name(issuer.certificate.subject)
-    builder = builder.add_extension(issuer._aki, critical=False)
-    return builder.sign(issuer.key, issuer._hash)
+    return _sign(profile, subject, request.public_key, not_before, not_after,
+                 issuer_name=issuer._name, aki=issuer._aki, signer=issuer._signer)
 
 
 def self_sign(
@@ -147,13 +182,10 @@ def self_sign(
         raise ValueError(f"cannot self-sign with leaf profile {profile.name}")
     subject = subject or Subject()
     lifetime = lifetime or profile.default_lifetime
-    not_before = backdated(now, lifetime)
-    builder = _base_builder(profile, subject, key.public_key(), not_before, now + lifetime)
-    name = _subject_name(profile, subject)
-    builder = builder.issuer_name(name)
-    builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-    return builder.sign(key, keys.signature_hash(key))
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+    return _sign(profile, subject, key.public_key(), backdated(now, lifetime), now + lifetime,
+                 issuer_name=_subject_name(profile, subject).public_bytes(),
+                 aki=der.extension(aki, critical=False), signer=_Signer.of(key))
 
 
 def new_root(
@@ -257,20 +289,22 @@ def _subject_name(profile: Profile, subject: Subject) -> x509.Name:
     return x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])
 
 
-def _subject_alt_names(profile: Profile, subject: Subject) -> list[str]:
+def _subject_alt_names(profile: Profile, subject: Subject) -> list[x509.GeneralName]:
     naming = profile.naming
     if naming is Naming.RELAY_SERVER:
-        return [RELAY_SERVER_WILDCARD, *[n for n in subject.names
-                                         if n != RELAY_SERVER_WILDCARD]]
+        return [identity.parse_name(n) for n in
+                [RELAY_SERVER_WILDCARD, *[n for n in subject.names if n != RELAY_SERVER_WILDCARD]]]
     if naming is Naming.RELAY_CLIENT:
-        return [_require_cluster(subject, profile)]
+        # Subject checked the cluster name is a DNS name; parse_name would lower-case it too.
+        return [x509.DNSName(_require_cluster(subject, profile).lower())]
     if naming is Naming.ISTIO_INTERMEDIATE:
-        return [ISTIOD_DNS, identity.spiffe_id(subject.trust_domain, "istio-system", "istiod")]
+        return [x509.DNSName(ISTIOD_DNS), x509.UniformResourceIdentifier(
+            identity.spiffe_id(subject.trust_domain, "istio-system", "istiod"))]
     if naming is Naming.SPIFFE_WORKLOAD:
         if not subject.namespace or not subject.service_account:
             raise ValueError("the spiffe-workload profile needs namespace and service_account")
-        return [identity.spiffe_id(subject.trust_domain, subject.namespace,
-                                   subject.service_account)]
+        return [x509.UniformResourceIdentifier(identity.spiffe_id(
+            subject.trust_domain, subject.namespace, subject.service_account))]
     return []
 
 
@@ -280,46 +314,63 @@ def _require_cluster(subject: Subject, profile: Profile) -> str:
     return subject.cluster
 
 
-def _base_builder(profile: Profile, subject: Subject, public_key: keys.PublicKey,
-                  not_before: dt.datetime, not_after: dt.datetime) -> x509.CertificateBuilder:
+def _sign(profile: Profile, subject: Subject, public_key: keys.PublicKey,
+          not_before: dt.datetime, not_after: dt.datetime, *,
+          issuer_name: bytes, aki: bytes, signer: _Signer) -> x509.Certificate:
+    """Encode the certificate RFC 5280 section 4.1 describes, sign it, and parse it back.
+
+    The extensions come in one order for every profile: basicConstraints,
+    keyUsage, subjectKeyIdentifier, extendedKeyUsage, subjectAltName,
+    authorityKeyIdentifier.
+    """
     name = _subject_name(profile, subject)
-    basic_constraints, key_usage, extended_key_usage = _profile_extensions(profile)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .public_key(public_key)
-        .serial_number(random_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(basic_constraints, critical=profile.basic_constraints_critical)
-        .add_extension(key_usage, critical=profile.key_usage_critical)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                       critical=False)
-    )
-    if extended_key_usage is not None:
-        builder = builder.add_extension(extended_key_usage, critical=False)
+    spki = public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    # RFC 5280 4.2.1.2 method 1, as x509.SubjectKeyIdentifier.from_public_key computes it.
+    ski = x509.SubjectKeyIdentifier(hashlib.sha1(der.subject_public_key(spki)).digest())
+    fixed = _profile_extensions(profile)
+    extensions = [fixed.basic_constraints, fixed.key_usage, der.extension(ski, critical=False)]
+    if fixed.extended_key_usage:
+        extensions.append(fixed.extended_key_usage)
     sans = _subject_alt_names(profile, subject)
     if sans:
         # An empty subject makes the SAN the only name, and RFC 5280 then wants it critical.
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([identity.parse_name(n) for n in sans]),
-            critical=len(name) == 0,
-        )
-    return builder
+        extensions.append(der.extension(x509.SubjectAlternativeName(sans),
+                                        critical=len(name) == 0))
+    extensions.append(aki)
+    tbs = der.sequence(
+        _VERSION_3,
+        der.integer(random_serial()),
+        signer.algorithm,
+        issuer_name,
+        der.sequence(der.time(not_before), der.time(not_after)),
+        name.public_bytes(),
+        spki,
+        der.explicit(3, der.sequence(*extensions)),
+    )
+    signed = der.sequence(tbs, signer.algorithm, der.bit_string(signer.sign(tbs)))
+    return x509.load_der_x509_certificate(signed)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ProfileExtensions:
+    basic_constraints: bytes
+    key_usage: bytes
+    extended_key_usage: bytes | None
 
 
 @functools.lru_cache(maxsize=64)
-def _profile_extensions(
-    profile: Profile,
-) -> tuple[x509.BasicConstraints, x509.KeyUsage, x509.ExtendedKeyUsage | None]:
-    """The extension values fixed by ``profile`` alone, made once per profile.
-
-    They are immutable, so every certificate of a profile can share them.
-    """
-    eku = (x509.ExtendedKeyUsage(list(profile.extended_key_usage))
+def _profile_extensions(profile: Profile) -> _ProfileExtensions:
+    """The extensions fixed by ``profile`` alone, encoded once per profile."""
+    eku = (der.extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)),
+                         critical=False)
            if profile.extended_key_usage else None)
-    return (x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length),
-            _key_usage(profile), eku)
+    return _ProfileExtensions(
+        basic_constraints=der.extension(
+            x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length),
+            critical=profile.basic_constraints_critical),
+        key_usage=der.extension(_key_usage(profile), critical=profile.key_usage_critical),
+        extended_key_usage=eku)
 
 
 def _key_usage(profile: Profile) -> x509.KeyUsage:

@@ -1,0 +1,177 @@
+"""The certificate frame meshtrust encodes itself is the DER cryptography would write."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshtrust.pki import csr, der, issuer, keys, profiles
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, 7, 654321, tzinfo=dt.UTC)
+
+
+class TestDer:
+    @pytest.mark.parametrize(("value", "encoded"), [
+        (0, "020100"), (1, "020101"), (127, "02017f"), (128, "02020080"),
+        (255, "020200ff"), (256, "02020100"), (2**127, "021100" + "80" + "00" * 15),
+    ])
+    def test_integers_take_the_fewest_octets_and_stay_positive(self, value: int,
+                                                               encoded: str) -> None:
+        """A leading zero appears only when the top bit would make the integer negative."""
+        assert der.integer(value).hex() == encoded
+
+    def test_negative_integers_are_refused(self) -> None:
+        """Serials and versions are never negative; asking to encode one is a bug."""
+        with pytest.raises(ValueError, match="non-negative"):
+            der.integer(-1)
+
+    @pytest.mark.parametrize(("size", "header"), [
+        (0, "0400"), (127, "047f"), (128, "048180"), (255, "0481ff"), (256, "04820100"),
+        (70000, "0483011170"),
+    ])
+    def test_lengths_use_the_short_form_below_128_and_the_shortest_long_form_above(
+            self, size: int, header: str) -> None:
+        """X.690 10.1: definite lengths in the fewest octets."""
+        assert der.octet_string(b"\x00" * size)[:len(header) // 2].hex() == header
+        assert len(der.octet_string(b"\x00" * size)) == len(header) // 2 + size
+
+    @pytest.mark.parametrize(("moment", "encoded"), [
+        (dt.datetime(2049, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+         b"\x17\x0d491231235959Z"),
+        (dt.datetime(2050, 1, 1, tzinfo=dt.UTC), b"\x18\x0f20500101000000Z"),
+        (dt.datetime(2030, 6, 1, 2, 3, 4, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+         b"\x17\x0d300601000304Z"),
+    ])
+    def test_times_are_utc_whole_seconds_utctime_until_2049(self, moment: dt.datetime,
+                                                           encoded: bytes) -> None:
+        """RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050, always Z."""
+        assert der.time(moment) == encoded
+
+    def test_naive_times_are_refused(self) -> None:
+        """A time without a zone could be read in local time; only aware times are encoded."""
+        with pytest.raises(ValueError, match="timezone-aware"):
+            der.time(dt.datetime(2030, 1, 1))
+
+    @pytest.mark.parametrize("oid", [
+        ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH,
+        x509.ObjectIdentifier("1.2.840.113549.1.1.11"), x509.ObjectIdentifier("2.999.16384.1"),
+    ])
+    def test_object_identifiers_match_cryptographys_encoding(self,
+                                                             oid: x509.ObjectIdentifier) -> None:
+        """An EKU extension value is a SEQUENCE of OIDs, so cryptography encodes them for us."""
+        assert x509.ExtendedKeyUsage([oid]).public_bytes() == \
+            der.sequence(der.object_identifier(oid))
+
+    @pytest.mark.parametrize("key", [ec.generate_private_key(ec.SECP256R1()).public_key(),
+                                     ec.generate_private_key(ec.SECP384R1()).public_key(),
+                                     rsa.generate_private_key(65537, 2048).public_key()],
+                             ids=["p256", "p384", "rsa2048"])
+    def test_subject_public_key_is_what_key_identifiers_hash(self, key: keys.PublicKey) -> None:
+        """The key bits of the SPKI are the X9.62 point or the PKCS#1 key, as RFC 5280 hashes."""
+        spki = keys.public_key_der(key)
+        expected = (key.public_bytes(serialization.Encoding.X962,
+                                     serialization.PublicFormat.UncompressedPoint)
+                    if isinstance(key, ec.EllipticCurvePublicKey) else
+                    key.public_bytes(serialization.Encoding.DER,
+                                     serialization.PublicFormat.PKCS1))
+        assert der.subject_public_key(spki) == expected
+
+    def test_subject_public_key_refuses_other_structures(self) -> None:
+        """Bytes that are not one SubjectPublicKeyInfo are refused, not half-read."""
+        spki = keys.public_key_der(ec.generate_private_key(ec.SECP256R1()).public_key())
+        for bad in (spki + b"\x00", der.sequence(der.integer(1), der.integer(2)),
+                    der.octet_string(spki)):
+            with pytest.raises(ValueError, match="SubjectPublicKeyInfo"):
+                der.subject_public_key(bad)
+
+
+def _rebuilt_tbs(cert: x509.Certificate, key: keys.PrivateKey) -> bytes:
+    """The to-be-signed bytes cryptography's CertificateBuilder makes from the same content."""
+    builder = (x509.CertificateBuilder()
+               .subject_name(cert.subject).issuer_name(cert.issuer)
+               .public_key(cert.public_key())  # type: ignore[arg-type]
+               .serial_number(cert.serial_number)
+               .not_valid_before(cert.not_valid_before_utc)
+               .not_valid_after(cert.not_valid_after_utc))
+    for ext in cert.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(key, keys.signature_hash(key)).tbs_certificate_bytes
+
+
+CA_TYPES = [keys.KeyType.EC_P256, keys.KeyType.EC_P384, keys.KeyType.RSA_2048]
+
+
+class TestIssuedEncoding:
+    @pytest.mark.parametrize("ca_type", CA_TYPES, ids=lambda t: t.value)
+    @pytest.mark.parametrize("leaf_type", [keys.KeyType.EC_P256, keys.KeyType.RSA_4096],
+                             ids=lambda t: t.value)
+    def test_every_profile_encodes_as_cryptography_would(self, ca_type: keys.KeyType,
+                                                         leaf_type: keys.KeyType) -> None:
+        """Same content through CertificateBuilder gives byte-identical TBS, and it verifies."""
+        root = issuer.new_root(ca_type, profiles.RELAY_ROOT, NOW)
+        assert _rebuilt_tbs(root.certificate, root.key) == root.certificate.tbs_certificate_bytes
+        leaf_key = keys.generate_key(leaf_type)
+        request = csr.load_csr(csr.dump_csr(csr.build_csr(
+            leaf_key, common_name="cluster-1", names=["cluster-1"])))
+        subject = issuer.Subject(cluster="cluster-1", names=("relay.example.com", "10.0.0.1"),
+                                 namespace="default", service_account="sleep")
+        for profile in profiles.PROFILES.values():
+            if profile.is_ca:
+                cert = issuer.issue(csr.Request(csr=csr.build_csr(leaf_key, ca=True),
+                                                public_key=leaf_key.public_key()),
+                                    root, profile, NOW, subject=subject)
+            else:
+                cert = issuer.issue(request, root, profile, NOW, subject=subject)
+            assert _rebuilt_tbs(cert, root.key) == cert.tbs_certificate_bytes, profile.name
+            cert.verify_directly_issued_by(root.certificate)
+            assert cert.signature_algorithm_oid == root.certificate.signature_algorithm_oid
+            assert cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value == \
+                x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key())
+
+    def test_rsa_signatures_are_deterministic_so_the_whole_certificate_matches(self) -> None:
+        """PKCS #1 v1.5 signs deterministically: the whole DER equals cryptography's."""
+        root = issuer.new_root(keys.KeyType.RSA_2048, profiles.RELAY_ROOT, NOW)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(root.certificate.subject).issuer_name(root.certificate.issuer)
+                   .public_key(root.key.public_key()).serial_number(root.certificate.serial_number)
+                   .not_valid_before(root.certificate.not_valid_before_utc)
+                   .not_valid_after(root.certificate.not_valid_after_utc))
+        for ext in root.certificate.extensions:
+            builder = builder.add_extension(ext.value, ext.critical)
+        assert isinstance(root.key, rsa.RSAPrivateKey)
+        rebuilt = builder.sign(root.key, hashes.SHA256(), rsa_padding=padding.PKCS1v15())
+        assert rebuilt.public_bytes(serialization.Encoding.DER) == \
+            root.certificate.public_bytes(serialization.Encoding.DER)
+
+    def test_validity_past_2049_is_generalized_time(self) -> None:
+        """A root made in 2045 for ten years ends in 2055, written as GeneralizedTime."""
+        now = dt.datetime(2045, 3, 1, tzinfo=dt.UTC)
+        root = issuer.new_root(keys.KeyType.EC_P256, profiles.RELAY_ROOT, now)
+        assert root.certificate.not_valid_after_utc.year == 2055
+        assert b"\x18\x0f2055" in root.certificate.tbs_certificate_bytes
+        assert _rebuilt_tbs(root.certificate, root.key) == root.certificate.tbs_certificate_bytes
+
+    def test_serials_with_the_top_bit_set_stay_positive(self) -> None:
+        """Half of all random serials have the top bit set; each must read back positive."""
+        root = issuer.new_root(keys.KeyType.EC_P256, profiles.RELAY_ROOT, NOW)
+        key = keys.generate_key(keys.KeyType.EC_P256)
+        request = csr.Request(csr=csr.build_csr(key), public_key=key.public_key())
+        serials = [issuer.issue(request, root, profiles.RELAY_SERVER, NOW).serial_number
+                   for _ in range(40)]
+        assert all(0 < s < 2**128 for s in serials)
+        assert any(s >= 2**127 for s in serials)  # chance of none in 40: 2**-40
+        assert len(set(serials)) == len(serials)
+
+    def test_subject_is_the_profile_name(self) -> None:
+        """The Istio intermediate's subject is O, CN, L in that order, as the seeds' scripts."""
+        root = issuer.new_root(keys.KeyType.EC_P256, profiles.ISTIO_ROOT, NOW)
+        ca = issuer.new_intermediate(keys.KeyType.EC_P256, root, profiles.ISTIO_INTERMEDIATE,
+                                     NOW, subject=issuer.Subject(cluster="cluster-7"))
+        oids = [a.oid for a in ca.certificate.subject]
+        assert oids == [NameOID.ORGANIZATION_NAME, NameOID.COMMON_NAME, NameOID.LOCALITY_NAME]
+        assert ca.certificate.issuer == root.certificate.subject
