@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -71,8 +72,13 @@ def path_length(certificate: x509.Certificate) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def roots_fingerprint(roots: bytes) -> str:
-    """One fingerprint for a set of roots (a trust bundle), whatever their order in the PEM."""
+    """One fingerprint for a set of roots (a trust bundle), whatever their order in the PEM.
+
+    Remembered for the last few bundles: every relay issuance records the fingerprint of
+    the same bundle, and parsing it is most of the cost.
+    """
     prints = sorted(fingerprint(c) for c in load_certificates(roots, "roots"))
     return hashlib.sha256(",".join(prints).encode()).hexdigest()
 
