@@ -32,8 +32,8 @@ from meshtrust.pki.profiles import Naming, Profile
 # more than a twentieth of the lifetime, so short-lived certificates keep their shape.
 BACKDATE = dt.timedelta(minutes=5)
 RELAY_SERVER_WILDCARD = "*.gloo-mesh"
-_VERSION_3 = der.explicit(0, der.integer(2))  # X.509 v3, the only version issued
 ISTIOD_DNS = "istiod.istio-system.svc"
+_VERSION_3 = der.explicit(0, der.integer(2))  # X.509 v3, the only version issued
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
