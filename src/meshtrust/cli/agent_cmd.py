@@ -7,7 +7,6 @@ import asyncio
 
 from meshtrust.agent import app
 from meshtrust.agent import config as agent_config
-from meshtrust.agent.config import AgentConfig
 from meshtrust.cli import common
 from meshtrust.cli.output import Output
 from meshtrust.pki import keys
@@ -71,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _run(args: argparse.Namespace, out: Output) -> int:
     extra = {"replica": args.replica} if args.replica else {}
-    config = AgentConfig(
+    config = agent_config.AgentConfig(
         cluster=args.cluster, server=args.server, store=common.store_url(args),
         bootstrap_server=args.bootstrap_server, server_name=args.server_name,
         insecure=args.insecure, grace_ratio=args.grace_ratio, jitter=args.jitter,

@@ -6,8 +6,8 @@ fixed extensions, the signature algorithm. pyca/cryptography still encodes
 every value whose shape is not trivial (names, key identifiers, subject
 alternative names, extension values, public keys); this module only adds
 the frame around them: tag and length, integers, times, object identifiers.
-Rebuilding a ``CertificateBuilder`` for each certificate cost more than
-half of the issuing time (see docs/benchmarks.md, "Issuance").
+Going through a ``CertificateBuilder`` for each certificate cost about a
+third of ``issue``'s time (see docs/benchmarks.md, "Issuance").
 
 Everything here follows X.690 DER: definite lengths in the shortest form,
 integers in the fewest octets, times as RFC 5280 section 4.1.2.5 asks.

@@ -142,10 +142,11 @@ class Leadership:
         event loop the jobs run on, when this runs on another one.
         """
         self._home = home
-        leases = self._leases if store is None else lease.Leases(
+        store = store or self._store
+        leases = self._leases if store is self._store else lease.Leases(
             store, namespace=self._namespace, clock=self._clock)
         interval = self.ttl / 3
-        watcher = asyncio.create_task(self._watch_releases(store or self._store))
+        watcher = asyncio.create_task(self._watch_releases(store))
         try:
             while True:
                 started = time.monotonic()
@@ -171,7 +172,7 @@ class Leadership:
                     self._set(False)
                 # After the leader lease, whose renewal must not wait for this one.
                 await self._presence(started, leases)
-                await self._pause(interval, started, store or self._store)
+                await self._pause(interval, started, store)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 from meshtrust.store import base, change, feed, manifest
 
@@ -29,6 +29,16 @@ async def load_all(texts: Iterable[str | bytes], *, source: str) -> list[base.Ob
             await asyncio.sleep(0)
         loaded.append(manifest.load_json(text, source=source))
     return loaded
+
+
+async def load_events(rows: Sequence[tuple[int, str, str | bytes]], *,
+                      source: str) -> list[base.WatchEvent]:
+    """The watch events of stored change rows ``(revision, type, body)``, parsed as
+    ``load_all`` parses records."""
+    loaded = await load_all((body for _, _, body in rows), source=source)
+    return [base.WatchEvent(type=base.EventType(kind), resource_version=int(revision),
+                            object=obj)
+            for (revision, kind, _), obj in zip(rows, loaded, strict=True)]
 
 
 class Backend(abc.ABC):

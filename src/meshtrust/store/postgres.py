@@ -244,10 +244,7 @@ class PostgresStore(backend.Backend):
             cursor = await conn.execute(sql + " ORDER BY revision LIMIT %s",
                                         params + [limit])
             rows = await cursor.fetchall()
-        loaded = await backend.load_all((row[2] for row in rows), source=self._name)
-        events = [base.WatchEvent(type=base.EventType(kind_), resource_version=int(revision),
-                                  object=obj)
-                  for (revision, kind_, _), obj in zip(rows, loaded, strict=True)]
+        events = await backend.load_events(rows, source=self._name)
         examined = events[-1].resource_version if len(rows) == limit else head
         return events, examined
 

@@ -295,10 +295,7 @@ class SqliteStore(backend.Backend):
             params.append(namespace)
         rows = await self._query(sql + " AND revision <= ? ORDER BY revision LIMIT ?",
                                  params + [meta["revision"], limit])
-        loaded = await backend.load_all((row[2] for row in rows), source=self._name)
-        events = [base.WatchEvent(type=base.EventType(kind_), resource_version=revision,
-                                  object=obj)
-                  for (revision, kind_, _), obj in zip(rows, loaded, strict=True)]
+        events = await backend.load_events(rows, source=self._name)
         examined = events[-1].resource_version if len(rows) == limit else meta["revision"]
         return events, examined
 
