@@ -161,29 +161,44 @@ async def rotation_step(store_url: str) -> str:
 
 
 class ServerProcess:
-    """``meshtrust server`` in its own process group, stopped with SIGINT."""
+    """``meshtrust server`` processes in their own process groups, stopped with SIGINT.
+
+    With ``--servers N`` > 1 they are replicas on the one store sharing the listen
+    ports (gRPC binds with SO_REUSEPORT, so the kernel spreads the agents' connections
+    over them); the first starts alone, so it is the one that generates the relay PKI.
+    """
 
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
         self.workdir = workdir
         self.store = f"sqlite:///{workdir / 'mgmt.db'}"
         self.log = workdir / "server.log"
         self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> dict[str, int]:
-        ready = self.workdir / "server.ready"
+        listen = bootstrap = f"{HOST}:0"
+        if self.args.servers > 1:
+            listen, bootstrap = (f"{HOST}:{port}" for port in _free_ports(2))
+        ports: dict[str, int] = {}
+        for index in range(self.args.servers):
+            ports = self._start_one(index, listen, bootstrap)
+        return ports
+
+    def _start_one(self, index: int, listen: str, bootstrap: str) -> dict[str, int]:
+        ready = self.workdir / f"server-{index}.ready"
         command = [sys.executable, "-m", "meshtrust", "server", "--store", self.store,
-                   "--listen", f"{HOST}:0", "--bootstrap-listen", f"{HOST}:0",
+                   "--listen", listen, "--bootstrap-listen", bootstrap,
                    "--ready-file", str(ready), "--key-type", self.args.key_type,
                    "--log-level", self.args.server_log_level, *self.args.server_arg]
         if self.args.max_issuances:
             command += ["--max-issuances", str(self.args.max_issuances)]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
         deadline = time.monotonic() + 120
         while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log.read_text(errors="replace")[-3000:]
                 self.stop()
                 raise SystemExit(f"the server did not start:\n{tail}")
@@ -192,19 +207,38 @@ class ServerProcess:
         return ports
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def exited(self) -> bool:
+        return any(proc.poll() is not None for proc in self.procs)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        running = [proc for proc in self.procs if proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGINT)
+        for proc in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open while choosing)."""
+    import socket
+
+    held = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            held.append(sock)
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def _proc_stat(pid: int) -> tuple[int, float]:
@@ -250,9 +284,10 @@ class Sample:
 class Sampler(threading.Thread):
     """The server's RSS and CPU (and the workers' CPU) every ``interval`` seconds."""
 
-    def __init__(self, server_pid: int, worker_pids: list[int], interval: float = 0.5) -> None:
+    def __init__(self, server_pids: list[int], worker_pids: list[int],
+                 interval: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.server_pid = server_pid
+        self.server_pids = server_pids
         self.worker_pids = worker_pids
         self.interval = interval
         self.samples: list[Sample] = []
@@ -260,7 +295,8 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.is_set():
-            rss, cpu = _proc_stat(self.server_pid)
+            stats = [_proc_stat(pid) for pid in self.server_pids]
+            rss, cpu = sum(r for r, _ in stats), sum(c for _, c in stats)
             workers = sum(_proc_stat(pid)[1] for pid in self.worker_pids)
             self.samples.append(Sample(time.monotonic(), rss, cpu, workers, _machine_busy()))
             self._stop.wait(self.interval)
@@ -386,7 +422,7 @@ class Fleet:
             progress.refresh()
             if done():
                 return True
-            if self.server.proc is not None and self.server.proc.poll() is not None:
+            if self.server.exited():
                 raise SystemExit("the server exited; see " + str(self.server.log))
         return False
 
@@ -436,7 +472,7 @@ class Fleet:
                 continue
             if message[0] == "ready":
                 ready += 1
-        self.sampler = Sampler(self.server.pid, [w.pid for w in self.workers])
+        self.sampler = Sampler(self.server.pids, [w.pid for w in self.workers])
         self.sampler.start()
 
     def converge(self, progress: Any) -> bool:
@@ -620,7 +656,7 @@ class Fleet:
             return None
         out = self.workdir / f"server-{len(self.marks)}.pyspy"
         proc = subprocess.Popen(
-            [spy, "record", "--pid", str(self.server.pid), "--rate", "50", "--duration",
+            [spy, "record", "--pid", str(self.server.pids[0]), "--rate", "50", "--duration",
              str(int(self.args.profile)), "--format", "raw", "--output", str(out), "--gil",
              "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return proc, out, start
@@ -872,6 +908,9 @@ def main() -> int:
     parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
                         help="connections per agent: 1 as the agent (the work stream and the "
                              "calls share it) or 2 (one for each, as the agent had before)")
+    parser.add_argument("--servers", type=int, default=1,
+                        help="server processes: replicas on the one store and the same ports "
+                             "(RSS and CPU are their sums; --profile samples the first)")
     parser.add_argument("--max-issuances", type=int, default=0,
                         help="the server's --max-issuances (default: the server's default)")
     parser.add_argument("--server-arg", action="append", default=[],
@@ -890,8 +929,8 @@ def main() -> int:
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to SECONDS for other processes to leave the CPUs")
     args = parser.parse_args()
-    if args.clusters < 2 or args.workers < 1:
-        parser.error("--clusters must be at least 2 and --workers at least 1")
+    if args.clusters < 2 or args.workers < 1 or args.servers < 1:
+        parser.error("--clusters must be at least 2, --workers and --servers at least 1")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
