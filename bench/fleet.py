@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import fleetsim
+import relay
 
 from meshtrust.agent import config as agent_config
 
@@ -178,7 +179,7 @@ class ServerProcess:
     def start(self) -> dict[str, int]:
         listen = bootstrap = f"{HOST}:0"
         if self.args.servers > 1:
-            listen, bootstrap = (f"{HOST}:{port}" for port in _free_ports(2))
+            listen, bootstrap = (f"{HOST}:{port}" for port in relay.free_ports(2))
         ports: dict[str, int] = {}
         for index in range(self.args.servers):
             ports = self._start_one(index, listen, bootstrap)
@@ -223,22 +224,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all held open while choosing)."""
-    import socket
-
-    held = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((HOST, 0))
-            held.append(sock)
-        return [int(sock.getsockname()[1]) for sock in held]
-    finally:
-        for sock in held:
-            sock.close()
 
 
 def _proc_stat(pid: int) -> tuple[int, float]:

@@ -192,7 +192,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports (all held open while choosing)."""
     import socket
 
@@ -251,7 +251,7 @@ class ServerProcess:
         if self.count == 1:
             self.ports = self._wait(self._spawn(0, f"{HOST}:0", f"{HOST}:0"))
             return self.ports
-        listen, bootstrap = (f"{HOST}:{port}" for port in _free_ports(2))
+        listen, bootstrap = (f"{HOST}:{port}" for port in free_ports(2))
         for index in range(self.count):
             self.ports = self._wait(self._spawn(index, listen, bootstrap))
         return self.ports
@@ -584,7 +584,7 @@ class CfsslProcess:
                  "config.json": json.dumps(CFSSL_CONFIG).encode()}
         for name, data in files.items():
             (d / name).write_bytes(data)
-        self.port = _free_ports(1)[0]
+        self.port = free_ports(1)[0]
         self.log = d / "cfssl.log"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
