@@ -69,7 +69,6 @@ async def serve(directory: Path, transport: str, options: list[tuple[str, Any]])
     """The server: print the port, then the RSS (KiB) for each line read on stdin."""
     import grpc
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from meshtrust.rpc import transport as rpc_transport
 
     async def stream(_request: bytes, _context: Any) -> Any:
@@ -79,18 +78,15 @@ async def serve(directory: Path, transport: str, options: list[tuple[str, Any]])
     async def unary(_request: bytes, _context: Any) -> bytes:
         return b"y"
 
-    server = grpc.aio.server(options=rpc_transport._SERVER_OPTIONS + options)
+    server = rpc_transport.new_server(options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Memory", {
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Unary": grpc.unary_unary_rpc_method_handler(unary)}),))
-    if transport == "insecure":
-        port = server.add_insecure_port(f"{HOST}:0")
-    else:
-        credentials = grpc.ssl_server_credentials(
-            [((directory / "server.key").read_bytes(), (directory / "server.crt").read_bytes())],
-            root_certificates=(directory / "ca.crt").read_bytes() if transport == "mtls"
-            else None, require_client_auth=transport == "mtls")
-        port = server.add_secure_port(f"{HOST}:0", credentials)
+    credentials = None if transport == "insecure" else grpc.ssl_server_credentials(
+        [((directory / "server.key").read_bytes(), (directory / "server.crt").read_bytes())],
+        root_certificates=(directory / "ca.crt").read_bytes() if transport == "mtls" else None,
+        require_client_auth=transport == "mtls")
+    port = rpc_transport.add_listener(server, f"{HOST}:0", credentials)
     await server.start()
     print(port, flush=True)
     loop = asyncio.get_running_loop()

@@ -292,8 +292,8 @@ def _subject_name(profile: Profile, subject: Subject) -> x509.Name:
 def _subject_alt_names(profile: Profile, subject: Subject) -> list[x509.GeneralName]:
     naming = profile.naming
     if naming is Naming.RELAY_SERVER:
-        return [identity.parse_name(n) for n in
-                [RELAY_SERVER_WILDCARD, *[n for n in subject.names if n != RELAY_SERVER_WILDCARD]]]
+        names = [RELAY_SERVER_WILDCARD, *(n for n in subject.names if n != RELAY_SERVER_WILDCARD)]
+        return [identity.parse_name(n) for n in names]
     if naming is Naming.RELAY_CLIENT:
         # Subject checked the cluster name is a DNS name; parse_name would lower-case it too.
         return [x509.DNSName(_require_cluster(subject, profile).lower())]

@@ -109,8 +109,10 @@ def add_services(server: Any, relay: Any, bootstrap: Any) -> None:
     services.add_BootstrapServicer_to_server(bootstrap, server)  # type: ignore[no-untyped-call]
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+def new_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:
+    """A server with the keepalive and message limits above; ``options`` adds gRPC
+    channel arguments (a benchmark's settings to compare)."""
+    return grpc.aio.server(options=[*_SERVER_OPTIONS, *options], maximum_concurrent_rpcs=None)
 
 
 def add_listener(server: grpc.aio.Server, address: str,
