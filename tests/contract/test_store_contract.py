@@ -200,6 +200,43 @@ class TestCompareAndSwap:
             assert await s.get_secret(made.namespace, made.name) == winners[0]
         backend.run(scenario)
 
+    def test_writes_together(self, backend: Backend) -> None:
+        """Writes sent together (one group commit where the backend has one) each meet
+        their own checks, in order: two writes to one key, a create of an existing name,
+        a delete and a status update land as if sent one by one."""
+        async def scenario(s: base.Store) -> None:
+            kept = await s.create(secret("kept"))
+            gone = await s.create(secret("gone"))
+            rule = await s.create(policy())
+            since = await s.revision()
+            results = await asyncio.gather(
+                s.create(secret("new-1", labels={"team": "a"})),
+                s.update(dataclasses.replace(kept, data={"n": b"1"})),
+                s.update(dataclasses.replace(kept, data={"n": b"2"})),
+                s.create(secret("gone")),
+                s.delete("Secret", gone.namespace, gone.name),
+                s.update_status(dataclasses.replace(rule, status={"state": "ISSUED"})),
+                return_exceptions=True)
+            assert isinstance(results[0], base.Secret)
+            assert isinstance(results[1], base.Secret)
+            assert isinstance(results[2], errors.Conflict)
+            assert isinstance(results[3], errors.AlreadyExists)
+            assert results[4] is None
+            assert isinstance(results[5], base.Resource)
+            assert {x.name for x in await s.list_secrets()} == {"kept", "new-1"}
+            assert [x.name for x in await s.list_secrets(labels={"team": "a"})] == ["new-1"]
+            assert (await s.get_secret(kept.namespace, "kept")).data == {"n": b"1"}
+            assert (await s.get_resource(rule.kind, rule.namespace, rule.name)).status == {
+                "state": "ISSUED"}
+            async with asyncio.timeout(5):
+                events = await collect(s, 3, since=since)
+            assert [(e.type, e.object.name) for e in events] == [
+                (base.EventType.ADDED, "new-1"), (base.EventType.MODIFIED, "kept"),
+                (base.EventType.DELETED, "gone")]
+            assert [e.resource_version for e in events] == sorted(
+                e.resource_version for e in events)
+        backend.run(scenario)
+
     def test_stale_status(self, backend: Backend) -> None:
         """A status update from a stale read raises Conflict."""
         async def scenario(s: base.Store) -> None:
@@ -416,3 +453,4 @@ class TestLeases:
             assert won.count(True) == 1
             assert await leases.holder("rotator") == f"pod-{won.index(True)}"
         backend.run(scenario)
+
