@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import subprocess
 from pathlib import Path
@@ -29,9 +30,12 @@ def write_pem(path: Path, *certs: x509.Certificate) -> Path:
 
 def verify(tmp: Path, cert: x509.Certificate, root: x509.Certificate,
            intermediates: tuple[x509.Certificate, ...] = (), *, purpose: str | None = None,
-           check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``openssl verify -CAfile root -untrusted intermediates cert``."""
+           check: bool = True, at: dt.datetime | None = None) -> subprocess.CompletedProcess[str]:
+    """``openssl verify -CAfile root -untrusted intermediates cert``; validity is checked
+    at ``at`` (``-attime``) when given, else at the real time."""
     args: list[str | Path] = ["verify", "-CAfile", write_pem(tmp / "root.pem", root)]
+    if at is not None:
+        args += ["-attime", str(int(at.timestamp()))]
     if intermediates:
         args += ["-untrusted", write_pem(tmp / "untrusted.pem", *intermediates)]
     if purpose:
