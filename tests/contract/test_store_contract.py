@@ -459,4 +459,3 @@ class TestLeases:
             assert won.count(True) == 1
             assert await leases.holder("rotator") == f"pod-{won.index(True)}"
         backend.run(scenario)
-

@@ -416,9 +416,10 @@ class SqliteStore(backend.Backend):
                 self._writer, "kind, namespace, name, resource_version, body", _CURRENT,
                 (json.dumps(list(keys)),)):
             key = (kind, namespace, name)
-            cached = self._written.get(key)
-            found[key] = cached if cached is not None and cached.resource_version == version \
-                else manifest.load_json(body, source=f"{self._name} {change.describe(key)}")
+            obj = self._written.get(key)
+            if obj is None or obj.resource_version != version:
+                obj = manifest.load_json(body, source=f"{self._name} {change.describe(key)}")
+            found[key] = obj
         return found
 
     def _persist(self, events: list[base.WatchEvent]) -> None:
