@@ -82,9 +82,6 @@ class Signer:
     roots: bytes  # root-cert.pem: every root the clusters must trust
 
 
-def _key_sha256(request: csr.Request) -> str:
-    return hashlib.sha256(keys.public_key_der(request.public_key)).hexdigest()
-
 
 def issued_name(policy: str, cluster: str) -> str:
     return f"{policy}.{cluster}"
@@ -124,7 +121,7 @@ def _signed_for(resource: base.Resource, id_: str, request: csr.Request) -> byte
     if (status.get("state") in (State.ISSUED.value, State.FINISHED.value)
             and status.get("workId") == id_ and isinstance(chain, str)
             and isinstance(status.get("auditId"), str)
-            and status.get("keySha256") == _key_sha256(request)):
+            and status.get("keySha256") == request.key_sha256):
         return chain.encode("ascii")
     return None
 
@@ -514,7 +511,7 @@ class IstioAuthority:
             lifetime=dt.timedelta(seconds=int(spec["lifetimeSeconds"])),
             subject=issuer.Subject(cluster=cluster, trust_domain=spec["trustDomain"],
                                    organization=spec["organization"]),
-            idempotency_key=f"istio/{id_}/{_key_sha256(request)}"), now)
+            idempotency_key=f"istio/{id_}/{request.key_sha256}"), now)
         certificate = signed.certificate
         renew_at = rotation.renew_at(certificate, float(spec["gracePeriodRatio"]))
         try:
@@ -522,7 +519,7 @@ class IstioAuthority:
                 resource, State.ISSUED, serial=f"{certificate.serial_number:x}",
                 notAfter=manifest.dump_time(certificate.not_valid_after_utc),
                 renewAt=manifest.dump_time(renew_at), issuedAt=manifest.dump_time(now),
-                keySha256=_key_sha256(request), workId=id_,
+                keySha256=request.key_sha256, workId=id_,
                 certificateChain=bundle.dump_certificates(
                     [certificate, *signed.chain]).decode("ascii"),
                 auditId=audit_module.new_id(now))

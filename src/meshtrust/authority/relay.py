@@ -20,7 +20,7 @@ from meshtrust import errors, settings
 from meshtrust.authority import audit as audit_module
 from meshtrust.authority import ca_config, relay_pki, signers
 from meshtrust.authority import registry as registry_module
-from meshtrust.pki import bundle, csr, identity, issuer, keys, profiles
+from meshtrust.pki import bundle, csr, identity, issuer, profiles
 from meshtrust.providers import base as providers
 from meshtrust.store import base
 
@@ -131,7 +131,7 @@ class RelayAuthority:
     async def _check_token(self, cluster: str, token: str, request: csr.Request) -> None:
         mode = self.options.token_mode
         if mode is not TokenMode.SHARED and self.registry.is_cluster_token(token):
-            await self.registry.consume_token(cluster, token, _key_fingerprint(request))
+            await self.registry.consume_token(cluster, token, request.key_sha256)
             return
         if mode is not TokenMode.CLUSTER:
             names = self.options.names
@@ -150,7 +150,7 @@ class RelayAuthority:
         signed = await signers.sign(provider, providers.SignRequest(
             request=request, profile=profiles.RELAY_CLIENT,
             lifetime=self.options.client_lifetime, subject=issuer.Subject(cluster=cluster),
-            idempotency_key=f"relay-client/{cluster}/{_key_fingerprint(request)}"),
+            idempotency_key=f"relay-client/{cluster}/{request.key_sha256}"),
             self._clock.now())
         certificate = signed.certificate
         issued = Issued(certificate=certificate,
@@ -218,6 +218,3 @@ def cluster_of(cert: x509.Certificate) -> str | None:
             return name.value
     return identity.common_name(cert.subject)
 
-
-def _key_fingerprint(request: csr.Request) -> str:
-    return hashlib.sha256(keys.public_key_der(request.public_key)).hexdigest()

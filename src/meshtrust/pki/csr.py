@@ -9,40 +9,64 @@ What the CSR may obtain is decided later, by the profile (``issuer.issue``).
 from __future__ import annotations
 
 import dataclasses
-import functools
+import hashlib
 import warnings
 from collections.abc import Sequence
 from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from meshtrust import errors
-from meshtrust.pki import identity, keys
+from meshtrust.pki import der, identity, keys, pem
 
 MAX_CSR_BYTES = 64 * 1024
+_PEM_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Request:
-    """A CSR that passed ``load_csr``: parsed, self-signature checked, key accepted."""
+    """A CSR that passed ``load_csr``: parsed, self-signature checked, key accepted.
+
+    The subject's common name and the extensions are read once, when the
+    request is made: cryptography parses them again on every read, and issuing
+    asks for them several times.
+    """
 
     csr: x509.CertificateSigningRequest
     public_key: keys.PublicKey
+    common_name: str | None = dataclasses.field(init=False)
+    spki: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    """The public key as a DER SubjectPublicKeyInfo (``keys.public_key_der``)."""
+    _extensions: dict[type[x509.ExtensionType], x509.ExtensionType] = dataclasses.field(
+        init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def common_name(self) -> str | None:
-        # Kept: cryptography parses the subject again on every read.
-        return identity.common_name(self.csr.subject)
+    def __post_init__(self) -> None:
+        parts = der.request_parts(self.csr.tbs_certrequest_bytes)
+        subject, spki = parts if parts is not None else (None, None)
+        # A subject that is one commonName is read from its DER, with no Name object.
+        name = der.common_name(subject)
+        object.__setattr__(self, "common_name",
+                           name if name is not None else identity.common_name(self.csr.subject))
+        object.__setattr__(self, "spki", keys.public_key_der_of(self.public_key, spki))
+        # A CSR names each extension once: cryptography refuses one named twice.
+        object.__setattr__(self, "_extensions",
+                           {type(ext.value): ext.value for ext in self.csr.extensions})
+
+    @property
+    def key_sha256(self) -> str:
+        """The SHA-256 of the public key's SubjectPublicKeyInfo, in hex: names the key."""
+        return hashlib.sha256(self.spki).hexdigest()
 
     @property
     def names(self) -> list[x509.GeneralName]:
-        return identity.subject_alt_names(self.csr)
+        value = self._extension_value(x509.SubjectAlternativeName)
+        return list(value) if value is not None else []
 
     def requested_ca(self) -> bool:
         """True if the CSR asks for basicConstraints CA:true."""
@@ -55,13 +79,8 @@ class Request:
         return list(value) if value is not None else []
 
     def _extension_value(self, kind: type[_E]) -> _E | None:
-        # Same lookup as extensions.get_extension_for_class, without raising
-        # ExtensionNotFound for the usual case of an absent extension (issuing
-        # asks twice per certificate).
-        for ext in self.csr.extensions:
-            if isinstance(ext.value, kind):
-                return ext.value
-        return None
+        value = self._extensions.get(kind)
+        return value if isinstance(value, kind) else None
 
     def dump(self) -> bytes:
         return self.csr.public_bytes(serialization.Encoding.PEM)
@@ -116,7 +135,10 @@ def load_csr(data: bytes) -> Request:
         raise errors.InvalidCSR("CSR is empty; send a PEM or DER certificate signing request")
     raw = bytes(data)
     try:
-        if raw.lstrip().startswith(b"-----BEGIN"):
+        body = pem.decode_single(raw, _PEM_LABELS)
+        if body is not None:
+            csr = x509.load_der_x509_csr(body)
+        elif raw.lstrip().startswith(b"-----BEGIN"):
             csr = x509.load_pem_x509_csr(raw)
         else:
             csr = x509.load_der_x509_csr(raw)
@@ -139,20 +161,18 @@ def load_csr(data: bytes) -> Request:
             "the CSR's signature does not match its public key; sign the request "
             "with the private key it names"
         )
-    request = Request(csr=csr, public_key=checked)
     try:
-        # The subject and the extensions are parsed when first read: malformed ones
+        # Making the Request reads the subject and the extensions: malformed ones
         # (a bad string, an attribute of the wrong type, an extension twice, an unknown
         # name type) are refused here, and so is a name attribute out of its bounds,
         # which cryptography only warns of.
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            _ = request.common_name, csr.extensions
+            return Request(csr=csr, public_key=checked)
     except (ValueError, TypeError, UserWarning, x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType) as exc:
         raise errors.InvalidCSR(f"the CSR has a malformed subject or extension ({exc})") \
             from exc
-    return request
 
 
 def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.PublicKey) -> bool:
@@ -160,11 +180,20 @@ def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.Publi
 
     The same check as ``csr.is_signature_valid``, which would read the public
     key a second time. The signature algorithm must fit the key: a CSR with an
-    EC key and an RSA signature algorithm (or the reverse) is refused.
+    EC key and an RSA signature algorithm (or the reverse) is refused. The
+    usual algorithms are looked up by OID; others (RSA-PSS with its parameters,
+    older hashes) are read from the CSR.
     """
-    scheme = csr.signature_algorithm_parameters
     signature, signed = csr.signature, csr.tbs_certrequest_bytes
+    oid = csr.signature_algorithm_oid
     try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey) and oid in _ECDSA:
+            public_key.verify(signature, signed, _ECDSA[oid])
+            return True
+        if isinstance(public_key, rsa.RSAPublicKey) and oid in _PKCS1:
+            public_key.verify(signature, signed, _PKCS1V15, _PKCS1[oid])
+            return True
+        scheme = csr.signature_algorithm_parameters
         if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(scheme, ec.ECDSA):
             public_key.verify(signature, signed, scheme)
         elif isinstance(public_key, rsa.RSAPublicKey) and \
@@ -174,10 +203,20 @@ def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.Publi
                 raise ValueError("the signature algorithm names no hash")
             public_key.verify(signature, signed, scheme, digest)
         else:
-            algorithm = csr.signature_algorithm_oid.dotted_string
-            raise ValueError(f"signature algorithm {algorithm} does not fit the CSR's "
+            raise ValueError(f"signature algorithm {oid.dotted_string} does not fit the CSR's "
                              f"{keys.describe_key(public_key)} key; sign the request with "
                              "its own key's algorithm")
     except InvalidSignature:
         return False
     return True
+
+
+# The usual signature algorithms, by OID: no objects made per CSR to find them.
+_ECDSA = {SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
+          SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
+          SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512())}
+_PKCS1: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
+    SignatureAlgorithmOID.RSA_WITH_SHA256: hashes.SHA256(),
+    SignatureAlgorithmOID.RSA_WITH_SHA384: hashes.SHA384(),
+    SignatureAlgorithmOID.RSA_WITH_SHA512: hashes.SHA512()}
+_PKCS1V15 = padding.PKCS1v15()

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import ipaddress
+from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 SEQUENCE = 0x30
 SET = 0x31
@@ -27,12 +30,21 @@ BIT_STRING = 0x03
 OCTET_STRING = 0x04
 NULL = b"\x05\x00"
 OBJECT_IDENTIFIER = 0x06
+UTF8_STRING = 0x0C
 UTC_TIME = 0x17
 GENERALIZED_TIME = 0x18
 TRUE = b"\x01\x01\xff"
 
 # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050 on.
 _UTC_TIME_BEFORE = 2050
+
+# GeneralName choices, context-specific and primitive (RFC 5280 4.2.1.6).
+_DNS_NAME = 0x82
+_URI = 0x86
+_IP_ADDRESS = 0x87
+_UTF8_ATTRIBUTES = frozenset({NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME,
+                              NameOID.ORGANIZATIONAL_UNIT_NAME, NameOID.LOCALITY_NAME,
+                              NameOID.STATE_OR_PROVINCE_NAME})
 
 
 def tlv(tag: int, body: bytes) -> bytes:
@@ -75,11 +87,12 @@ def time(moment: dt.datetime) -> bytes:
     """A certificate validity time in UTC, whole seconds, as RFC 5280 wants it."""
     if moment.tzinfo is None:
         raise ValueError("certificate times must be timezone-aware")
-    utc = moment.astimezone(dt.UTC)
-    clock = f"{utc.month:02d}{utc.day:02d}{utc.hour:02d}{utc.minute:02d}{utc.second:02d}Z"
+    utc = moment if moment.tzinfo is dt.UTC else moment.astimezone(dt.UTC)
+    clock = (utc.month, utc.day, utc.hour, utc.minute, utc.second)
+    # Both forms are shorter than 128 octets: the length is one octet.
     if utc.year < _UTC_TIME_BEFORE:
-        return tlv(UTC_TIME, f"{utc.year % 100:02d}{clock}".encode("ascii"))
-    return tlv(GENERALIZED_TIME, f"{utc.year:04d}{clock}".encode("ascii"))
+        return b"\x17\x0d%02d%02d%02d%02d%02d%02dZ" % (utc.year % 100, *clock)
+    return b"\x18\x0f%04d%02d%02d%02d%02d%02dZ" % (utc.year, *clock)
 
 
 @functools.lru_cache(maxsize=128)
@@ -108,6 +121,57 @@ def _header(data: bytes, offset: int) -> tuple[int, int, int]:
     return tag, start + count, start + count + size
 
 
+def request_parts(info: bytes) -> tuple[bytes, bytes] | None:
+    """The subject Name and the SubjectPublicKeyInfo of a CSR's signed part, as DER.
+
+    CertificationRequestInfo is SEQUENCE { version INTEGER, subject Name,
+    subjectPKInfo SubjectPublicKeyInfo, ... } (RFC 2986 4.1). None if ``info``
+    does not start that way.
+    """
+    try:
+        tag, start, _ = _header(info, 0)
+        if tag != SEQUENCE:
+            return None
+        tag, _, version_end = _header(info, start)
+        if tag != INTEGER:
+            return None
+        tag, _, name_end = _header(info, version_end)
+        if tag != SEQUENCE:
+            return None
+        tag, _, key_end = _header(info, name_end)
+    except IndexError:
+        return None
+    if tag != SEQUENCE or key_end > len(info):
+        return None
+    return info[version_end:name_end], info[name_end:key_end]
+
+
+_COMMON_NAME_PREFIX = b"\x06\x03\x55\x04\x03\x0c"  # OID 2.5.4.3, then a UTF8String
+
+
+def common_name(name: bytes | None) -> str | None:
+    """The value of a Name that is exactly one commonName, a UTF8String of 1 to 64 octets.
+
+    None for any other Name (more attributes, another string type, a longer
+    value): the caller then reads it with cryptography, which refuses what is
+    malformed. For the Names accepted here the two readings agree.
+    """
+    # SEQUENCE { SET { SEQUENCE { OID, UTF8String } } }, every length in the short form.
+    if name is None or len(name) < 13 or name[0] != SEQUENCE or name[2] != SET or \
+            name[4] != SEQUENCE or name[6:12] != _COMMON_NAME_PREFIX:
+        return None
+    size = name[12]
+    if not (name[1] == size + 11 == len(name) - 2 and name[3] == size + 9 and
+            name[5] == size + 7):
+        return None
+    if not 1 <= size <= 64:  # cryptography's bound, in UTF-8 octets
+        return None
+    try:
+        return name[13:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def subject_public_key(spki: bytes) -> bytes:
     """The key bits of a SubjectPublicKeyInfo (as cryptography encodes it), for key identifiers.
 
@@ -126,5 +190,46 @@ def subject_public_key(spki: bytes) -> bytes:
 
 def extension(value: x509.ExtensionType, critical: bool) -> bytes:
     """One ``Extension``: its OID, the critical flag when set, its value's DER wrapped."""
-    return sequence(object_identifier(value.oid), TRUE if critical else b"",
-                    octet_string(value.public_bytes()))
+    return encoded_extension(value.oid, critical, value.public_bytes())
+
+
+def encoded_extension(oid: x509.ObjectIdentifier, critical: bool, value: bytes) -> bytes:
+    """One ``Extension`` whose value is already DER."""
+    return sequence(object_identifier(oid), TRUE if critical else b"", octet_string(value))
+
+
+def name(attributes: Sequence[tuple[x509.ObjectIdentifier, str]]) -> bytes:
+    """A Name of one attribute per RDN, in order, each value a UTF8String.
+
+    That is how cryptography encodes the commonName, organizationName and
+    localityName meshtrust puts in subjects; attributes that cryptography writes
+    as another string type (countryName, serialNumber, ...) are refused.
+    """
+    rdns = []
+    for oid, value in attributes:
+        if oid not in _UTF8_ATTRIBUTES:
+            raise ValueError(f"attribute {oid.dotted_string} is not encoded as a UTF8String")
+        rdns.append(tlv(SET, sequence(object_identifier(oid),
+                                      tlv(UTF8_STRING, value.encode("utf-8")))))
+    return sequence(*rdns)
+
+
+def general_names(names: Sequence[x509.GeneralName]) -> bytes:
+    """GeneralNames (the value of a subjectAltName) of DNS names, URIs and IP addresses."""
+    encoded = []
+    for entry in names:
+        if isinstance(entry, x509.DNSName):
+            encoded.append(tlv(_DNS_NAME, entry.value.encode("ascii")))
+        elif isinstance(entry, x509.UniformResourceIdentifier):
+            encoded.append(tlv(_URI, entry.value.encode("ascii")))
+        elif isinstance(entry, x509.IPAddress) and \
+                isinstance(entry.value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            encoded.append(tlv(_IP_ADDRESS, entry.value.packed))
+        else:
+            raise ValueError(f"cannot encode the name {entry!r}")
+    return sequence(*encoded)
+
+
+def key_identifier(digest: bytes) -> bytes:
+    """The value of a subjectKeyIdentifier extension: the identifier as an OCTET STRING."""
+    return octet_string(digest)

@@ -13,7 +13,10 @@ from cryptography import x509
 
 from meshtrust import errors
 
-_DNS_LABEL = re.compile(r"^(\*|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)$", re.IGNORECASE)
+# Labels of letters, digits and inner dashes, at most 63 long; a first label may be "*";
+# trailing dots are allowed.
+_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"(?:\*|{_LABEL})(?:\.{_LABEL})*\.*", re.IGNORECASE)
 _SPIFFE_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
 
@@ -33,12 +36,7 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 
 def is_dns_name(text: str) -> bool:
     """True if ``text`` is a valid DNS name, with an optional leading ``*.`` label."""
-    if not text or len(text) > 253:
-        return False
-    labels = text.rstrip(".").split(".")
-    if any(label == "*" for label in labels[1:]):
-        return False
-    return all(_DNS_LABEL.match(label) for label in labels)
+    return 0 < len(text) <= 253 and _DNS_NAME.fullmatch(text) is not None
 
 
 def parse_name(text: str) -> x509.GeneralName:

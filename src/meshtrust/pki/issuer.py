@@ -19,9 +19,9 @@ import secrets
 from collections.abc import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
 
 from meshtrust import errors
 from meshtrust.pki import csr as csr_mod
@@ -116,6 +116,11 @@ class CA:
     def _signer(self) -> _Signer:
         return _Signer.of(self.key)
 
+    @functools.cached_property
+    def _validity(self) -> tuple[dt.datetime, dt.datetime]:
+        """This CA's NotBefore and NotAfter (cryptography makes new datetimes on each read)."""
+        return self.certificate.not_valid_before_utc, self.certificate.not_valid_after_utc
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Signer:
@@ -164,9 +169,8 @@ def issue(
     """Sign ``request`` under ``issuer`` with ``profile``; raise ProfileViolation if refused."""
     subject = subject or Subject()
     _check_request(request, profile, subject)
-    not_before, not_after = _validity(now, lifetime or profile.default_lifetime,
-                                      issuer.certificate)
-    return _sign(profile, subject, request.public_key, not_before, not_after,
+    not_before, not_after = _validity(now, lifetime or profile.default_lifetime, issuer)
+    return _sign(profile, subject, request.spki, not_before, not_after,
                  issuer_name=issuer._name, aki=issuer._aki, signer=issuer._signer)
 
 
@@ -183,8 +187,9 @@ def self_sign(
     subject = subject or Subject()
     lifetime = lifetime or profile.default_lifetime
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
-    return _sign(profile, subject, key.public_key(), backdated(now, lifetime), now + lifetime,
-                 issuer_name=_subject_name(profile, subject).public_bytes(),
+    return _sign(profile, subject, keys.public_key_der(key), backdated(now, lifetime),
+                 now + lifetime,
+                 issuer_name=der.name(_subject_attributes(profile, subject)),
                  aki=der.extension(aki, critical=False), signer=_Signer.of(key))
 
 
@@ -251,20 +256,22 @@ def _check_cluster_names(request: csr_mod.Request, subject: Subject) -> None:
 
 
 def _validity(now: dt.datetime, lifetime: dt.timedelta,
-              issuer: x509.Certificate) -> tuple[dt.datetime, dt.datetime]:
+              issuer: CA) -> tuple[dt.datetime, dt.datetime]:
     if lifetime <= dt.timedelta(0):
         raise ValueError("lifetime must be positive")
-    issuer_after = issuer.not_valid_after_utc
+    issuer_before, issuer_after = issuer._validity
     if issuer_after <= now:
         raise errors.ChainError(
-            f"the issuing CA {issuer.subject.rfc4514_string()} expired at "
+            f"the issuing CA {issuer.certificate.subject.rfc4514_string()} expired at "
             f"{issuer_after.isoformat()}; renew it before issuing"
         )
-    not_before = max(backdated(now, lifetime), issuer.not_valid_before_utc)
+    not_before = max(backdated(now, lifetime), issuer_before)
     return not_before, min(now + lifetime, issuer_after)
 
 
-def _subject_name(profile: Profile, subject: Subject) -> x509.Name:
+def _subject_attributes(profile: Profile,
+                        subject: Subject) -> list[tuple[x509.ObjectIdentifier, str]]:
+    """The subject's attributes, one per RDN, in order (``der.name`` encodes them)."""
     attrs: list[tuple[x509.ObjectIdentifier, str]] = []
     naming = profile.naming
     if naming is Naming.RELAY_ROOT:
@@ -284,9 +291,7 @@ def _subject_name(profile: Profile, subject: Subject) -> x509.Name:
         attrs = [(NameOID.ORGANIZATION_NAME, subject.organization or "Istio"),
                  (NameOID.COMMON_NAME, subject.common_name or "Intermediate CA"),
                  (NameOID.LOCALITY_NAME, _require_cluster(subject, profile))]
-    elif naming is Naming.SPIFFE_WORKLOAD:
-        attrs = []
-    return x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])
+    return attrs
 
 
 def _subject_alt_names(profile: Profile, subject: Subject) -> list[x509.GeneralName]:
@@ -314,7 +319,7 @@ def _require_cluster(subject: Subject, profile: Profile) -> str:
     return subject.cluster
 
 
-def _sign(profile: Profile, subject: Subject, public_key: keys.PublicKey,
+def _sign(profile: Profile, subject: Subject, spki: bytes,
           not_before: dt.datetime, not_after: dt.datetime, *,
           issuer_name: bytes, aki: bytes, signer: _Signer) -> x509.Certificate:
     """Encode the certificate RFC 5280 section 4.1 describes, sign it, and parse it back.
@@ -323,20 +328,19 @@ def _sign(profile: Profile, subject: Subject, public_key: keys.PublicKey,
     keyUsage, subjectKeyIdentifier, extendedKeyUsage, subjectAltName,
     authorityKeyIdentifier.
     """
-    name = _subject_name(profile, subject)
-    spki = public_key.public_bytes(serialization.Encoding.DER,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    attributes = _subject_attributes(profile, subject)
     # RFC 5280 4.2.1.2 method 1, as x509.SubjectKeyIdentifier.from_public_key computes it.
-    ski = x509.SubjectKeyIdentifier(hashlib.sha1(der.subject_public_key(spki)).digest())
+    ski = der.key_identifier(hashlib.sha1(der.subject_public_key(spki)).digest())
     fixed = _profile_extensions(profile)
-    extensions = [fixed.basic_constraints, fixed.key_usage, der.extension(ski, critical=False)]
+    extensions = [fixed.basic_constraints, fixed.key_usage,
+                  der.encoded_extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False, ski)]
     if fixed.extended_key_usage:
         extensions.append(fixed.extended_key_usage)
     sans = _subject_alt_names(profile, subject)
     if sans:
         # An empty subject makes the SAN the only name, and RFC 5280 then wants it critical.
-        extensions.append(der.extension(x509.SubjectAlternativeName(sans),
-                                        critical=len(name) == 0))
+        extensions.append(der.encoded_extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+                                                not attributes, der.general_names(sans)))
     extensions.append(aki)
     tbs = der.sequence(
         _VERSION_3,
@@ -344,7 +348,7 @@ def _sign(profile: Profile, subject: Subject, public_key: keys.PublicKey,
         signer.algorithm,
         issuer_name,
         der.sequence(der.time(not_before), der.time(not_after)),
-        name.public_bytes(),
+        der.name(attributes),
         spki,
         der.explicit(3, der.sequence(*extensions)),
     )

@@ -152,6 +152,31 @@ def public_key_der(key: PublicKey | PrivateKey) -> bytes:
                                serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+# What cryptography writes for an EC public key: a named curve and an uncompressed point
+# (0x04, then X and Y) in a BIT STRING with no unused bits. Everything before X is fixed.
+_EC_SPKI_PREFIX = {
+    "secp256r1": bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004"),
+    "secp384r1": bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004"),
+}
+_EC_POINT_BYTES = {"secp256r1": 64, "secp384r1": 96}
+
+
+def public_key_der_of(key: PublicKey, encoded: bytes | None) -> bytes:
+    """``public_key_der(key)``, reusing ``encoded`` (the SubjectPublicKeyInfo ``key`` was read
+    from) when it is byte for byte what that would return.
+
+    It can only be for an EC key on a supported curve with an uncompressed point, whose
+    encoding has one form; for any other, the key is encoded again.
+    """
+    if encoded is not None and isinstance(key, ec.EllipticCurvePublicKey):
+        curve = key.curve.name
+        prefix = _EC_SPKI_PREFIX.get(curve)
+        if prefix is not None and len(encoded) == len(prefix) + _EC_POINT_BYTES[curve] and \
+                encoded.startswith(prefix):
+            return encoded
+    return public_key_der(key)
+
+
 def key_matches(certificate: Certificate, key: PrivateKey) -> bool:
     """True if ``key`` is the private half of ``certificate``'s public key."""
     return public_key_der(key) == certificate.public_key().public_bytes(
