@@ -5,9 +5,11 @@ What it measures, for each CA key type (ECDSA P-256 and RSA 2048):
 * A relay root and a relay signing intermediate are made with
   ``issuer.new_root`` / ``issuer.new_intermediate`` (profiles RELAY_ROOT and
   RELAY_SIGNING); the intermediate is the issuing CA.
-* ``--count`` CSRs are made beforehand, each with its own EC P-256 key and
-  named for its cluster (CN and DNS SAN ``cluster-00042``), as PEM bytes.
-  Making the leaf keys and CSRs is not measured.
+* ``--count`` CSRs are made beforehand, each with its own key and named for
+  its cluster (CN and DNS SAN ``cluster-00042``), as PEM bytes. The CSR keys
+  are of the CA's key type, as in the reference openssl scripts (an RSA 2048
+  hierarchy signs RSA 2048 requests); ``--csr-key`` sets one type for both
+  runs instead. Making the leaf keys and CSRs is not measured.
 * The relay-client path is run end to end in one thread, cycling over the
   CSRs: ``csr.load_csr(pem)`` (parse, CSR signature check, key policy), then
   ``issuer.issue(request, ca, profiles.RELAY_CLIENT, now,
@@ -19,7 +21,7 @@ What it measures, for each CA key type (ECDSA P-256 and RSA 2048):
   round's CPU time over its wall time is printed as a check: near 1.00 means
   nothing else took the CPU.
 * For reference: the raw sign rate of the CA key and the raw verify rate of
-  a P-256 leaf key through the same library (``cryptography``), and
+  a CSR key through the same library (``cryptography``), and
   ``openssl speed -seconds S rsa2048`` / ``ecdsap256`` (one process), whose
   sign/s column is the yardstick. The targets are about 75% of openssl's
   RSA 2048 sign rate and about 10% of its P-256 sign rate.
@@ -29,6 +31,7 @@ Run it from the repository root:
     .venv/bin/python bench/issue.py              # table, about 30 s
     .venv/bin/python bench/issue.py --json       # machine-readable results
     .venv/bin/python bench/issue.py --profile    # also print a cProfile summary
+    .venv/bin/python bench/issue.py --csr-key ecdsa-p256   # P-256 requests for both CAs
 
 The openssl command line and the OpenSSL inside ``cryptography`` may be
 different builds; both versions are printed.
@@ -87,6 +90,7 @@ class Round:
 @dataclass
 class Result:
     ca_key: str
+    csr_key: str
     issued_per_s: float
     load_csr_us: float
     issue_us: float
@@ -95,7 +99,9 @@ class Result:
     cpu_share: float
     round_rates: list[float]
     lib_sign_per_s: float
+    lib_verify_per_s: float
     openssl_sign_per_s: float | None
+    openssl_rounds: list[float]
     ratio: float | None
     target: float
     meets_target: bool | None = field(default=None)
@@ -105,12 +111,12 @@ def cluster_name(i: int) -> str:
     return f"cluster-{i:05d}"
 
 
-def make_csrs(count: int) -> CSRList:
-    """``count`` PEM CSRs, each with its own P-256 key, named for its cluster."""
+def make_csrs(count: int, key_type: keys.KeyType) -> CSRList:
+    """``count`` PEM CSRs, each with its own key of ``key_type``, named for its cluster."""
     out = []
     for i in range(count):
         name = cluster_name(i)
-        key = keys.generate_key(keys.KeyType.EC_P256)
+        key = keys.generate_key(key_type)
         request = csr.build_csr(key, common_name=name, names=[name])
         out.append((csr.dump_csr(request), name))
     return out
@@ -171,18 +177,28 @@ def issuance_round(ca: issuer.CA, csrs: CSRList, seconds: float, start_at: int =
 
 
 def measure_issuance(ca: issuer.CA, csrs: CSRList, seconds: float, warmup: float,
-                     rounds: int) -> tuple[Round, list[float]]:
-    """Warm up, then run ``rounds`` rounds; return the median round and every round's rate."""
+                     rounds: int, reference: Callable[[], float | None] | None = None,
+                     ) -> tuple[Round, list[float], list[float]]:
+    """Warm up, then run ``rounds`` rounds; return the median round, every round's rate and
+    the rates ``reference`` measured after each round.
+
+    Running the reference (``openssl speed``) between the rounds, rather than once
+    before or after them all, lets both see the same machine when its speed drifts.
+    """
     if warmup > 0:
         issuance_round(ca, csrs, warmup)
     done: list[Round] = []
+    measured: list[float] = []
     offset = 0
     for _ in range(rounds):
         r = issuance_round(ca, csrs, seconds / rounds, offset)
         offset += r.issued
         done.append(r)
+        value = reference() if reference else None
+        if value is not None:
+            measured.append(value)
     ordered = sorted(done, key=lambda r: r.rate)
-    return ordered[len(ordered) // 2], [r.rate for r in done]
+    return ordered[len(ordered) // 2], [r.rate for r in done], measured
 
 
 def _rate(operation: Callable[[], object], seconds: float) -> float:
@@ -210,12 +226,18 @@ def lib_sign_rate(key: keys.PrivateKey, seconds: float) -> float:
     return _rate(lambda: ec_key.sign(data, ecdsa), seconds)
 
 
-def lib_p256_verify_rate(seconds: float) -> float:
-    """P-256 signature checks per second through cryptography (what load_csr does once)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    public, data, ecdsa = key.public_key(), b"\x00" * 32, ec.ECDSA(hashes.SHA256())
-    signature = key.sign(data, ecdsa)
-    return _rate(lambda: public.verify(signature, data, ecdsa), seconds)
+def lib_verify_rate(key_type: keys.KeyType, seconds: float) -> float:
+    """Signature checks per second of a ``key_type`` key through cryptography (what load_csr
+    does once per CSR)."""
+    key, data = keys.generate_key(key_type), b"\x00" * 32
+    if isinstance(key, rsa.RSAPrivateKey):
+        rsa_public, pkcs1 = key.public_key(), padding.PKCS1v15()
+        rsa_signature = key.sign(data, pkcs1, hashes.SHA256())
+        return _rate(lambda: rsa_public.verify(rsa_signature, data, pkcs1, hashes.SHA256()),
+                     seconds)
+    ec_public, ecdsa = key.public_key(), ec.ECDSA(hashes.SHA256())
+    ec_signature = key.sign(data, ecdsa)
+    return _rate(lambda: ec_public.verify(ec_signature, data, ecdsa), seconds)
 
 
 def openssl_speed(openssl: str, algorithm: str, label: str, seconds: int) -> float | None:
@@ -272,17 +294,16 @@ def profile_issuance(ca: issuer.CA, csrs: CSRList, seconds: float, top: int) -> 
     return f"{i} certificates under the profiler\n" + out.getvalue()
 
 
-def print_table(environment: dict[str, object], results: list[Result],
-                verify_rate: float) -> None:
+def print_table(environment: dict[str, object], results: list[Result]) -> None:
     for key, value in environment.items():
         print(f"{key + ':':22}{value}")
     print()
-    head = ("CA key", "meshtrust issued/s", "openssl sign/s", "ratio", "target",
+    head = ("CA key", "CSR key", "meshtrust issued/s", "openssl sign/s", "ratio", "target",
             "load_csr µs", "issue µs", "dump µs", "lib sign/s")
     rows = [head]
     for r in results:
         rows.append((
-            r.ca_key, f"{r.issued_per_s:,.0f}",
+            r.ca_key, r.csr_key, f"{r.issued_per_s:,.0f}",
             f"{r.openssl_sign_per_s:,.0f}" if r.openssl_sign_per_s else "-",
             f"{r.ratio:.1%}" if r.ratio is not None else "-",
             f"{r.target:.0%}", f"{r.load_csr_us:.1f}", f"{r.issue_us:.1f}",
@@ -290,17 +311,18 @@ def print_table(environment: dict[str, object], results: list[Result],
         ))
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     for n, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w)
+        print("  ".join(cell.ljust(w) if c < 2 else cell.rjust(w)
                         for c, (cell, w) in enumerate(zip(row, widths, strict=True))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
     print()
     for r in results:
         spread = ", ".join(f"{rate:,.0f}" for rate in r.round_rates)
-        print(f"{r.ca_key}: rounds {spread} issued/s; {r.total_us:.1f} µs per certificate; "
-              f"CPU time / wall time {r.cpu_share:.2f}")
-    print(f"P-256 signature check (once per CSR) through cryptography: {verify_rate:,.0f} "
-          f"verify/s = {1e6 / verify_rate:.1f} µs")
+        speeds = ", ".join(f"{rate:,.0f}" for rate in r.openssl_rounds) or "-"
+        print(f"{r.ca_key}: rounds {spread} issued/s (openssl between them: {speeds} "
+              f"sign/s); {r.total_us:.1f} µs per certificate; CPU time / wall time "
+              f"{r.cpu_share:.2f}; {r.csr_key} CSR signature check through cryptography "
+              f"{1e6 / r.lib_verify_per_s:.1f} µs")
     if any(r.cpu_share < 0.95 for r in results):
         print("note: CPU time / wall time below 0.95 means another process took CPU from "
               "this one during the median round; rerun on a quiet machine")
@@ -311,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Measure meshtrust.pki relay-client issuance per second in one thread "
                     "against openssl speed, for ECDSA P-256 and RSA 2048 CA keys.")
     parser.add_argument("--seconds", type=float, default=3.0,
-                        help="measuring time per CA key type, also given to openssl speed "
-                             "(rounded up to whole seconds) (default 3)")
+                        help="measuring time per CA key type (default 3); openssl speed runs "
+                             "for as long again, a round's share after each round, at "
+                             "least 1 s each")
     parser.add_argument("--rounds", type=int, default=3,
                         help="split --seconds into this many rounds and report the median "
                              "(default 3)")
@@ -322,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="number of distinct CSRs made beforehand (default 2000)")
     parser.add_argument("--key-type", action="append", choices=[k.value for k in CASES],
                         help="CA key type to run (repeatable; default both)")
+    parser.add_argument("--csr-key", choices=[k.value for k in keys.KeyType],
+                        help="key type of the CSRs for every CA (default: the CA's own)")
     parser.add_argument("--no-openssl", action="store_true",
                         help="skip openssl speed (no ratio is reported)")
     parser.add_argument("--profile", action="store_true",
@@ -336,33 +361,40 @@ def main(argv: list[str] | None = None) -> int:
 
     key_types = [keys.KeyType(v) for v in args.key_type] if args.key_type else list(CASES)
     openssl = None if args.no_openssl else shutil.which("openssl")
-    speed_seconds = max(1, int(-(-args.seconds // 1)))
+    speed_seconds = max(1, round(args.seconds / args.rounds))
     log = sys.stderr if args.json else sys.stdout
-
-    print(f"making {args.count} P-256 CSRs ...", file=log, flush=True)
-    csrs = make_csrs(args.count)
     lib_seconds = min(args.seconds, 1.0)
-    verify_rate = lib_p256_verify_rate(lib_seconds)
 
+    csrs_by_type: dict[keys.KeyType, CSRList] = {}
     results: list[Result] = []
     profiles_text: dict[str, str] = {}
     for key_type in key_types:
         algorithm, label, target = CASES[key_type]
+        csr_type = keys.KeyType(args.csr_key) if args.csr_key else key_type
+        if csr_type not in csrs_by_type:
+            print(f"making {args.count} {csr_type.value} CSRs ...", file=log, flush=True)
+            csrs_by_type[csr_type] = make_csrs(args.count, csr_type)
+        csrs = csrs_by_type[csr_type]
         ca = make_ca(key_type)
         check_output(ca, csrs)
-        print(f"{key_type.value}: issuing for {args.seconds:g} s ...", file=log, flush=True)
-        median, round_rates = measure_issuance(ca, csrs, args.seconds, args.warmup, args.rounds)
+        print(f"{key_type.value}: issuing for {args.seconds:g} s"
+              + (f", openssl speed -seconds {speed_seconds} {algorithm} after each round"
+                 if openssl else "") + " ...", file=log, flush=True)
+
+        def reference(algorithm: str = algorithm, label: str = label) -> float | None:
+            return openssl_speed(openssl, algorithm, label, speed_seconds) if openssl else None
+
+        median, round_rates, speeds = measure_issuance(ca, csrs, args.seconds, args.warmup,
+                                                       args.rounds, reference)
         lib_sign = lib_sign_rate(ca.key, lib_seconds)
-        speed = None
-        if openssl:
-            print(f"{key_type.value}: openssl speed -seconds {speed_seconds} {algorithm} ...",
-                  file=log, flush=True)
-            speed = openssl_speed(openssl, algorithm, label, speed_seconds)
+        lib_verify = lib_verify_rate(csr_type, lib_seconds)
+        speed = sorted(speeds)[len(speeds) // 2] if speeds else None
         rate = median.rate
         ratio = rate / speed if speed else None
         per = 1e6 / median.issued
         results.append(Result(
             ca_key=key_type.value,
+            csr_key=csr_type.value,
             issued_per_s=round(rate, 1),
             load_csr_us=round(median.load_csr * per, 1),
             issue_us=round(median.issue * per, 1),
@@ -371,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             cpu_share=round(median.cpu_seconds / median.seconds, 3),
             round_rates=[round(r, 1) for r in round_rates],
             lib_sign_per_s=round(lib_sign, 1),
+            lib_verify_per_s=round(lib_verify, 1),
             openssl_sign_per_s=speed,
+            openssl_rounds=speeds,
             ratio=round(ratio, 4) if ratio is not None else None,
             target=target,
             meets_target=ratio >= target if ratio is not None else None,
@@ -393,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload: dict[str, object] = {
             "environment": environment,
-            "lib_p256_verify_per_s": round(verify_rate, 1),
             "results": [asdict(r) for r in results],
         }
         if args.profile:
@@ -402,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print()
-    print_table(environment, results, verify_rate)
+    print_table(environment, results)
     for name, text in profiles_text.items():
         print(f"\nprofile, CA key {name}:\n{text}")
     return 0

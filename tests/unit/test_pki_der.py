@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 
 import pytest
 from cryptography import x509
@@ -175,3 +176,92 @@ class TestIssuedEncoding:
         oids = [a.oid for a in ca.certificate.subject]
         assert oids == [NameOID.ORGANIZATION_NAME, NameOID.COMMON_NAME, NameOID.LOCALITY_NAME]
         assert ca.certificate.issuer == root.certificate.subject
+
+
+def _request(key: keys.PrivateKey, name: x509.Name,
+             names: list[x509.GeneralName] | None = None) -> x509.CertificateSigningRequest:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(name)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, keys.signature_hash(key))
+
+
+class TestNames:
+    def test_names_encode_as_cryptography_would(self) -> None:
+        """CN, O, OU, L and ST in order, as UTF8Strings: the bytes of cryptography's Name."""
+        attributes = [(NameOID.ORGANIZATION_NAME, "Istio"), (NameOID.COMMON_NAME, "Root CA"),
+                      (NameOID.ORGANIZATIONAL_UNIT_NAME, "Demo"),
+                      (NameOID.LOCALITY_NAME, "clüster-7"), (NameOID.STATE_OR_PROVINCE_NAME, "MA")]
+        expected = x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes])
+        assert der.name(attributes) == expected.public_bytes()
+        assert der.name([]) == x509.Name([]).public_bytes()
+
+    def test_attributes_of_another_string_type_are_refused(self) -> None:
+        """cryptography writes countryName as a PrintableString; encoding it here would differ."""
+        with pytest.raises(ValueError, match="UTF8String"):
+            der.name([(NameOID.COUNTRY_NAME, "US")])
+
+    def test_general_names_encode_as_cryptography_would(self) -> None:
+        """DNS names, URIs and IPv4/IPv6 addresses: the bytes of cryptography's SAN value."""
+        names: list[x509.GeneralName] = [
+            x509.DNSName("*.gloo-mesh"), x509.DNSName("cluster-1"),
+            x509.UniformResourceIdentifier("spiffe://cluster.local/ns/istio-system/sa/istiod"),
+            x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("2001:db8::1"))]
+        assert der.general_names(names) == x509.SubjectAlternativeName(names).public_bytes()
+
+    def test_other_general_names_are_refused(self) -> None:
+        """An e-mail address is never put in a certificate here; asking to encode one is a bug."""
+        with pytest.raises(ValueError, match="cannot encode"):
+            der.general_names([x509.RFC822Name("ops@example.com")])
+
+
+class TestRequestParts:
+    @pytest.mark.parametrize("key_type", [keys.KeyType.EC_P256, keys.KeyType.RSA_2048],
+                             ids=lambda t: t.value)
+    def test_subject_and_key_are_the_csrs_own(self, key_type: keys.KeyType) -> None:
+        """The parts read from the signed bytes are the subject and key cryptography reads."""
+        key = keys.generate_key(key_type)
+        request = _request(key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c-1"),
+                                           x509.NameAttribute(NameOID.LOCALITY_NAME, "x")]))
+        parts = der.request_parts(request.tbs_certrequest_bytes)
+        assert parts == (request.subject.public_bytes(), keys.public_key_der(key))
+
+    def test_other_structures_give_nothing(self) -> None:
+        """Bytes that do not start as a CertificationRequestInfo are not read."""
+        for bad in (b"", b"\x30", der.sequence(der.octet_string(b"x")),
+                    der.sequence(der.integer(0), der.octet_string(b"x")),
+                    der.sequence(der.integer(0), der.sequence(), der.integer(1)),
+                    der.sequence(der.integer(0))[:-1] + b"\x30\x85"):
+            assert der.request_parts(bad) is None
+
+    @pytest.mark.parametrize("value", ["cluster-1", "c", "ü" * 32, "x" * 64])
+    def test_a_lone_common_name_is_read_from_der(self, value: str) -> None:
+        """One UTF8String commonName of 1 to 64 octets: the value cryptography reads."""
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
+        assert der.common_name(name.public_bytes()) == value
+
+    @pytest.mark.parametrize("name", [
+        x509.Name([]),
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a"),
+                   x509.NameAttribute(NameOID.COMMON_NAME, "b")]),
+        x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster-1")]),
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cluster-1",
+                                      _type=x509.name._ASN1Type.PrintableString)]),
+        x509.Name([x509.RelativeDistinguishedName([
+            x509.NameAttribute(NameOID.COMMON_NAME, "a"),
+            x509.NameAttribute(NameOID.LOCALITY_NAME, "b")])]),
+    ], ids=["empty", "two", "organization", "printable", "multi-valued"])
+    def test_any_other_name_is_left_to_cryptography(self, name: x509.Name) -> None:
+        """None tells the caller to read the subject the slow, general way."""
+        assert der.common_name(name.public_bytes()) is None
+
+    def test_out_of_bounds_or_broken_values_are_left_to_cryptography(self) -> None:
+        """65 octets (cryptography warns), and bytes that are not UTF-8, are not read here."""
+        long_name = der.sequence(der.tlv(der.SET, der.sequence(
+            der.object_identifier(NameOID.COMMON_NAME), der.tlv(der.UTF8_STRING, b"x" * 65))))
+        broken = der.sequence(der.tlv(der.SET, der.sequence(
+            der.object_identifier(NameOID.COMMON_NAME), der.tlv(der.UTF8_STRING, b"\xff\xfe"))))
+        assert der.common_name(long_name) is None
+        assert der.common_name(broken) is None
+        assert der.common_name(None) is None

@@ -46,8 +46,11 @@ class Request:
     _extensions: dict[type[x509.ExtensionType], x509.ExtensionType] = dataclasses.field(
         init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        parts = der.request_parts(self.csr.tbs_certrequest_bytes)
+    signed_part: dataclasses.InitVar[bytes | None] = None
+    """The CSR's CertificationRequestInfo DER, if the caller has it at hand already."""
+
+    def __post_init__(self, signed_part: bytes | None) -> None:
+        parts = der.request_parts(signed_part or self.csr.tbs_certrequest_bytes)
         subject, spki = parts if parts is not None else (None, None)
         # A subject that is one commonName is read from its DER, with no Name object.
         name = der.common_name(subject)
@@ -152,8 +155,9 @@ def load_csr(data: bytes) -> Request:
             f"the CSR's key cannot be read ({exc}); use RSA or ECDSA P-256/P-384"
         ) from exc
     checked = keys.check_public_key(public_key)
+    signed_part = csr.tbs_certrequest_bytes
     try:
-        valid = _signature_valid(csr, checked)
+        valid = _signature_valid(csr, checked, signed_part)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise errors.InvalidCSR(f"the CSR's signature cannot be checked ({exc})") from exc
     if not valid:
@@ -168,14 +172,15 @@ def load_csr(data: bytes) -> Request:
         # which cryptography only warns of.
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            return Request(csr=csr, public_key=checked)
+            return Request(csr=csr, public_key=checked, signed_part=signed_part)
     except (ValueError, TypeError, UserWarning, x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType) as exc:
         raise errors.InvalidCSR(f"the CSR has a malformed subject or extension ({exc})") \
             from exc
 
 
-def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.PublicKey) -> bool:
+def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.PublicKey,
+                     signed: bytes) -> bool:
     """Check the CSR's self-signature with the key already read from it.
 
     The same check as ``csr.is_signature_valid``, which would read the public
@@ -184,7 +189,7 @@ def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.Publi
     usual algorithms are looked up by OID; others (RSA-PSS with its parameters,
     older hashes) are read from the CSR.
     """
-    signature, signed = csr.signature, csr.tbs_certrequest_bytes
+    signature = csr.signature
     oid = csr.signature_algorithm_oid
     try:
         if isinstance(public_key, ec.EllipticCurvePublicKey) and oid in _ECDSA:

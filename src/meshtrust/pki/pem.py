@@ -11,26 +11,32 @@ stays the same.
 from __future__ import annotations
 
 import binascii
-import re
+import functools
 from collections.abc import Collection
-
-# Padding only at the end: with that, the lenient base64 decoder (which skips the line
-# breaks) reads exactly what a strict one reads from the lines joined.
-_BLOCK = re.compile(
-    rb"\A\s*-----BEGIN ([A-Z0-9 ]+)-----\r?\n([A-Za-z0-9+/\r\n]+={0,2})\r?\n"
-    rb"-----END \1-----\s*\Z")
 
 
 def decode_single(data: bytes, labels: Collection[bytes]) -> bytes | None:
     """The DER inside ``data`` if it is one plain PEM block with one of ``labels``, else None.
 
-    None means "not in the plain form": the caller hands ``data`` to a full PEM
-    reader, which decides whether it is valid at all.
+    Plain: the block alone with whitespace around it, and nothing between its
+    lines but base64 (checked strictly, padding only at the end). None means
+    "not in the plain form": the caller hands ``data`` to a full PEM reader,
+    which decides whether it is valid at all.
     """
-    match = _BLOCK.match(data)
-    if match is None or match.group(1) not in labels:
-        return None
-    try:
-        return binascii.a2b_base64(match.group(2))
-    except binascii.Error:
-        return None
+    text = data.strip()
+    for label in labels:
+        begin, end = _markers(label)
+        if text.startswith(begin) and text.endswith(end):
+            body = text[len(begin):-len(end)].replace(b"\n", b"")
+            if b"\r" in body:
+                body = body.replace(b"\r", b"")
+            try:
+                return binascii.a2b_base64(body, strict_mode=True)
+            except binascii.Error:
+                return None
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _markers(label: bytes) -> tuple[bytes, bytes]:
+    return b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
