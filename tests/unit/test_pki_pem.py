@@ -81,12 +81,23 @@ class TestRequestValues:
         assert keys.public_key_der_of(public, spki) == keys.public_key_der(KEY)
         assert keys.public_key_der_of(public, None) == keys.public_key_der(KEY)
 
-    def test_rsa_keys_are_always_encoded_again(self) -> None:
-        """An RSA SubjectPublicKeyInfo has more than one BER form; it is never reused."""
+    def test_an_rsa_key_read_with_its_null_parameters_is_reused(self) -> None:
+        """rsaEncryption with NULL parameters, in strict DER: the form cryptography writes."""
         key = keys.generate_key(keys.KeyType.RSA_2048)
         spki = keys.public_key_der(key)
-        reused = keys.public_key_der_of(key.public_key(), spki)
-        assert reused == spki and reused is not spki
+        assert keys.public_key_der_of(key.public_key(), spki) is spki
+
+    def test_an_rsa_key_read_without_parameters_is_written_with_them(self) -> None:
+        """cryptography reads rsaEncryption with its parameters left out, but writes NULL."""
+        key = keys.generate_key(keys.KeyType.RSA_2048)
+        public = key.public_key()
+        pkcs1 = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+        algorithm = der.sequence(der.object_identifier(
+            x509.ObjectIdentifier("1.2.840.113549.1.1.1")))
+        spki = der.sequence(algorithm, der.bit_string(pkcs1))
+        assert serialization.load_der_public_key(spki) == public
+        assert keys.public_key_der_of(public, spki) == keys.public_key_der(key) != spki
+        assert keys.public_key_der_of(public, b"\x30\x00") == keys.public_key_der(key)
 
 
 class TestDnsNames:

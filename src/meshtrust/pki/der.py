@@ -172,20 +172,28 @@ def common_name(name: bytes | None) -> str | None:
         return None
 
 
-def subject_public_key(spki: bytes) -> bytes:
-    """The key bits of a SubjectPublicKeyInfo (as cryptography encodes it), for key identifiers.
+def public_key_info(spki: bytes) -> tuple[bytes, bytes]:
+    """The AlgorithmIdentifier (as DER) and the key bits of a SubjectPublicKeyInfo.
 
     SubjectPublicKeyInfo is SEQUENCE { algorithm AlgorithmIdentifier,
-    subjectPublicKey BIT STRING }; the BIT STRING's first octet counts unused bits.
+    subjectPublicKey BIT STRING }; the BIT STRING's first octet counts unused bits,
+    which must be none.
     """
     tag, start, end = _header(spki, 0)
     if tag != SEQUENCE or end != len(spki):
         raise ValueError("not a DER SubjectPublicKeyInfo")
-    _, _, algorithm_end = _header(spki, start)
+    tag, _, algorithm_end = _header(spki, start)
+    if tag != SEQUENCE:
+        raise ValueError("not a DER SubjectPublicKeyInfo")
     tag, bits_start, bits_end = _header(spki, algorithm_end)
     if tag != BIT_STRING or bits_end != end or spki[bits_start] != 0:
         raise ValueError("not a DER SubjectPublicKeyInfo")
-    return spki[bits_start + 1:bits_end]
+    return spki[start:algorithm_end], spki[bits_start + 1:bits_end]
+
+
+def subject_public_key(spki: bytes) -> bytes:
+    """The key bits of a SubjectPublicKeyInfo (as cryptography encodes it), for key identifiers."""
+    return public_key_info(spki)[1]
 
 
 def extension(value: x509.ExtensionType, critical: bool) -> bytes:

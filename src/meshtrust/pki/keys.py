@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import Certificate
 
 from meshtrust import errors
+from meshtrust.pki import der
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -159,20 +160,33 @@ _EC_SPKI_PREFIX = {
     "secp384r1": bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004"),
 }
 _EC_POINT_BYTES = {"secp256r1": 64, "secp384r1": 96}
+# rsaEncryption with its NULL parameters (RFC 3279 2.3.1), as cryptography writes it.
+_RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")
 
 
 def public_key_der_of(key: PublicKey, encoded: bytes | None) -> bytes:
     """``public_key_der(key)``, reusing ``encoded`` (the SubjectPublicKeyInfo ``key`` was read
     from) when it is byte for byte what that would return.
 
-    It can only be for an EC key on a supported curve with an uncompressed point, whose
-    encoding has one form; for any other, the key is encoded again.
+    cryptography reads a key only from strict DER, so the bytes it accepted are the
+    ones it would write unless the key had a choice of form: an EC point may be
+    compressed, and rsaEncryption's parameters may be left out. Those are checked;
+    any other form is encoded again.
     """
-    if encoded is not None and isinstance(key, ec.EllipticCurvePublicKey):
+    if encoded is None:
+        return public_key_der(key)
+    if isinstance(key, ec.EllipticCurvePublicKey):
         curve = key.curve.name
         prefix = _EC_SPKI_PREFIX.get(curve)
         if prefix is not None and len(encoded) == len(prefix) + _EC_POINT_BYTES[curve] and \
                 encoded.startswith(prefix):
+            return encoded
+    elif isinstance(key, rsa.RSAPublicKey):
+        try:
+            algorithm, _ = der.public_key_info(encoded)
+        except (ValueError, IndexError):
+            algorithm = b""
+        if algorithm == _RSA_ALGORITHM:
             return encoded
     return public_key_der(key)
 
