@@ -82,7 +82,6 @@ class Signer:
     roots: bytes  # root-cert.pem: every root the clusters must trust
 
 
-
 def issued_name(policy: str, cluster: str) -> str:
     return f"{policy}.{cluster}"
 

@@ -117,7 +117,7 @@ class CA:
         return _Signer.of(self.key)
 
     @functools.cached_property
-    def _validity(self) -> tuple[dt.datetime, dt.datetime]:
+    def _period(self) -> tuple[dt.datetime, dt.datetime]:
         """This CA's NotBefore and NotAfter (cryptography makes new datetimes on each read)."""
         return self.certificate.not_valid_before_utc, self.certificate.not_valid_after_utc
 
@@ -259,7 +259,7 @@ def _validity(now: dt.datetime, lifetime: dt.timedelta,
               issuer: CA) -> tuple[dt.datetime, dt.datetime]:
     if lifetime <= dt.timedelta(0):
         raise ValueError("lifetime must be positive")
-    issuer_before, issuer_after = issuer._validity
+    issuer_before, issuer_after = issuer._period
     if issuer_after <= now:
         raise errors.ChainError(
             f"the issuing CA {issuer.certificate.subject.rfc4514_string()} expired at "
