@@ -222,6 +222,41 @@ class TestLeasesApart:
         assert present_thread == threading.get_ident()
         assert left == 0
 
+    def test_the_leases_do_not_wait_for_a_blocked_loop_to_record_presence(
+            self, tmp_path: Any) -> None:
+        """The first presence asks the server's loop to record its connections; that loop is
+        blocked from before the first lease for three TTLs, and the leases are renewed all
+        the same; the record is made once the loop is free."""
+        url = f"sqlite:///{tmp_path / 'mgmt.db'}"
+
+        async def scenario() -> tuple[lease.Holding, list[int]]:
+            main = await open_store(url)
+            elector = leadership.Leadership(main, clock_module.SystemClock(),
+                                            replica="server-a", ttl=TTL, namespace=NS)
+            again: list[int] = []
+
+            async def present_again() -> None:
+                again.append(threading.get_ident())
+
+            elector.on_present_again = present_again
+            apart = asyncio.create_task(elector.run_apart(lambda: open_store(url)))
+            try:
+                await asyncio.sleep(0)  # the lease thread starts
+                time.sleep(3 * TTL)  # noqa: ASYNC251 - blocking the loop is the point
+                held = lease.Holding.of(
+                    await main.get_resource(lease.KIND, NS, leadership.LEADER_LEASE))
+                await until(lambda: bool(again), 2, "the presence to be recorded")
+            finally:
+                apart.cancel()
+                await asyncio.gather(apart, return_exceptions=True)
+                await main.close()
+            return held, again
+
+        held, again = asyncio.run(scenario())
+        assert held.acquired is not None and held.renewed is not None
+        assert held.renewed - held.acquired >= dt.timedelta(seconds=TTL)
+        assert again == [threading.get_ident()]
+
 
     def test_a_store_that_cannot_be_opened_yet_is_tried_again(self, tmp_path: Any) -> None:
         """The leases' own connection fails twice (the database is restarting): the

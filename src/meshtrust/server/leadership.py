@@ -29,6 +29,7 @@ their own (``run_apart``); the jobs still run on the server's event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -100,6 +101,8 @@ class Leadership:
         self._poke = asyncio.Event()
         self._deadline = 0.0  # monotonic time until which the leadership is surely ours
         self._present_until = 0.0
+        # on_present_again running on the jobs' loop, when that is another thread's.
+        self._announcing: concurrent.futures.Future[None] | None = None
         self.on_change: Callable[[bool], None] = lambda _leading: None
         self.on_present_again: Job | None = None
 
@@ -279,22 +282,36 @@ class Leadership:
             log.error("presence lease %s is held by another process: is replica name %s "
                       "used twice?", self.presence_lease, self.replica)
             return
-        gap = started >= self._present_until
+        gap = started >= self._present_until or self._announce_failed()
         self._present_until = started + self.ttl
         if gap and self.on_present_again is not None:
+            await self._announce(self.on_present_again)
+
+    async def _announce(self, job: Job) -> None:
+        """Run ``job`` on the loop the jobs run on; if that is another thread's, do not wait
+        for it: the leases are renewed on time even while that loop is blocked. A failure
+        is tried again at the next renewal (``_announce_failed``)."""
+        home = self._home
+        if home is None or home is _running_loop():
             try:
-                await self._at_home(self.on_present_again)
+                await job()
             except Exception:  # noqa: BLE001 - try again on the next renewal
                 log.exception("cannot record this replica's connections again; retrying")
                 self._present_until = 0.0
+        elif self._announcing is None or self._announcing.done():
+            self._announcing = asyncio.run_coroutine_threadsafe(job(), home)
 
-    async def _at_home(self, job: Job) -> None:
-        """Run ``job`` on the loop the jobs run on, and wait for it."""
-        home = self._home
-        if home is None or home is _running_loop():
-            await job()
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(job(), home))
+    def _announce_failed(self) -> bool:
+        """True, once, if ``on_present_again`` ran on the jobs' loop and failed."""
+        done = self._announcing
+        if done is None or not done.done():
+            return False
+        self._announcing = None
+        failure = None if done.cancelled() else done.exception()
+        if failure is not None:
+            log.error("cannot record this replica's connections again; retrying",
+                      exc_info=failure)
+        return failure is not None
 
     async def _pause(self, interval: float, started: float, store: base.Store) -> None:
         """Sleep a third of the TTL, or less: until the lease seen expires, or is released."""
