@@ -282,7 +282,8 @@ class Leadership:
             log.error("presence lease %s is held by another process: is replica name %s "
                       "used twice?", self.presence_lease, self.replica)
             return
-        gap = started >= self._present_until or self._announce_failed()
+        failed = self._announce_failed()
+        gap = started >= self._present_until or failed
         self._present_until = started + self.ttl
         if gap and self.on_present_again is not None:
             await self._announce(self.on_present_again)
