@@ -1,4 +1,6 @@
-"""Plain PEM requests are decoded directly; anything else goes to cryptography's reader."""
+"""Reading a CSR cheaply: plain PEM decoded directly (anything else goes to cryptography's
+reader), the key's DER reused only in the form cryptography writes, DNS names checked in one
+expression."""
 
 from __future__ import annotations
 

@@ -237,7 +237,3 @@ def general_names(names: Sequence[x509.GeneralName]) -> bytes:
             raise ValueError(f"cannot encode the name {entry!r}")
     return sequence(*encoded)
 
-
-def key_identifier(digest: bytes) -> bytes:
-    """The value of a subjectKeyIdentifier extension: the identifier as an OCTET STRING."""
-    return octet_string(digest)

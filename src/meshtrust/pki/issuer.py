@@ -329,8 +329,9 @@ def _sign(profile: Profile, subject: Subject, spki: bytes,
     authorityKeyIdentifier.
     """
     attributes = _subject_attributes(profile, subject)
-    # RFC 5280 4.2.1.2 method 1, as x509.SubjectKeyIdentifier.from_public_key computes it.
-    ski = der.key_identifier(hashlib.sha1(der.subject_public_key(spki)).digest())
+    # RFC 5280 4.2.1.2 method 1, as x509.SubjectKeyIdentifier.from_public_key computes it;
+    # the extension's value is the identifier as an OCTET STRING.
+    ski = der.octet_string(hashlib.sha1(der.subject_public_key(spki)).digest())
     fixed = _profile_extensions(profile)
     extensions = [fixed.basic_constraints, fixed.key_usage,
                   der.encoded_extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False, ski)]

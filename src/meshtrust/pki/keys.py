@@ -154,12 +154,12 @@ def public_key_der(key: PublicKey | PrivateKey) -> bytes:
 
 
 # What cryptography writes for an EC public key: a named curve and an uncompressed point
-# (0x04, then X and Y) in a BIT STRING with no unused bits. Everything before X is fixed.
+# (0x04, then X and Y) in a BIT STRING with no unused bits. Everything before X is fixed,
+# the outer SEQUENCE's length (the second octet) included.
 _EC_SPKI_PREFIX = {
     "secp256r1": bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004"),
     "secp384r1": bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004"),
 }
-_EC_POINT_BYTES = {"secp256r1": 64, "secp384r1": 96}
 # rsaEncryption with its NULL parameters (RFC 3279 2.3.1), as cryptography writes it.
 _RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")
 
@@ -176,10 +176,8 @@ def public_key_der_of(key: PublicKey, encoded: bytes | None) -> bytes:
     if encoded is None:
         return public_key_der(key)
     if isinstance(key, ec.EllipticCurvePublicKey):
-        curve = key.curve.name
-        prefix = _EC_SPKI_PREFIX.get(curve)
-        if prefix is not None and len(encoded) == len(prefix) + _EC_POINT_BYTES[curve] and \
-                encoded.startswith(prefix):
+        prefix = _EC_SPKI_PREFIX.get(key.curve.name)
+        if prefix is not None and len(encoded) == 2 + prefix[1] and encoded.startswith(prefix):
             return encoded
     elif isinstance(key, rsa.RSAPublicKey):
         try:
