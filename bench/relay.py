@@ -30,6 +30,14 @@ a quiet machine):
     .venv/bin/python bench/relay.py --ca rsa-2048 --json
     .venv/bin/python bench/relay.py --servers 2   # two server processes, one port
     .venv/bin/python bench/relay.py --profile     # also sample the server with py-spy
+    .venv/bin/python bench/relay.py --ceiling     # also the bare gRPC ceiling (below)
+
+``--ceiling`` adds what gRPC itself allows on this machine: a ``grpc.aio``
+server with meshtrust's server options and the same mutual-TLS credentials,
+whose ``Relay.Renew`` does no work at all (it parses the request and returns
+a reply of the real size, built once), in one process and in two processes
+sharing the port, loaded by the same load generator. No server that does
+anything per call can issue faster than that.
 
 The cfssl column needs ``cfssl`` on PATH (Debian: ``apt-get install -y
 golang-cfssl``); without it the column is skipped with a note. ``--profile``
@@ -134,6 +142,7 @@ class CaseResult:
     meshtrust: dict[str, Any] | None = None
     openssl_sign_per_s: float | None = None
     cfssl: dict[str, Any] | None = None
+    ceiling: list[dict[str, Any]] = field(default_factory=list)  # 1 and 2 processes
     notes: list[str] = field(default_factory=list)
     profile: str | None = None
 
@@ -311,6 +320,97 @@ async def _prepare(store_url: str, relay: str, bootstrap: str, clusters: int,
                        server_cert=server.certificate_chain, server_key=server.private_key)
     finally:
         await store.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The ceiling: gRPC with mutual TLS and no work per call
+
+
+def ceiling_reply(fixture: Fixture) -> bytes:
+    """A Renew reply of the real size: a client certificate chain and the CA bundle."""
+    from meshtrust.rpc.transport import messages
+
+    return messages.CertificateResponse(
+        certificate_chain=fixture.clusters[0].cert_pem, ca_bundle=fixture.trust,
+        serial="0" * 32, not_after_unix=int(time.time()) + 365 * 86400).SerializeToString()
+
+
+async def _serve_ceiling(config: dict[str, Any]) -> None:
+    """Serve Relay.Renew with a canned reply until SIGINT or SIGTERM (a server process)."""
+    from meshtrust.rpc import transport
+    from meshtrust.rpc.transport import messages
+
+    reply = messages.CertificateResponse.FromString(Path(config["reply"]).read_bytes())
+
+    class Ceiling(transport.services.RelayServicer):  # type: ignore[misc]
+        async def Renew(self, request: Any, context: Any) -> Any:
+            return reply
+
+    identity = transport.Identity(chain=Path(config["chain"]).read_bytes(),
+                                  key=Path(config["key"]).read_bytes(),
+                                  trust=Path(config["trust"]).read_bytes())
+    server = transport.new_server()
+    transport.services.add_RelayServicer_to_server(Ceiling(), server)
+    transport.add_listener(server, config["listen"], transport.Credentials(
+        identity).server_credentials(require_client_auth=True))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    Path(config["ready"]).write_text("ready")
+    await stop.wait()
+    await server.stop(1)
+
+
+class CeilingProcesses:
+    """``count`` ceiling servers on one port (gRPC binds with SO_REUSEPORT)."""
+
+    def __init__(self, workdir: Path, fixture: Fixture, count: int) -> None:
+        self.dir = workdir / f"ceiling-{count}"
+        self.dir.mkdir()
+        files = {"chain": fixture.server_cert, "key": fixture.server_key,
+                 "trust": fixture.trust, "reply": ceiling_reply(fixture)}
+        for name, data in files.items():
+            (self.dir / name).write_bytes(data)
+        self.target = f"{HOST}:{free_ports(1)[0]}"
+        self.log = self.dir / "server.log"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for index in range(count):
+            config = {name: str(self.dir / name) for name in files}
+            config.update(listen=self.target, ready=str(self.dir / f"ready-{index}"))
+            (self.dir / f"config-{index}.json").write_text(json.dumps(config))
+            with self.log.open("ab") as log:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, __file__, "--serve-ceiling",
+                     str(self.dir / f"config-{index}.json")],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True))
+            self._wait(Path(config["ready"]))
+
+    def _wait(self, ready: Path, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the ceiling server did not start:\n{tail}")
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # ----------------------------------------------------------------------------------------
@@ -762,6 +862,24 @@ def run_case(key_type: str, args: argparse.Namespace) -> CaseResult:
                 result.notes.append(f"cfssl failed: {exc}")
             finally:
                 cfssl.stop()
+        if args.ceiling:
+            for count in (1, 2):
+                label = f"gRPC ceiling, {count} process{'es' if count > 1 else ''}"
+                try:
+                    ceiling = CeilingProcesses(workdir, fixture, count)
+                except RuntimeError as exc:
+                    result.notes.append(str(exc))
+                    break
+                try:
+                    _say(f"[{key_type}] {label}: {args.concurrency} in flight, "
+                         f"{args.procs} load process(es), {args.seconds}s")
+                    load = run_load("grpc", label, ceiling.target, fixture,
+                                    concurrency=args.concurrency, procs=args.procs,
+                                    warmup=args.warmup, seconds=args.seconds,
+                                    server_pids=ceiling.pids, quiet_wait=args.quiet_wait)
+                    result.ceiling.append({**load.summary(), "processes": count})
+                finally:
+                    ceiling.stop()
     _say(f"[{key_type}] openssl speed -seconds {args.openssl_seconds} -multi 2 "
          f"{OPENSSL[key_type][0]}")
     if args.quiet_wait > 0:
@@ -802,7 +920,7 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> str:
               "| load-generator cores | other processes' cores |\n"
               "|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in results:
-        for s in (r.meshtrust, r.cfssl):
+        for s in (r.meshtrust, r.cfssl, *r.ceiling):
             if s:
                 errors = str(s["errors"]) + (f" {s['error_kinds']}" if s["errors"] else "")
                 out.write(f"| {r.ca} | {s['target']} | {s['issued']} | {errors} | "
@@ -822,6 +940,10 @@ def report(results: list[CaseResult], args: argparse.Namespace) -> str:
         if goal and mesh and cf:
             verdict = "met" if mesh / cf > goal else "NOT met"
             out.write(f"  {r.ca}: {mesh / cf:.2f}x cfssl (goal > {goal:.2f}): {verdict}\n")
+        for s in r.ceiling:
+            out.write(f"  {r.ca}: {s['target']} (no work per call): {_num(s['per_second'])}/s, "
+                      f"{_ratio(s['per_second'], r.openssl_sign_per_s)} of openssl, "
+                      f"{_ratio(s['per_second'], cf)} of cfssl\n")
         for note in r.notes:
             out.write(f"  {r.ca}: {note}\n")
     out.write("\nProtocols differ: meshtrust is gRPC (HTTP/2, protobuf) over mutual TLS and "
@@ -857,8 +979,15 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="sample the (first) server with py-spy during the window and "
                              "show where its GIL time goes (needs py-spy)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure a gRPC server that does no work per call, in one "
+                             "and in two processes: the most any server can issue here")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--serve-ceiling", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_ceiling:  # one ceiling server process (started by --ceiling)
+        asyncio.run(_serve_ceiling(json.loads(Path(args.serve_ceiling).read_text())))
+        return 0
     if min(args.concurrency, args.procs, args.servers) < 1 or args.seconds <= 0:
         parser.error("--concurrency, --seconds, --procs and --servers must be positive")
     args.openssl_seconds = args.openssl_seconds or max(1, min(10, int(args.seconds)))
