@@ -330,9 +330,10 @@ def ceiling_reply(fixture: Fixture) -> bytes:
     """A Renew reply of the real size: a client certificate chain and the CA bundle."""
     from meshtrust.rpc.transport import messages
 
-    return messages.CertificateResponse(
+    reply: bytes = messages.CertificateResponse(
         certificate_chain=fixture.clusters[0].cert_pem, ca_bundle=fixture.trust,
         serial="0" * 32, not_after_unix=int(time.time()) + 365 * 86400).SerializeToString()
+    return reply
 
 
 async def _serve_ceiling(config: dict[str, Any]) -> None:
@@ -342,7 +343,7 @@ async def _serve_ceiling(config: dict[str, Any]) -> None:
 
     reply = messages.CertificateResponse.FromString(Path(config["reply"]).read_bytes())
 
-    class Ceiling(transport.services.RelayServicer):  # type: ignore[misc]
+    class Ceiling(transport.services.RelayServicer):
         async def Renew(self, request: Any, context: Any) -> Any:
             return reply
 
@@ -350,7 +351,8 @@ async def _serve_ceiling(config: dict[str, Any]) -> None:
                                   key=Path(config["key"]).read_bytes(),
                                   trust=Path(config["trust"]).read_bytes())
     server = transport.new_server()
-    transport.services.add_RelayServicer_to_server(Ceiling(), server)
+    transport.services.add_RelayServicer_to_server(  # type: ignore[no-untyped-call]
+        Ceiling(), server)
     transport.add_listener(server, config["listen"], transport.Credentials(
         identity).server_credentials(require_client_auth=True))
     await server.start()
