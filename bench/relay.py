@@ -217,6 +217,19 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGINT each process (each leads its own group), then SIGKILL the groups still there."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class ServerProcess:
     """``meshtrust server`` processes in their own process groups, stopped with SIGINT.
 
@@ -270,15 +283,7 @@ class ServerProcess:
         return [p.pid for p in self.procs]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_processes(self.procs)
 
 
 async def _prepare(store_url: str, relay: str, bootstrap: str, clusters: int,
@@ -404,15 +409,7 @@ class CeilingProcesses:
         return [p.pid for p in self.procs]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
 
 # ----------------------------------------------------------------------------------------
