@@ -19,7 +19,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, ObjectIdentifier
 from hypothesis import given
 
 import fuzzkit
@@ -255,9 +255,12 @@ def generated_request(pick: fuzzkit.Picker) -> bytes:
             attributes.insert(0, x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False))
         builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
         names = [_general_name(pick) for _ in range(pick.integer(0, 3))]
-        if names or pick.flag():
+        if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names),
                                             critical=pick.flag())
+        elif pick.flag():  # an empty SAN, which cryptography 51 no longer builds itself
+            builder = builder.add_extension(x509.UnrecognizedExtension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x00"), critical=pick.flag())
         basic = pick.integer(0, 4)
         if basic:
             builder = builder.add_extension(

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import NameOID, PublicKeyAlgorithmOID, SignatureAlgorithmOID
 
 from meshtrust import errors
 from meshtrust.pki import der, identity, keys, pem
@@ -148,6 +148,10 @@ def load_csr(data: bytes) -> Request:
     except (ValueError, x509.InvalidVersion) as exc:
         raise errors.InvalidCSR(f"cannot parse the CSR ({exc}); send a PEM or DER PKCS#10 "
                                 "request") from exc
+    # (getattr: cryptography's type hints for requests name the attribute only from 51 on.)
+    if getattr(csr, "public_key_algorithm_oid", None) == PublicKeyAlgorithmOID.DSA:
+        # Refused before it is read: cryptography warns on reading a DSA key (deprecated).
+        raise keys.unsupported_key_type("DSA")
     try:
         public_key = csr.public_key()
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # unsupported algorithm

@@ -81,10 +81,14 @@ def check_public_key(key: object) -> PublicKey:
                 f"elliptic curve {key.curve.name} is not supported; use P-256 or P-384"
             )
         return key
-    kind = type(key).__name__.lstrip("_").replace("PublicKey", "") or "unknown"
-    raise errors.KeyPolicyError(
-        f"key type {kind} is not supported; use RSA (2048, 3072, 4096) or ECDSA (P-256, P-384)"
-    )
+    raise unsupported_key_type(type(key).__name__.lstrip("_").replace("PublicKey", ""))
+
+
+def unsupported_key_type(kind: str) -> errors.KeyPolicyError:
+    """The refusal of a key of type ``kind`` (such as ``DSA``), which meshtrust does not take."""
+    return errors.KeyPolicyError(
+        f"key type {kind or 'unknown'} is not supported; use RSA (2048, 3072, 4096) or "
+        "ECDSA (P-256, P-384)")
 
 
 def describe_key(key: object) -> str:
