@@ -242,6 +242,12 @@ def _general_name(pick: fuzzkit.Picker) -> x509.GeneralName:
     return x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLUSTER)]))
 
 
+def _empty(oid: x509.ObjectIdentifier) -> x509.UnrecognizedExtension:
+    """An extension whose value is an empty SEQUENCE (an empty subjectAltName or extended key
+    usage), as raw DER: cryptography 51 no longer builds those itself."""
+    return x509.UnrecognizedExtension(oid, b"\x30\x00")
+
+
 def generated_request(pick: fuzzkit.Picker) -> bytes:
     """A CSR with random names, extensions and key, validly signed; all zeros is a request
     the relay client profile accepts."""
@@ -258,9 +264,9 @@ def generated_request(pick: fuzzkit.Picker) -> bytes:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names),
                                             critical=pick.flag())
-        elif pick.flag():  # an empty SAN, which cryptography 51 no longer builds itself
-            builder = builder.add_extension(x509.UnrecognizedExtension(
-                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x00"), critical=pick.flag())
+        elif pick.flag():
+            builder = builder.add_extension(_empty(ExtensionOID.SUBJECT_ALTERNATIVE_NAME),
+                                            critical=pick.flag())
         basic = pick.integer(0, 4)
         if basic:
             builder = builder.add_extension(
@@ -268,7 +274,9 @@ def generated_request(pick: fuzzkit.Picker) -> bytes:
                 critical=pick.flag())
         if pick.flag():
             usages = [oid for oid in _EKUS if pick.flag()]
-            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=pick.flag())
+            eku = x509.ExtendedKeyUsage(usages) if usages else \
+                _empty(ExtensionOID.EXTENDED_KEY_USAGE)
+            builder = builder.add_extension(eku, critical=pick.flag())
         if pick.flag():
             builder = builder.add_extension(x509.KeyUsage(
                 **{name: pick.flag() for name in _KEY_USAGES}, encipher_only=False,
