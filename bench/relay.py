@@ -230,6 +230,19 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) 
             proc.wait()
 
 
+def wait_ready(ready: Path, procs: list[subprocess.Popen[bytes]], log: Path,
+               timeout: float) -> str | None:
+    """Wait for the last of ``procs`` to write ``ready``: None once it has; if it exits or
+    the time runs out, stop them all and return the end of their ``log``."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if procs[-1].poll() is not None or time.monotonic() > deadline:
+            stop_processes(procs)
+            return log.read_text(errors="replace")[-2000:]
+        time.sleep(0.05)
+    return None
+
+
 class ServerProcess:
     """``meshtrust server`` processes in their own process groups, stopped with SIGINT.
 
@@ -258,14 +271,10 @@ class ServerProcess:
                                                start_new_session=True))
         return ready
 
-    def _wait(self, ready: Path, timeout: float = 60.0) -> dict[str, int]:
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                self.stop()
-                raise SystemExit(f"the server did not start:\n{tail}")
-            time.sleep(0.05)
+    def _wait(self, ready: Path) -> dict[str, int]:
+        failure = wait_ready(ready, self.procs, self.log, 60.0)
+        if failure is not None:
+            raise SystemExit(f"the server did not start:\n{failure}")
         ports: dict[str, int] = json.loads(ready.read_text())
         return ports
 
@@ -393,16 +402,9 @@ class CeilingProcesses:
                      str(self.dir / f"config-{index}.json")],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True))
-            self._wait(Path(config["ready"]))
-
-    def _wait(self, ready: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the ceiling server did not start:\n{tail}")
-            time.sleep(0.05)
+            failure = wait_ready(Path(config["ready"]), self.procs, self.log, 30.0)
+            if failure is not None:
+                raise RuntimeError(f"the ceiling server did not start:\n{failure}")
 
     @property
     def pids(self) -> list[int]:
