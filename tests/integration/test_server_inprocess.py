@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshtrust import clock as clock_module
 from meshtrust import errors
 from meshtrust.agent import identity as agent_identity
-from meshtrust.authority import enrollment
+from meshtrust.authority import enrollment, istio, registry
 from meshtrust.pki import keys
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
-from meshtrust.server import app, config
+from meshtrust.server import admission, app, config
 from meshtrust.store import base, open_store
 
 
@@ -38,19 +39,19 @@ def _scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def _config(tmp: Path, *, metrics: bool = False) -> config.ServerConfig:
+def _config(tmp: Path, *, metrics: bool = False, **options: Any) -> config.ServerConfig:
     """A server on free ports of 127.0.0.1, with a SQLite store in ``tmp``."""
     return config.ServerConfig(store=f"sqlite:///{tmp / 'mgmt.db'}",
                                listen=f"127.0.0.1:{_port()}",
                                bootstrap_listen=f"127.0.0.1:{_port()}",
-                               metrics=f"127.0.0.1:{_port()}" if metrics else None)
+                               metrics=f"127.0.0.1:{_port()}" if metrics else None, **options)
 
 
 @contextlib.asynccontextmanager
-async def _serving(tmp: Path, *, metrics: bool = False
+async def _serving(tmp: Path, *, metrics: bool = False, **options: Any
                    ) -> AsyncIterator[tuple[config.ServerConfig, base.Store]]:
     """A started in-process server (``_config``) and its store, stopped at the end."""
-    cfg = _config(tmp, metrics=metrics)
+    cfg = _config(tmp, metrics=metrics, **options)
     store = await open_store(cfg.store)
     server = app.Server(cfg, store)
     await server.start()
@@ -162,3 +163,56 @@ class TestOverload:
         assert 1.0 < held < 2.5
         assert any("the server is overloaded: its event loop ran" in r.getMessage()
                    for r in caplog.records)
+
+
+async def _handed_out(tmp: Path, count: int) -> list[float]:
+    """When each of ``count`` clusters' work streams got its intermediate, after one policy
+    made work for all of them at once (seconds from the first)."""
+    clock = clock_module.SystemClock()
+    async with _serving(tmp, insecure=True, max_issuances=1,
+                        reconcile_interval=0.2) as (cfg, store):
+        clusters = registry.Registry(store, clock)
+        names = [f"cluster-{i}" for i in range(count)]
+        for name in names:
+            await clusters.register(name)
+        channel = transport.insecure_channel(cfg.listen)
+        received: dict[str, float] = {}
+
+        async def hold(name: str) -> None:
+            stream = transport.relay_stub(channel).Work(
+                messages.WorkSubscribe(replica="test"),
+                metadata=(("x-meshtrust-cluster", name),))
+            async for item in stream:
+                if item.WhichOneof("kind") == "issue_intermediate":
+                    received[name] = time.monotonic()
+                    stream.cancel()
+                    return
+
+        try:
+            streams = [asyncio.create_task(hold(name)) for name in names]
+            await istio.IstioAuthority(store, clock, clusters).apply({
+                "apiVersion": "admin.gloo.solo.io/v2", "kind": "RootTrustPolicy",
+                "metadata": {"name": "mesh", "namespace": "gloo-mesh"},
+                "spec": {"config": {"mgmtServerCa": {"generated": {"keyType": "ecdsa-p256"}},
+                                    "intermediateCertOptions": {"keyType": "ecdsa-p256"}}}})
+            async with asyncio.timeout(30):
+                await asyncio.gather(*streams)
+        finally:
+            await channel.close()
+    first = min(received.values())
+    return sorted(at - first for at in received.values())
+
+
+class TestWorkHandOut:
+    def test_work_for_many_clusters_at_once_is_handed_out_in_turn(
+            self, tmp_path: Path) -> None:
+        """A policy that makes work for every cluster at once does not send every cluster
+        its intermediate in the same instant, which would bring every CSR back together:
+        each stream waits its turn in the issuance schedule, one issuance apart (at the
+        first estimate of 0.25 s per issuance, one at a time, taken twice as eagerly)."""
+        spacing = admission.FIRST_ESTIMATE * admission._EAGER
+        times = asyncio.run(_handed_out(tmp_path, 8))
+        assert len(times) == 8
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert min(gaps) > spacing / 2, times
+        assert times[-1] < 8 * spacing + 5, times

@@ -208,6 +208,35 @@ class TestAdmission:
         run(issue(0.1, 200))
         assert control.limit == 8
 
+    def test_work_handed_out_takes_turns_with_refused_callers(self) -> None:
+        """Work the server hands out itself is booked one issuance apart, and a caller
+        refused meanwhile is told a time after it; once the times pass, the next turn is
+        one issuance away again."""
+        now = [0.0]
+        control = admission.Admission(admission.Options(limit=2, queue=0),
+                                      monotonic=lambda: now[0])
+        turn = control.seconds_per_issuance * admission._EAGER
+        assert [control.schedule() for _ in range(3)] == pytest.approx(
+            [turn, 2 * turn, 3 * turn])
+
+        async def refused() -> float:
+            release = asyncio.Event()
+            holders = [asyncio.create_task(hold(control, release)) for _ in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(errors.RateLimited) as info:
+                async with control.slot():
+                    pass
+            release.set()
+            await asyncio.gather(*holders)
+            return float(info.value.retry_after)
+
+        # Two in flight and three turns booked are ahead of the refused caller.
+        assert run(refused()) == pytest.approx(6 * turn)
+        assert control.refused == 1
+        now[0] += 10.0  # (the two issuances took no time: the rate moved)
+        assert control.schedule() == pytest.approx(
+            control.seconds_per_issuance * admission._EAGER)
+
     def test_options_are_checked(self) -> None:
         """A limit below one is a caller's mistake."""
         with pytest.raises(ValueError, match="limit must be at least 1"):

@@ -27,8 +27,11 @@ the limit, and gives each refused caller its own later slot at that rate,
 after the queue and after the callers already told to come back who have not
 yet. A burst of ten thousand callers comes back as an even stream the server
 can serve, instead of ten thousand calls each second; the schedule follows the
-rate as it changes, and no caller is told to wait more than ``max_retry``. Agents wait the time they
-are given, with a little jitter (``agent.backoff``).
+rate as it changes, and no caller is told to wait more than ``max_retry``. Agents wait the
+time they are given, with a little jitter (``agent.backoff``). Work the server hands out
+itself, an intermediate for a cluster to make a key for, takes its turn in the same
+schedule (``schedule``), so that a policy applied to the whole fleet brings its CSRs back
+at the rate the server signs them.
 """
 
 from __future__ import annotations
@@ -204,19 +207,34 @@ class Admission:
                 self._in_flight += 1
                 waiter.set_result(None)
 
+    def schedule(self) -> float:
+        """Seconds until work the server hands out itself should go out; books its slot.
+
+        Work the server starts (an Istio intermediate, which brings a CSR back) joins
+        the schedule of refused callers instead of arriving all at once: a policy
+        change over ten thousand clusters would otherwise bring ten thousand CSRs
+        within a second, more than the server can even refuse before their deadlines.
+        """
+        return self._book(self._now(), 0.0)
+
+    def _book(self, now: float, at_least: float) -> float:
+        """Book the next slot of the schedule; return the seconds until it (bounded)."""
+        while self._slots and self._slots[0] <= now:
+            self._slots.popleft()
+        # Callers in the queue go first, then those told to come back who have not yet
+        # (and work handed out that has not come back yet); this one after them, all at
+        # the rate the server issues now (so the schedule follows the rate, rather than
+        # the rate of when the others were told).
+        ahead = self._in_flight + self._waiting + len(self._slots) + 1
+        delay = min(max(ahead * self.seconds_per_issuance * _EAGER, at_least),
+                    self.options.max_retry)
+        self._slots.append(max(now + delay, self._slots[-1] if self._slots else 0.0))
+        return delay
+
     def _refuse(self) -> errors.RateLimited:
         """The error for a caller who gets no slot, with its own time to come back."""
         now = self._now()
-        spacing = self.seconds_per_issuance
-        while self._slots and self._slots[0] <= now:
-            self._slots.popleft()
-        # Callers in the queue go first, then those told to come back who have not yet;
-        # this one after them, all at the rate the server issues now (so the schedule
-        # follows the rate, rather than the rate of when the others were told).
-        ahead = self._in_flight + self._waiting + len(self._slots) + 1
-        retry = min(max(ahead * spacing * _EAGER, self.options.min_retry),
-                    self.options.max_retry)
-        self._slots.append(max(now + retry, self._slots[-1] if self._slots else 0.0))
+        retry = self._book(now, self.options.min_retry)
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:
@@ -224,7 +242,7 @@ class Admission:
                         "flight, limit %d, %d waiting, about %.0f issued/s); callers were told "
                         "to come back within %.1f s", self._refused_since_report,
                         now - self._reported, self._in_flight, self.limit, self._waiting,
-                        1 / spacing, retry)
+                        1 / self.seconds_per_issuance, retry)
             self._refused_since_report = 0
             self._reported = now
         return errors.RateLimited(

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -176,14 +177,18 @@ class RelayService(transport.services.RelayServicer):
         log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
             while not stream.gone.is_set():
-                for item in await self._work_items(cluster):
-                    yield item
+                if self._work_due(cluster, stream):
+                    for item in await self._work_items(cluster):
+                        yield item
                 yield messages.WorkItem(heartbeat=messages.Heartbeat(
                     server_time_unix=int(self._clock.now().timestamp()),
                     renew_client=await self._renewal_wanted(cluster)))
+                wait = self._heartbeat
+                if stream.turn is not None:
+                    wait = min(wait, max(0.0, stream.turn - time.monotonic()))
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
-                    async with asyncio.timeout(self._heartbeat):
+                    async with asyncio.timeout(wait):
                         await stream.wake.wait()
                 except TimeoutError:
                     pass
@@ -204,6 +209,25 @@ class RelayService(transport.services.RelayServicer):
                 except errors.MeshTrustError:
                     pass
                 log.info("agent of cluster %s disconnected", cluster)
+
+    def _work_due(self, cluster: str, stream: _Stream) -> bool:
+        """Whether to send ``cluster`` its work on this turn of ``stream``.
+
+        Work already handed out is sent again at once; new work waits for its turn in
+        the issuance schedule (``admission.Admission.schedule``), booked the first time
+        the stream finds it, so that work for the whole fleet comes back as CSRs at the
+        rate the server signs them, not all in the same second.
+        """
+        if not self.work.has_new_work(cluster):
+            stream.turn = None
+            return True
+        now = time.monotonic()
+        if stream.turn is None:
+            stream.turn = now + self._admission.schedule()
+        if now < stream.turn:
+            return False
+        stream.turn = None
+        return True
 
     async def _renewal_wanted(self, cluster: str) -> bool:
         if self._relay_rotation is None:
@@ -285,12 +309,14 @@ class RelayService(transport.services.RelayServicer):
             raise AssertionError("unreachable") from exc
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class _Stream:
-    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it."""
+    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it; ``turn``
+    is when it may hand out its cluster's new work (monotonic time), once booked."""
 
     gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    turn: float | None = None
 
 
 def _check_version(request: Any) -> None:

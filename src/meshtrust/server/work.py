@@ -9,7 +9,9 @@ change (made by this replica, another one, or the leader's reconcile round)
 into this index, so that a stream asks the store only for a cluster that has
 work, and is woken only when one of its cluster's intermediates becomes
 PENDING: new work. Until the index has been filled from a full list, it
-answers "ask the store" for every cluster.
+answers "ask the store" for every cluster. It also tells which clusters have
+new work, not yet handed out, which the streams hand out in turn
+(``admission.Admission.schedule``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from meshtrust.authority import istio
 from meshtrust.store import base
 
+_PENDING = istio.State.PENDING.value
 _OUTSTANDING = frozenset({istio.State.PENDING.value, istio.State.REQUESTED.value,
                           istio.State.ISSUED.value})
 
@@ -27,12 +30,17 @@ class WorkIndex:
     """The outstanding intermediates of every cluster, by name."""
 
     def __init__(self) -> None:
-        self._outstanding: dict[str, set[str]] = {}
+        # Cluster -> its outstanding intermediates' names -> their states.
+        self._outstanding: dict[str, dict[str, str]] = {}
         self._filled = False
 
     def has_work(self, cluster: str) -> bool:
         """Whether ``cluster`` may have work; True for every cluster until filled."""
         return not self._filled or cluster in self._outstanding
+
+    def has_new_work(self, cluster: str) -> bool:
+        """Whether ``cluster`` has work not handed out yet (PENDING); False until filled."""
+        return self._filled and _PENDING in self._outstanding.get(cluster, {}).values()
 
     def fill(self, items: Iterable[base.Resource]) -> None:
         """Start again from a full list of the IssuedCertificates."""
@@ -48,7 +56,7 @@ class WorkIndex:
             return None
         gone = event.type is base.EventType.DELETED
         self._set(item, gone=gone)
-        if not gone and item.status.get("state") == istio.State.PENDING.value:
+        if not gone and item.status.get("state") == _PENDING:
             return item.labels.get("cluster")
         return None
 
@@ -61,11 +69,12 @@ class WorkIndex:
         cluster = item.labels.get("cluster")
         if not cluster:
             return
-        names = self._outstanding.get(cluster, set())
-        if not gone and item.status.get("state") in _OUTSTANDING:
-            names.add(item.name)
+        names = self._outstanding.get(cluster, {})
+        state = item.status.get("state")
+        if not gone and state in _OUTSTANDING:
+            names[item.name] = state
             self._outstanding[cluster] = names
         else:
-            names.discard(item.name)
+            names.pop(item.name, None)
             if not names:
                 self._outstanding.pop(cluster, None)
