@@ -165,9 +165,10 @@ class TestOverload:
                    for r in caplog.records)
 
 
-async def _handed_out(tmp: Path, count: int) -> list[float]:
+async def _handed_out(tmp: Path, count: int) -> tuple[list[float], list[int]]:
     """When each of ``count`` clusters' work streams got its intermediate, after one policy
-    made work for all of them at once (seconds from the first)."""
+    made work for all of them at once (seconds from the first), and how many heartbeats
+    each stream had before it."""
     clock = clock_module.SystemClock()
     async with _serving(tmp, insecure=True, max_issuances=1,
                         reconcile_interval=0.2) as (cfg, store):
@@ -177,6 +178,8 @@ async def _handed_out(tmp: Path, count: int) -> list[float]:
             await clusters.register(name)
         channel = transport.insecure_channel(cfg.listen)
         received: dict[str, float] = {}
+        beats = {name: 0 for name in names}
+        connected = asyncio.Event()
 
         async def hold(name: str) -> None:
             stream = transport.relay_stub(channel).Work(
@@ -187,9 +190,14 @@ async def _handed_out(tmp: Path, count: int) -> list[float]:
                     received[name] = time.monotonic()
                     stream.cancel()
                     return
+                beats[name] += 1
+                if all(beats.values()):
+                    connected.set()
 
         try:
             streams = [asyncio.create_task(hold(name)) for name in names]
+            async with asyncio.timeout(10):
+                await connected.wait()  # every stream had its first heartbeat: no work yet
             await istio.IstioAuthority(store, clock, clusters).apply({
                 "apiVersion": "admin.gloo.solo.io/v2", "kind": "RootTrustPolicy",
                 "metadata": {"name": "mesh", "namespace": "gloo-mesh"},
@@ -200,7 +208,7 @@ async def _handed_out(tmp: Path, count: int) -> list[float]:
         finally:
             await channel.close()
     first = min(received.values())
-    return sorted(at - first for at in received.values())
+    return sorted(at - first for at in received.values()), list(beats.values())
 
 
 class TestWorkHandOut:
@@ -209,9 +217,12 @@ class TestWorkHandOut:
         """A policy that makes work for every cluster at once does not send every cluster
         its intermediate in the same instant, which would bring every CSR back together:
         each stream waits its turn in the issuance schedule, one issuance apart (at the
-        first estimate of 0.25 s per issuance, one at a time, taken twice as eagerly)."""
+        first estimate of 0.25 s per issuance, one at a time, taken twice as eagerly).
+        Woken for the new work before its turn, a stream sends no heartbeat: the policy
+        wakes every stream at once."""
         spacing = admission.FIRST_ESTIMATE * admission._EAGER
-        times = asyncio.run(_handed_out(tmp_path, 8))
+        times, beats = asyncio.run(_handed_out(tmp_path, 8))
+        assert beats == [1] * 8
         assert len(times) == 8
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         assert min(gaps) > spacing / 2, times

@@ -176,16 +176,23 @@ class RelayService(transport.services.RelayServicer):
         await registry.connect(cluster, self.replica)
         log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
+            beat = -self._heartbeat  # when the last heartbeat went out (monotonic)
             while not stream.gone.is_set():
-                if self._work_due(cluster, stream):
+                due = self._work_due(cluster, stream)
+                if due:
                     for item in await self._work_items(cluster):
                         yield item
-                yield messages.WorkItem(heartbeat=messages.Heartbeat(
-                    server_time_unix=int(self._clock.now().timestamp()),
-                    renew_client=await self._renewal_wanted(cluster)))
-                wait = self._heartbeat
+                now = time.monotonic()
+                # Woken for new work whose turn has not come, the stream stays quiet: a
+                # policy over the whole fleet wakes every stream at once.
+                if due or now - beat >= self._heartbeat:
+                    beat = now
+                    yield messages.WorkItem(heartbeat=messages.Heartbeat(
+                        server_time_unix=int(self._clock.now().timestamp()),
+                        renew_client=await self._renewal_wanted(cluster)))
+                wait = beat + self._heartbeat - now
                 if stream.turn is not None:
-                    wait = min(wait, max(0.0, stream.turn - time.monotonic()))
+                    wait = max(0.0, min(wait, stream.turn - now))
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
                     async with asyncio.timeout(wait):
