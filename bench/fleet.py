@@ -959,15 +959,18 @@ def main() -> int:
     finally:
         fleet.stop()
         log = fleet.server.log.read_text(errors="replace").splitlines()
+        failures = [line for line in log if " ERROR " in line]
         result["server_log"] = {"lines": len(log),
                                 "warnings": sum(" WARNING " in line for line in log),
-                                "errors": sum(" ERROR " in line for line in log)}
+                                "errors": len(failures), "first_errors": failures[:5]}
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             _say(f"work directory kept: {workdir}")
     console.print(table(result, args))
     console.print(f"machine: {result['machine']}")
+    for line in result["server_log"]["first_errors"]:
+        console.print(f"server log: {line}", markup=False, highlight=False)
     for phase, profile in result.get("profiles", {}).items():
         console.print(f"\n[bold]{phase}[/]: server GIL holder, py-spy, {profile['samples']} "
                       "samples; inclusive time in meshtrust functions:")
