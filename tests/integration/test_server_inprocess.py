@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -227,3 +230,24 @@ class TestWorkHandOut:
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         assert min(gaps) > spacing / 2, times
         assert times[-1] < 8 * spacing + 5, times
+
+
+class TestOpenFiles:
+    def test_the_server_raises_its_open_file_limit_to_the_hard_limit(self) -> None:
+        """Started with a soft limit of 256 open files (systemd starts services at 1,024),
+        the server raises it to the hard limit: one connection per agent needs more."""
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard <= 256:
+            pytest.skip(f"the hard limit of open files here is {hard}")
+
+        def lower() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+        code = ("import resource; from meshtrust.server import app; "
+                "print(app.raise_open_file_limit(), "
+                "resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+        out = subprocess.run([sys.executable, "-c", code], preexec_fn=lower, check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+        reported, soft = (int(v) for v in out.split())
+        assert reported == soft
+        assert soft == hard if hard != resource.RLIM_INFINITY else soft > 256

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -394,8 +395,34 @@ def _write_ready(path: Path, values: dict[str, int]) -> None:
     tmp.replace(path)
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the limit.
+
+    Every connected agent holds a connection, two while it moves to a renewed
+    certificate, and the soft limit is often 1,024 (systemd's default): a server
+    held there refuses agents past a thousand and, once they took every file, fails
+    to open its store. Go programs raise it the same way at start.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, _UNLIMITED_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit of open files from %d to %d (%s)", soft,
+                        wanted, exc)
+    return soft
+
+
+_UNLIMITED_FILES = 1 << 20  # the soft limit taken when the hard one is unlimited
+
+
 async def run(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM."""
+    files = raise_open_file_limit()
+    log.info("open files: up to %d (an agent holds one connection, two while it renews)",
+             files)
     store = await open_store(config.store)
     server = Server(config, store)
     stop = asyncio.Event()
