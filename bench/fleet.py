@@ -921,7 +921,9 @@ def main() -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: .venv/bin/pip install -e '.[bench]'")
-    _raise_file_limit(args.clusters * (args.channels + 1) + 4096)
+    # The server's connections: an agent's, and its next one while it moves to a renewed
+    # certificate (the server inherits the limit, and raises its own soft limit to it).
+    _raise_file_limit(args.clusters * 2 * (args.channels + 1) + 4096)
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
