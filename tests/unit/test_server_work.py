@@ -1,9 +1,14 @@
-"""The index of clusters with Istio work, followed from the store's changes."""
+"""The index of clusters with Istio work, followed from the store's changes, and waking the
+work streams of many clusters."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+from meshtrust import clock, metrics
 from meshtrust.authority import istio
-from meshtrust.server import work
+from meshtrust.server import service, work
 from meshtrust.store import base
 
 
@@ -43,3 +48,32 @@ class TestWorkIndex:
         assert not index.has_work("cluster-1")
         index.note(_event(_item("cluster-2", istio.State.PENDING, 5), base.EventType.DELETED))
         assert index.clusters == []
+
+
+class TestWakingStreams:
+    def test_many_streams_are_woken_a_slice_per_turn_of_the_loop(self) -> None:
+        """Waking every stream gives the loop a turn after each slice, so that one turn does
+        not run thousands of streams; waking some clusters wakes only theirs."""
+        async def scenario() -> None:
+            authority: Any = None  # waking streams asks nothing of the authority
+            relay = service.RelayService(authority, clock.SystemClock(), metrics.Metrics())
+            count = 2 * service.WAKE_SLICE + 10
+            groups = {f"c-{i}": {service._Stream()} for i in range(count)}
+            relay._streams.update(groups)
+
+            def woken() -> int:
+                return sum(s.wake.is_set() for group in groups.values() for s in group)
+
+            task = asyncio.create_task(relay.kick_many())
+            await asyncio.sleep(0)
+            assert woken() == service.WAKE_SLICE
+            await task
+            assert woken() == count
+            for group in groups.values():
+                for stream in group:
+                    stream.wake.clear()
+            await relay.kick_many(["c-1", "c-7", "not-connected"])
+            assert {name for name, group in groups.items()
+                    if any(s.wake.is_set() for s in group)} == {"c-1", "c-7"}
+
+        asyncio.run(scenario())

@@ -253,7 +253,8 @@ class Server:
         The leader's reconcile, another replica's signature, an agent's report on
         another replica: every replica sees the write. It keeps the index of which
         clusters have work, and wakes a cluster's streams when an intermediate of
-        it becomes PENDING (new work); after a gap it lists them all and wakes every stream.
+        it becomes PENDING (new work); after a gap it lists them all and wakes the streams
+        of every cluster with work.
         """
         async def changed(event: base.WatchEvent) -> None:
             cluster = self.relay_service.work.note(event)
@@ -263,7 +264,7 @@ class Server:
         async def everyone() -> None:
             self.relay_service.work.fill(await self.store.list_resources(
                 istio.ISSUED_KIND, namespace=self.names.relay_namespace))
-            self.relay_service.kick()
+            await self.relay_service.kick_many(self.relay_service.work.clusters)
 
         await follow.follow(self.store, istio.ISSUED_KIND, changed, resync=everyone)
 
@@ -376,7 +377,7 @@ class Server:
         if self.relay_rotations.wanted not in (None, asked):
             # A step that wants new client certificates: ask every agent now, not at its
             # stream's next heartbeat.
-            self.relay_service.kick()
+            await self.relay_service.kick_many()
 
     async def stop(self, grace: float = 2.0) -> None:
         for task in self._tasks:

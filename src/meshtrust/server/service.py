@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from meshtrust import clock as clock_module
@@ -27,6 +27,7 @@ from meshtrust.store import manifest
 log = logging.getLogger(__name__)
 
 INSECURE_CLUSTER_HEADER = "x-meshtrust-cluster"
+WAKE_SLICE = 256  # work streams woken in one turn of the event loop (RelayService.kick_many)
 
 
 def _response(issued: relay.Issued) -> messages.CertificateResponse:
@@ -263,12 +264,26 @@ class RelayService(transport.services.RelayServicer):
             stream.gone.set()
             stream.wake.set()
 
-    def kick(self, cluster: str | None = None) -> None:
-        """Make the work streams of ``cluster`` (of every cluster if None) look for work now."""
-        groups = self._streams.values() if cluster is None else [self._streams.get(cluster, set())]
-        for streams in groups:
-            for stream in streams:
+    def kick(self, cluster: str) -> None:
+        """Make the work streams of ``cluster`` look for work now."""
+        for stream in self._streams.get(cluster, ()):
+            stream.wake.set()
+
+    async def kick_many(self, clusters: Iterable[str] | None = None) -> None:
+        """``kick`` the streams of ``clusters`` (of every cluster if None), a slice at a time.
+
+        Every stream woken runs in the event loop's next turn, and a turn of ten thousand
+        streams lasts a second, in which the server takes in hardly a call (a ``grpc.aio``
+        server takes in a method's calls one loop turn after another): so the loop gets a
+        turn after each ``WAKE_SLICE`` streams.
+        """
+        woken = 0
+        for cluster in list(self._streams) if clusters is None else clusters:
+            for stream in list(self._streams.get(cluster, ())):
                 stream.wake.set()
+                woken += 1
+                if not woken % WAKE_SLICE:
+                    await asyncio.sleep(0)
 
     @property
     def connected(self) -> list[str]:
