@@ -396,6 +396,9 @@ def _write_ready(path: Path, values: dict[str, int]) -> None:
     tmp.replace(path)
 
 
+_UNLIMITED_FILES = 1 << 20  # the soft limit taken when the hard one is unlimited
+
+
 def raise_open_file_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit; return the limit.
 
@@ -414,9 +417,6 @@ def raise_open_file_limit() -> int:
             log.warning("cannot raise the limit of open files from %d to %d (%s)", soft,
                         wanted, exc)
     return soft
-
-
-_UNLIMITED_FILES = 1 << 20  # the soft limit taken when the hard one is unlimited
 
 
 async def run(config: ServerConfig) -> None:
