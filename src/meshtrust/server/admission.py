@@ -29,9 +29,10 @@ yet. A burst of ten thousand callers comes back as an even stream the server
 can serve, instead of ten thousand calls each second; the schedule follows the
 rate as it changes, and no caller is told to wait more than ``max_retry``. Agents wait the
 time they are given, with a little jitter (``agent.backoff``). Work the server hands out
-itself, an intermediate for a cluster to make a key for, takes its turn in the same
-schedule (``schedule``), so that a policy applied to the whole fleet brings its CSRs back
-at the rate the server signs them.
+itself, an intermediate for a cluster to make a key for, takes its turn in a schedule
+of its own (``schedule``), after the callers told to come back and without putting them
+off, so that a policy applied to the whole fleet brings its CSRs back at the rate the
+server signs them.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class Admission:
         self._duration = FIRST_ESTIMATE
         # When refused callers were told to come back, those still to come, in order.
         self._slots: collections.deque[float] = collections.deque()
+        # When work the server hands out itself goes out, those still to go, in order.
+        self._handouts: collections.deque[float] = collections.deque()
         self.admitted = 0
         self.refused = 0
         self._refused_since_report = 0
@@ -208,33 +211,41 @@ class Admission:
                 waiter.set_result(None)
 
     def schedule(self) -> float:
-        """Seconds until work the server hands out itself should go out; books its slot.
+        """Seconds until work the server hands out itself should go out; books its turn.
 
-        Work the server starts (an Istio intermediate, which brings a CSR back) joins
-        the schedule of refused callers instead of arriving all at once: a policy
+        Work the server starts (an Istio intermediate, which brings a CSR back) takes
+        turns at the rate the server issues instead of going out all at once: a policy
         change over ten thousand clusters would otherwise bring ten thousand CSRs
         within a second, more than the server can even refuse before their deadlines.
+        It yields to callers: its turns come after the callers told to come back, and
+        theirs are not put off by it (the server can always hand out its work later).
         """
-        return self._book(self._now(), 0.0)
+        now = self._now()
+        _expire(self._handouts, now)
+        return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0)
 
-    def _book(self, now: float, at_least: float) -> float:
-        """Book the next slot of the schedule; return the seconds until it (bounded)."""
-        while self._slots and self._slots[0] <= now:
-            self._slots.popleft()
-        # Callers in the queue go first, then those told to come back who have not yet
-        # (and work handed out that has not come back yet); this one after them, all at
-        # the rate the server issues now (so the schedule follows the rate, rather than
-        # the rate of when the others were told).
-        ahead = self._in_flight + self._waiting + len(self._slots) + 1
+    def _told(self, now: float) -> int:
+        """Callers told to come back who have not yet."""
+        _expire(self._slots, now)
+        return len(self._slots)
+
+    def _book(self, slots: collections.deque[float], now: float, booked: int,
+              at_least: float) -> float:
+        """Book the next turn in ``slots`` after ``booked`` others; return the seconds
+        until it (bounded)."""
+        # Callers in the queue go first, then those booked before; this one after them,
+        # all at the rate the server issues now (so the schedule follows the rate, rather
+        # than the rate of when the others were booked).
+        ahead = self._in_flight + self._waiting + booked + 1
         delay = min(max(ahead * self.seconds_per_issuance * _EAGER, at_least),
                     self.options.max_retry)
-        self._slots.append(max(now + delay, self._slots[-1] if self._slots else 0.0))
+        slots.append(max(now + delay, slots[-1] if slots else 0.0))
         return delay
 
     def _refuse(self) -> errors.RateLimited:
         """The error for a caller who gets no slot, with its own time to come back."""
         now = self._now()
-        retry = self._book(now, self.options.min_retry)
+        retry = self._book(self._slots, now, self._told(now), self.options.min_retry)
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:
@@ -248,3 +259,9 @@ class Admission:
         return errors.RateLimited(
             f"the management server is busy ({self._in_flight} issuances in flight, "
             f"{self._waiting} waiting); retry in {retry:.2f} s", retry_after=retry)
+
+
+def _expire(slots: collections.deque[float], now: float) -> None:
+    """Drop the times that have come from the front of ``slots``."""
+    while slots and slots[0] <= now:
+        slots.popleft()
