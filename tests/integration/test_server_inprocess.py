@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import istiofleet as im
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,7 +26,7 @@ from meshtrust.authority import enrollment, istio, registry
 from meshtrust.pki import keys
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
-from meshtrust.server import admission, app, config
+from meshtrust.server import admission, app, config, service
 from meshtrust.store import base, open_store
 
 
@@ -187,7 +188,7 @@ async def _handed_out(tmp: Path, count: int) -> tuple[list[float], list[int]]:
         async def hold(name: str) -> None:
             stream = transport.relay_stub(channel).Work(
                 messages.WorkSubscribe(replica="test"),
-                metadata=(("x-meshtrust-cluster", name),))
+                metadata=((service.INSECURE_CLUSTER_HEADER, name),))
             async for item in stream:
                 if item.WhichOneof("kind") == "issue_intermediate":
                     received[name] = time.monotonic()
@@ -201,11 +202,7 @@ async def _handed_out(tmp: Path, count: int) -> tuple[list[float], list[int]]:
             streams = [asyncio.create_task(hold(name)) for name in names]
             async with asyncio.timeout(10):
                 await connected.wait()  # every stream had its first heartbeat: no work yet
-            await istio.IstioAuthority(store, clock, clusters).apply({
-                "apiVersion": "admin.gloo.solo.io/v2", "kind": "RootTrustPolicy",
-                "metadata": {"name": "mesh", "namespace": "gloo-mesh"},
-                "spec": {"config": {"mgmtServerCa": {"generated": {"keyType": "ecdsa-p256"}},
-                                    "intermediateCertOptions": {"keyType": "ecdsa-p256"}}}})
+            await istio.IstioAuthority(store, clock, clusters).apply(im.policy())
             async with asyncio.timeout(30):
                 await asyncio.gather(*streams)
         finally:

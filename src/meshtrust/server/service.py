@@ -279,11 +279,11 @@ class RelayService(transport.services.RelayServicer):
         """
         woken = 0
         for cluster in list(self._streams) if clusters is None else clusters:
-            for stream in list(self._streams.get(cluster, ())):
-                stream.wake.set()
-                woken += 1
-                if not woken % WAKE_SLICE:
-                    await asyncio.sleep(0)
+            self.kick(cluster)
+            woken += len(self._streams.get(cluster, ()))
+            if woken >= WAKE_SLICE:
+                woken = 0
+                await asyncio.sleep(0)
 
     @property
     def connected(self) -> list[str]:

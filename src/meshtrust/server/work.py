@@ -22,8 +22,7 @@ from meshtrust.authority import istio
 from meshtrust.store import base
 
 _PENDING = istio.State.PENDING.value
-_OUTSTANDING = frozenset({istio.State.PENDING.value, istio.State.REQUESTED.value,
-                          istio.State.ISSUED.value})
+_OUTSTANDING = frozenset({_PENDING, istio.State.REQUESTED.value, istio.State.ISSUED.value})
 
 
 class WorkIndex:
