@@ -136,6 +136,42 @@ class TestManifest:
             manifest.load_documents(text, source="f.yaml")
 
 
+    def test_a_stored_resource_reads_back_as_plain_data(self) -> None:
+        """A resource record reads back equal, with its own plain dicts and lists."""
+        resource = base.Resource(api_version="meshtrust.io/v1", kind="Thing", namespace="n",
+                                 name="x", spec={"a": [1, 2.5, {"b": None}]},
+                                 status={"state": "DONE", "pods": ["p"]}, resource_version=3)
+        text = manifest.dump_json(resource)
+        first = manifest.load_json(text, source="t")
+        second = manifest.load_json(text, source="t")
+        assert first == resource
+        assert isinstance(first, base.Resource) and isinstance(second, base.Resource)
+        first.spec["a"][2]["b"] = "changed"
+        assert second.spec["a"][2]["b"] is None
+
+    @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+    def test_a_record_with_a_number_json_cannot_hold_is_refused(self, number: str) -> None:
+        """Python's json reads NaN and overflows to infinity; a store record may not."""
+        text = ('{"apiVersion":"v1","kind":"Thing","metadata":{"name":"x","namespace":"n"},'
+                f'"spec":{{"n":{number}}}}}')
+        with pytest.raises(errors.ConfigError, match=r"t: not valid JSON"):
+            manifest.load_json(text, source="t")
+
+    def test_a_record_nested_too_deep_is_refused(self) -> None:
+        """A record nested deeper than the parser goes is refused as invalid, not a crash."""
+        text = ('{"apiVersion":"v1","kind":"Thing","metadata":{"name":"x","namespace":"n"},'
+                '"spec":{"n":' + "[" * 100_000 + "]" * 100_000 + "}}")
+        with pytest.raises(errors.ConfigError, match=r"t: not valid JSON"):
+            manifest.load_json(text, source="t")
+
+    def test_a_resource_made_in_code_keeps_its_own_copy(self) -> None:
+        """Values a caller passes are copied: changing them later changes nothing stored."""
+        spec: dict[str, Any] = {"a": [1]}
+        resource = base.Resource(api_version="v1", kind="Thing", namespace="n", name="x",
+                                 spec=spec)
+        spec["a"].append(2)
+        assert resource.spec == {"a": [1]}
+
 class TestFakeClock:
     def test_moves_only_when_told(self) -> None:
         """The fake clock stands still, advances by seconds or timedeltas, and can be set."""

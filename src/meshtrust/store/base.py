@@ -241,8 +241,12 @@ class Resource:
     resource_version: int = 0
     created: dt.datetime | None = None
     updated: dt.datetime | None = None
+    parsed: dataclasses.InitVar[bool] = False
+    """True if ``spec`` and ``status`` were just parsed from JSON text (``json.loads``, with
+    every number finite) and nothing else holds them: they are plain JSON data already and
+    are kept as they are. Otherwise they are checked and copied."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, parsed: bool) -> None:
         if not isinstance(self.api_version, str) or not _API_VERSION_RE.fullmatch(
                 self.api_version):
             raise InvalidField("api_version", f"{self.api_version!r} is not an apiVersion "
@@ -255,8 +259,9 @@ class Resource:
         object.__setattr__(self, "labels", _check_labels(self.labels, "labels"))
         object.__setattr__(self, "annotations",
                            _check_annotations(self.annotations, "annotations"))
-        object.__setattr__(self, "spec", _check_json_object(self.spec, "spec"))
-        object.__setattr__(self, "status", _check_json_object(self.status, "status"))
+        if not (parsed and type(self.spec) is dict and type(self.status) is dict):
+            object.__setattr__(self, "spec", _check_json_object(self.spec, "spec"))
+            object.__setattr__(self, "status", _check_json_object(self.status, "status"))
         _check_version(self.generation, "generation")
         _check_version(self.resource_version, "resource_version")
         object.__setattr__(self, "created", _check_time(self.created, "created"))

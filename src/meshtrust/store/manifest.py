@@ -14,6 +14,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,12 +74,28 @@ def dump_json(obj: base.Object) -> str:
 
 
 def load_json(text: str | bytes, *, source: str) -> base.Object:
-    """Read a record written by ``dump_json``; ``source`` names where it came from."""
+    """Read a record written by ``dump_json``; ``source`` names where it came from.
+
+    What ``json.loads`` returns is plain JSON data that nothing else holds, so the
+    object keeps it without the copy ``load`` makes of other input. Numbers that are
+    not finite (``NaN``, ``1e999``), which JSON has no place for, are refused here.
+    """
     try:
-        document = json.loads(text)
-    except ValueError as exc:
+        document = json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
         raise errors.ConfigError(f"{source}: not valid JSON ({exc})") from exc
-    return load(document, source=source)
+    return load(document, source=source, parsed=True)
+
+
+def _not_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range of a JSON number")
+    return value
 
 
 def load_documents(text: str, *, source: str, namespace: str = "default") -> list[base.Object]:
@@ -94,8 +111,13 @@ def load_documents(text: str, *, source: str, namespace: str = "default") -> lis
             for index, doc in enumerate(documents)]
 
 
-def load(document: object, *, source: str, namespace: str = "default") -> base.Object:
-    """The object a manifest describes; raise ``errors.ConfigError`` naming the field."""
+def load(document: object, *, source: str, namespace: str = "default",
+         parsed: bool = False) -> base.Object:
+    """The object a manifest describes; raise ``errors.ConfigError`` naming the field.
+
+    ``parsed``: ``document`` was just made by ``json.loads`` with finite numbers only
+    (``load_json``), so its spec and status need no checking copy.
+    """
     if not isinstance(document, Mapping):
         raise errors.ConfigError(f"{source}: a manifest must be a mapping, "
                                  f"got {type(document).__name__}")
@@ -119,7 +141,7 @@ def load(document: object, *, source: str, namespace: str = "default") -> base.O
             api_version=document.get("apiVersion") or "", kind=kind or "",
             spec=_mapping(document, "spec", source) or {},
             status=_mapping(document, "status", source) or {},
-            generation=_integer(metadata, "generation", source), **common)
+            generation=_integer(metadata, "generation", source), parsed=parsed, **common)
     except base.InvalidField as exc:
         path = _FIELD_PATHS.get(exc.field, exc.field)
         raise errors.ConfigError(f"{source}: {path}: {exc.reason}") from exc
