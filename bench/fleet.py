@@ -501,6 +501,7 @@ class Fleet:
             "busy": dict(self.tally.prefixed("busy:", go)),
             "errors": dict(self.tally.prefixed("error:", go)),
             "drops": self.tally.count("drop", go),
+            "simulator_lag": latency(self.tally, "simlag", go, end),
             **(self.sampler.window(go, end) if self.sampler else {}),
         }
 
@@ -571,6 +572,7 @@ class Fleet:
             "errors": dict(self.tally.prefixed("error:", began)),
             "drops": self.tally.count("drop", began),
             "rebootstraps": self.tally.count("call:bootstrap", began),
+            "simulator_lag": latency(self.tally, "simlag", began, end),
             **self.sampler.window(began, end),
         }
 
@@ -721,6 +723,13 @@ def _ms(block: dict[str, Any], key: str = "p99_ms") -> str:
     return "-" if value is None else f"{value:,.0f} ms"
 
 
+def _lag_row(phase: dict[str, Any]) -> tuple[str, str, str]:
+    """How late the simulators' own event loops ran: part of every latency they measure."""
+    lag = phase.get("simulator_lag") or {}
+    return ("simulator event loop late p99 / max (in the latencies above)",
+            f"{_ms(lag)} / {_ms(lag, 'max_ms')}", "")
+
+
 def _sum(counter: dict[str, int]) -> str:
     total = sum(counter.values())
     if not total:
@@ -764,6 +773,7 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
                     f"{_ms(c['intermediate_latency'], 'p50_ms')} / "
                     f"{_ms(c['intermediate_latency'])}", "")
         out.add_row("", "told to wait (RESOURCE_EXHAUSTED)", _sum(c["busy"]), "")
+        out.add_row("", *_lag_row(c))
         out.add_row("", "errors", _sum(c["errors"]), "")
         out.add_row("", "streams dropped", str(c["drops"]), "")
     s = result.get("steady")
@@ -785,6 +795,7 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
                     f"{_ms(st['renew_end_to_end'], 'p50_ms')} / "
                     f"{_ms(st['renew_end_to_end'])}", "")
         out.add_row("", "told to wait (RESOURCE_EXHAUSTED)", _sum(st["busy"]), "")
+        out.add_row("", *_lag_row(st))
         out.add_row("", "streams dropped / re-bootstraps",
                     f"{st['drops']} / {st['rebootstraps']}", "")
         out.add_row("", "server peak RSS", f"{st.get('peak_rss_mib', 0):,.0f} MiB", "")

@@ -47,6 +47,7 @@ from meshtrust.testing import MemoryStore
 SERVER_NAME = "localhost"  # a SAN of the generated relay server certificate
 CALL_TIMEOUT = connection.CALL_TIMEOUT  # the agent's
 FLUSH_EVERY = 0.2  # seconds between two event batches to the driver
+LAG_EVERY = 0.1  # seconds between two measurements of the worker's own event loop lag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +420,19 @@ async def handshakes(agents: list[SimAgent], events: Events, rng: random.Random)
                                                   a.name, b.name, exc)
 
 
+async def lag_probe(events: Events) -> None:
+    """How late this worker's event loop runs a timer (event ``simlag``, in seconds).
+
+    A call's latency is measured here, so it includes the time its reply waited for
+    this loop: the driver reports this lag next to the latencies.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(LAG_EVERY)
+        events.add("simlag", max(0.0, loop.time() - asked - LAG_EVERY))
+
+
 def _raise_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -447,7 +461,7 @@ async def _run(spec: WorkerSpec, queue: Any, commands: Any) -> None:
             await asyncio.sleep(FLUSH_EVERY)
             events.flush()
 
-    background = [asyncio.create_task(flusher())]
+    background = [asyncio.create_task(flusher()), asyncio.create_task(lag_probe(events))]
     lives: list[asyncio.Task[None]] = []
     while True:
         command = await inbox.get()
