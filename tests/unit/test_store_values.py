@@ -135,7 +135,6 @@ class TestManifest:
         with pytest.raises(errors.ConfigError, match=message):
             manifest.load_documents(text, source="f.yaml")
 
-
     def test_a_stored_resource_reads_back_as_plain_data(self) -> None:
         """A resource record reads back equal, with its own plain dicts and lists."""
         resource = base.Resource(api_version="meshtrust.io/v1", kind="Thing", namespace="n",
@@ -171,6 +170,7 @@ class TestManifest:
                                  spec=spec)
         spec["a"].append(2)
         assert resource.spec == {"a": [1]}
+
 
 class TestFakeClock:
     def test_moves_only_when_told(self) -> None:
