@@ -43,6 +43,13 @@ def _compute(microseconds: float) -> None:
         pass
 
 
+async def keep_busy(work_us: float) -> None:
+    """Compute for ``work_us`` microseconds, then give the loop a turn; until cancelled."""
+    while True:
+        _compute(work_us)
+        await asyncio.sleep(0)
+
+
 async def _serve(tasks: int, work_us: float, ports: Any, stop: Any) -> None:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
@@ -60,13 +67,8 @@ async def _serve(tasks: int, work_us: float, ports: Any, stop: Any) -> None:
         turns += 1
         loop.call_soon(turn)
 
-    async def busy() -> None:
-        while True:
-            _compute(work_us)
-            await asyncio.sleep(0)
-
     loop.call_soon(turn)
-    others = [asyncio.create_task(busy()) for _ in range(tasks)]
+    others = [asyncio.create_task(keep_busy(work_us)) for _ in range(tasks)]
     ports.put(port)
     began, first = time.perf_counter(), turns
     while not stop.is_set():

@@ -41,22 +41,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleet import percentile
+from loop_intake import keep_busy
+
 from meshtrust.store import base, sqlite
 
 KIND, NAMESPACE = "Thing", "bench"
 RECORDS = 50
 WAYS = ("thread", "loop")
-
-
-def _compute(microseconds: float) -> None:
-    end = time.perf_counter() + microseconds / 1e6
-    while time.perf_counter() < end:
-        pass
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def _measure(path: Path, way: str, tasks: int, work_us: float,
@@ -70,12 +62,6 @@ async def _measure(path: Path, way: str, tasks: int, work_us: float,
             await store.create(base.Resource(
                 api_version="v1", kind=KIND, namespace=NAMESPACE, name=f"r-{index}",
                 spec={"index": index, "text": "x" * 2000}))
-        stop = False
-
-        async def busy() -> None:
-            while not stop:
-                _compute(work_us)
-                await asyncio.sleep(0)
 
         async def one(index: int) -> None:
             name = f"r-{index % RECORDS}"
@@ -90,7 +76,7 @@ async def _measure(path: Path, way: str, tasks: int, work_us: float,
                 await asyncio.sleep(0)  # a turn of the loop, as a call's task would wait
                 read()
 
-        others = [asyncio.create_task(busy()) for _ in range(tasks)]
+        others = [asyncio.create_task(keep_busy(work_us)) for _ in range(tasks)]
         took: list[float] = []
         started = time.perf_counter()
         while time.perf_counter() < started + seconds:
@@ -98,14 +84,16 @@ async def _measure(path: Path, way: str, tasks: int, work_us: float,
             await one(len(took))
             took.append(time.perf_counter() - began)
         elapsed = time.perf_counter() - started
-        stop = True
-        await asyncio.gather(*others)
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
     finally:
         thread.shutdown(wait=True)
         reader.close()
         await store.close()
-    return {"rounds_per_s": len(took) / elapsed, "p50_ms": _percentile(took, 0.5) * 1e3,
-            "p99_ms": _percentile(took, 0.99) * 1e3, "rounds": len(took)}
+    return {"rounds_per_s": len(took) / elapsed,
+            "p50_ms": (percentile(took, 0.5) or 0.0) * 1e3,
+            "p99_ms": (percentile(took, 0.99) or 0.0) * 1e3, "rounds": len(took)}
 
 
 def measure(way: str, switch: float, tasks: int, work_us: float,

@@ -264,10 +264,12 @@ class RelayService(transport.services.RelayServicer):
             stream.gone.set()
             stream.wake.set()
 
-    def kick(self, cluster: str) -> None:
-        """Make the work streams of ``cluster`` look for work now."""
-        for stream in self._streams.get(cluster, ()):
+    def kick(self, cluster: str) -> int:
+        """Make the work streams of ``cluster`` look for work now; return how many."""
+        streams = self._streams.get(cluster, ())
+        for stream in streams:
             stream.wake.set()
+        return len(streams)
 
     async def kick_many(self, clusters: Iterable[str] | None = None) -> None:
         """``kick`` the streams of ``clusters`` (of every cluster if None), a slice at a time.
@@ -279,8 +281,7 @@ class RelayService(transport.services.RelayServicer):
         """
         woken = 0
         for cluster in list(self._streams) if clusters is None else clusters:
-            self.kick(cluster)
-            woken += len(self._streams.get(cluster, ()))
+            woken += self.kick(cluster)
             if woken >= WAKE_SLICE:
                 woken = 0
                 await asyncio.sleep(0)
