@@ -81,7 +81,7 @@ def load_json(text: str | bytes, *, source: str) -> base.Object:
     not finite (``NaN``, ``1e999``), which JSON has no place for, are refused here.
     """
     try:
-        document = json.loads(text, parse_constant=_not_finite, parse_float=_finite_float)
+        document = _RECORDS.decode(text if isinstance(text, str) else text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise errors.ConfigError(f"{source}: not valid JSON ({exc})") from exc
     return load(document, source=source, parsed=True)
@@ -96,6 +96,10 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of range of a JSON number")
     return value
+
+
+# One decoder for every record: ``json.loads`` with options would build one per call.
+_RECORDS = json.JSONDecoder(parse_constant=_not_finite, parse_float=_finite_float)
 
 
 def load_documents(text: str, *, source: str, namespace: str = "default") -> list[base.Object]:
