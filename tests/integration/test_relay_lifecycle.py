@@ -67,12 +67,19 @@ class TestDeregistration:
                     refusal = "accepted"
                 refused_after = time.monotonic() - deregistered
                 end, when = await asyncio.wait_for(ended, timeout=5)
-                return refused_after, when - deregistered, end, refusal
+                try:  # a new work stream is refused when it records the connection
+                    await rf.work(channel).read()
+                except grpc.aio.AioRpcError as exc:
+                    reopened = f"{exc.code().name}: {exc.details()}"
+                else:
+                    reopened = "accepted"
+                return refused_after, when - deregistered, end, refusal, reopened
 
-        refused_after, ended_after, end, refusal = asyncio.run(scenario())
+        refused_after, ended_after, end, refusal, reopened = asyncio.run(scenario())
 
         assert refusal == "PERMISSION_DENIED: cluster 'cluster-1' is not registered; register " \
                           "it with `meshtrust cluster register cluster-1`"
+        assert reopened == refusal
         assert refused_after < 1.0
         assert rf.status_code(end) is grpc.StatusCode.PERMISSION_DENIED
         assert "cluster 'cluster-1' was deregistered" in str(end)

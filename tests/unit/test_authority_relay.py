@@ -170,6 +170,46 @@ class TestRenewAndAuthorize:
                 await w.authority.renew("c1", request("c1"))
         run(scenario)
 
+    def test_renewal_reads_the_cluster_record_once(self, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+        """The record read to check the cluster is the one its new serial is written on:
+        one read of it per renewal, not one more to record what was issued."""
+        async def scenario(w: World) -> list[str]:
+            reads: list[str] = []
+            plain = w.store.get_resource
+
+            async def counted(kind: str, namespace: str, name: str) -> base.Resource:
+                if kind == registry.CLUSTER_KIND:
+                    reads.append(name)
+                return await plain(kind, namespace, name)
+
+            monkeypatch.setattr(w.store, "get_resource", counted)
+            issued = await w.authority.renew("c1", request("c1"))
+            assert (await plain(registry.CLUSTER_KIND, "gloo-mesh", "c1")).status[
+                "clientCertificate"]["serial"] == issued.serial
+            return reads
+        assert run(scenario) == ["c1"]
+
+    def test_a_record_changed_during_the_renewal_keeps_both_changes(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A status written between the renewal's read and its write (another call of the
+        agent) is kept: the renewal's write is refused as stale and made again on a
+        fresh read."""
+        async def scenario(w: World) -> dict[str, object]:
+            plain = w.authority.audit.record
+
+            async def report_meanwhile(*args: object, **kwargs: object) -> object:
+                await w.registry.reported("c1", agent={"version": "9.9"})
+                return await plain(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(w.authority.audit, "record", report_meanwhile)
+            issued = await w.authority.renew("c1", request("c1"))
+            status = (await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh",
+                                                 "c1")).status
+            assert status["clientCertificate"]["serial"] == issued.serial
+            return dict(status["agent"])
+        assert run(scenario) == {"version": "9.9"}
+
     def test_authorize_names_the_registered_cluster_of_a_certificate(self) -> None:
         """A peer certificate authorizes as its cluster until that cluster is deregistered."""
         async def scenario(w: World) -> None:

@@ -62,6 +62,9 @@ class Cluster:
     client_serial: str | None
     client_not_after: dt.datetime | None
     connected: bool
+    record: base.Resource | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The stored record this was read from: the first guess of an edit of its status
+    (``Registry.seen``), which saves reading it again."""
 
     @classmethod
     def of(cls, resource: base.Resource) -> Cluster:
@@ -74,7 +77,7 @@ class Cluster:
                    last_seen=manifest.read_time(status.get("lastSeen")),
                    client_serial=client.get("serial"),
                    client_not_after=manifest.read_time(client.get("notAfter")),
-                   connected=bool(status.get("connected")))
+                   connected=bool(status.get("connected")), record=resource)
 
 
 def _held_by(status: dict[str, Any]) -> dict[str, str]:
@@ -85,6 +88,11 @@ def _held_by(status: dict[str, Any]) -> dict[str, str]:
 
 def _connections(status: dict[str, Any], held: dict[str, str], **extra: Any) -> dict[str, Any]:
     return {**status, "connections": held, "connected": bool(held), **extra}
+
+
+def _unknown(name: str) -> errors.UnknownCluster:
+    return errors.UnknownCluster(f"cluster {name!r} is not registered; register it with "
+                                 f"`meshtrust cluster register {name}`")
 
 
 def check_cluster_name(name: str) -> str:
@@ -132,9 +140,7 @@ class Registry:
         try:
             return Cluster.of(await self._store.get_resource(CLUSTER_KIND, self._ns, name))
         except (errors.NotFound, ValueError):  # ValueError: not even a valid object name
-            raise errors.UnknownCluster(
-                f"cluster {name!r} is not registered; register it with "
-                f"`meshtrust cluster register {name}`") from None
+            raise _unknown(name) from None
 
     async def list(self) -> list[Cluster]:
         resources = await self._store.list_resources(CLUSTER_KIND, namespace=self._ns)
@@ -172,10 +178,12 @@ class Registry:
     # leader removes the entries of replicas that died without closing them.
 
     async def connect(self, name: str, replica: str) -> None:
-        """Record that server replica ``replica`` holds a work stream of ``name``."""
+        """Record that server replica ``replica`` holds a work stream of ``name``; raise
+        UnknownCluster if it is not registered."""
         now = manifest.dump_time(self._clock.now())
-        await self._edit_status(name, lambda status: _connections(
-            status, {**_held_by(status), replica: now}, lastSeen=now))
+        if not await self._edit_status(name, lambda status: _connections(
+                status, {**_held_by(status), replica: now}, lastSeen=now)):
+            raise _unknown(name)
 
     async def disconnect(self, name: str, replica: str) -> None:
         """Record that server replica ``replica`` holds no work stream of ``name`` any more."""
@@ -205,16 +213,21 @@ class Registry:
         return tuple(changed)
 
     async def _edit_status(self, name: str,
-                           edit: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+                           edit: Callable[[dict[str, Any]], dict[str, Any]],
+                           read: Cluster | None = None) -> bool:
         """Replace the cluster's status by ``edit(status)``, retrying lost compare-and-swaps.
 
+        ``read``: the cluster as the caller read it, tried first instead of reading it
+        again (if it changed since, the compare-and-swap fails and it is read anew).
         Returns False if the cluster is not registered (or ``name`` cannot name one).
         """
+        guess = read.record if read is not None and read.name == name else None
         for _ in range(_CAS_ATTEMPTS):
             try:
-                resource = await self._store.get_resource(CLUSTER_KIND, self._ns, name)
+                resource = guess or await self._store.get_resource(CLUSTER_KIND, self._ns, name)
             except (errors.NotFound, ValueError):  # ValueError: not even a valid object name
                 return False
+            guess = None
             status = edit(dict(resource.status))
             if status == resource.status:
                 return True
@@ -228,14 +241,17 @@ class Registry:
         return True
 
     async def seen(self, name: str, *, min_interval: dt.timedelta = dt.timedelta(seconds=5),
-                   **changes: Any) -> None:
+                   read: Cluster | None = None, **changes: Any) -> None:
         """Record that the cluster's agent called: ``changes`` at once, lastSeen alone at
-        most once per ``min_interval``. Raise UnknownCluster if it is not registered."""
+        most once per ``min_interval``. Raise UnknownCluster if it is not registered.
+
+        ``read``: the cluster as the caller read it during the call (``get``).
+        """
         await self.reported(name, fresh_for=dt.timedelta(0) if changes else min_interval,
-                            **changes)
+                            read=read, **changes)
 
     async def reported(self, name: str, *, fresh_for: dt.timedelta = REPORT_FRESH,
-                       **report: Any) -> None:
+                       read: Cluster | None = None, **report: Any) -> None:
         """Record what the cluster's agent reports (``report`` merged into the status).
 
         A report that says what the status already says is written only when
@@ -253,8 +269,8 @@ class Registry:
                 return status
             return {**merged, "lastSeen": stamp}
 
-        if not await self._edit_status(name, edit):
-            await self.get(name)  # raises UnknownCluster
+        if not await self._edit_status(name, edit, read):
+            raise _unknown(name)
 
     # -- tokens -----------------------------------------------------------------------------
 

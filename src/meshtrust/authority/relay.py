@@ -106,11 +106,12 @@ class RelayAuthority:
         try:
             registry_module.check_cluster_name(cluster)
             request = csr.load_csr(csr_pem)
-            await self.registry.get(cluster)
+            registered = await self.registry.get(cluster)
             # Refuse a bad CSR before the token is spent on it.
             issuer.check(request, profiles.RELAY_CLIENT, issuer.Subject(cluster=cluster))
             await self._check_token(cluster, token, request)
-            return await self._issue(cluster, request, audit_module.Kind.BOOTSTRAP, peer=peer)
+            return await self._issue(registered, request, audit_module.Kind.BOOTSTRAP,
+                                     peer=peer)
         except errors.MeshTrustError as exc:
             await self.audit.refused(audit_module.Kind.BOOTSTRAP, exc,
                                      actor=audit_module.ANONYMOUS, cluster=cluster,
@@ -121,8 +122,8 @@ class RelayAuthority:
         """Issue a new client certificate for an authenticated cluster's new key."""
         try:
             request = csr.load_csr(csr_pem)
-            await self.registry.get(cluster)
-            return await self._issue(cluster, request, audit_module.Kind.RENEW)
+            return await self._issue(await self.registry.get(cluster), request,
+                                     audit_module.Kind.RENEW)
         except errors.MeshTrustError as exc:
             await self.audit.refused(audit_module.Kind.RENEW, exc, actor=cluster,
                                      cluster=cluster, profile=profiles.RELAY_CLIENT.name)
@@ -144,8 +145,9 @@ class RelayAuthority:
                 return
         raise errors.AuthError(f"identity token rejected for cluster {cluster!r}")
 
-    async def _issue(self, cluster: str, request: csr.Request, event: audit_module.Kind, *,
-                     peer: str | None = None) -> Issued:
+    async def _issue(self, registered: registry_module.Cluster, request: csr.Request,
+                     event: audit_module.Kind, *, peer: str | None = None) -> Issued:
+        cluster = registered.name
         provider, trust = await self._signer()
         signed = await signers.sign(provider, providers.SignRequest(
             request=request, profile=profiles.RELAY_CLIENT,
@@ -160,7 +162,7 @@ class RelayAuthority:
         await self.audit.record(event, actor=cluster, cluster=cluster,
                                 profile=profiles.RELAY_CLIENT.name, certificate=certificate,
                                 peer=peer)
-        await self.registry.seen(cluster, clientCertificate={
+        await self.registry.seen(cluster, read=registered, clientCertificate={
             "serial": issued.serial,
             "notAfter": certificate.not_valid_after_utc.isoformat(),
             # What a relay root rotation checks: which CA signed it, which roots went with it.

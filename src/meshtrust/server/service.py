@@ -169,14 +169,18 @@ class RelayService(transport.services.RelayServicer):
         return messages.StatusAck(server_time_unix=int(self._clock.now().timestamp()))
 
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
-        cluster = await self._cluster(context, request)
+        # Recording the connection refuses an unregistered cluster: no read before it.
+        cluster = await self._cluster(context, request, registered=False)
         registry = self._authority.registry
         stream = _Stream()
         self._streams.setdefault(cluster, set()).add(stream)
         self._meters.connected.set(len(self._streams))
-        await registry.connect(cluster, self.replica)
-        log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
         try:
+            try:
+                await registry.connect(cluster, self.replica)
+            except errors.MeshTrustError as exc:  # not registered; the store is unavailable
+                await self._refuse(context, exc)
+            log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
             beat = -self._heartbeat  # when the last heartbeat went out (monotonic)
             while not stream.gone.is_set():
                 due = self._work_due(cluster, stream)
@@ -294,7 +298,10 @@ class RelayService(transport.services.RelayServicer):
     async def record_connections(self) -> None:
         """Record again that this replica holds its streams (after the leader dropped them)."""
         for cluster in self.connected:
-            await self._authority.registry.connect(cluster, self.replica)
+            try:
+                await self._authority.registry.connect(cluster, self.replica)
+            except errors.UnknownCluster:
+                pass  # deregistered meanwhile: its streams are being closed
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
         # Signing and recording refuse a deregistered cluster, the CSR once it is its turn.
