@@ -50,15 +50,19 @@ async def keep_busy(work_us: float) -> None:
         await asyncio.sleep(0)
 
 
-async def _serve(tasks: int, work_us: float, ports: Any, stop: Any) -> None:
+async def _serve(tasks: int, work_us: float, servers: int, ports: Any, stop: Any) -> None:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
-    server = transport.new_server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(echo)}),))
-    port = transport.add_listener(server, f"{HOST}:0", None)
-    await server.start()
+    started: list[grpc.aio.Server] = []
+    port = 0
+    for _ in range(servers):  # the second and later share the first's port (SO_REUSEPORT)
+        server = transport.new_server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(echo)}),))
+        port = transport.add_listener(server, f"{HOST}:{port}", None)
+        await server.start()
+        started.append(server)
     loop = asyncio.get_running_loop()
     turns = 0
 
@@ -76,39 +80,46 @@ async def _serve(tasks: int, work_us: float, ports: Any, stop: Any) -> None:
     ports.put((time.perf_counter() - began) / max(1, turns - first))
     for task in others:
         task.cancel()
-    await server.stop(None)
+    for server in started:
+        await server.stop(None)
 
 
-def _server_main(tasks: int, work_us: float, ports: Any, stop: Any) -> None:
-    asyncio.run(_serve(tasks, work_us, ports, stop))
+def _server_main(tasks: int, work_us: float, servers: int, ports: Any, stop: Any) -> None:
+    asyncio.run(_serve(tasks, work_us, servers, ports, stop))
 
 
-async def _load(port: int, seconds: float, concurrency: int) -> float:
-    channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
-    call = channel.unary_unary(f"/{SERVICE}/{METHOD}")
+async def _load(port: int, seconds: float, concurrency: int, connections: int) -> float:
+    # Channels with different arguments do not share a connection.
+    channels = [grpc.aio.insecure_channel(f"{HOST}:{port}", options=[("bench.connection", i)])
+                for i in range(connections)]
+    calls = [channel.unary_unary(f"/{SERVICE}/{METHOD}") for channel in channels]
     answered = 0
     end = time.perf_counter() + seconds
 
-    async def caller() -> None:
+    async def caller(index: int) -> None:
         nonlocal answered
+        call = calls[index % len(calls)]
         while time.perf_counter() < end:
             await call(b"x", timeout=30)
             answered += 1
 
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    await channel.close()
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    for channel in channels:
+        await channel.close()
     return answered / seconds
 
 
-def measure(tasks: int, work_us: float, seconds: float, concurrency: int) -> dict[str, float]:
+def measure(tasks: int, work_us: float, seconds: float, concurrency: int, servers: int = 1,
+            connections: int = 1) -> dict[str, float]:
     """One server process with ``tasks`` busy tasks, loaded for ``seconds``."""
     ports: Any = multiprocessing.Queue()
     stop = multiprocessing.Event()
-    process = multiprocessing.Process(target=_server_main, args=(tasks, work_us, ports, stop))
+    process = multiprocessing.Process(target=_server_main,
+                                      args=(tasks, work_us, servers, ports, stop))
     process.start()
     try:
         port = ports.get(timeout=30)
-        rate = asyncio.run(_load(port, seconds, concurrency))
+        rate = asyncio.run(_load(port, seconds, concurrency, connections))
         stop.set()
         turn = ports.get(timeout=30)
     finally:
@@ -129,12 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="load per run")
     parser.add_argument("--concurrency", type=int, default=200,
                         help="calls the client keeps in flight")
+    parser.add_argument("--servers", type=int, default=1,
+                        help="gRPC servers in the server process, all on one port")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="client connections the calls are spread over")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if min(args.tasks) < 0 or args.work_us < 0 or args.seconds <= 0 or args.concurrency < 1:
         parser.error("--tasks and --work-us must be 0 or more, --seconds and --concurrency "
                      "positive")
-    results = [measure(n, args.work_us, args.seconds, args.concurrency) for n in args.tasks]
+    results = [measure(n, args.work_us, args.seconds, args.concurrency, args.servers,
+                       args.connections) for n in args.tasks]
     if args.json:
         print(json.dumps({"grpcio": grpc.__version__, "results": results}, indent=2))
         return 0
