@@ -208,6 +208,31 @@ class TestAdmission:
         run(issue(0.1, 200))
         assert control.limit == 8
 
+    def test_a_stall_does_not_put_the_schedule_off(self) -> None:
+        """The issuances a stall of the event loop ends together, all slow, barely move
+        the rate callers are booked at: it is that of the last seconds, not of the last
+        few issuances."""
+        now = [0.0]
+        control = admission.Admission(admission.Options(limit=8, target=10.0),
+                                      monotonic=lambda: now[0])
+
+        async def rounds(seconds: float, count: int = 1) -> None:
+            for _ in range(count):  # eight at a time, ending together
+                release = asyncio.Event()
+                holders = [asyncio.create_task(hold(control, release)) for _ in range(8)]
+                await asyncio.sleep(0)
+                now[0] += seconds
+                release.set()
+                await asyncio.gather(*holders)
+
+        run(rounds(0.08, 200))  # 80 ms each, eight at a time: 100 a second
+        steady = control.seconds_per_issuance
+        assert steady == pytest.approx(0.01)
+        run(rounds(0.5))  # the loop stalls for half a second
+        assert control.seconds_per_issuance < 1.5 * steady
+        run(rounds(0.16, 200))  # issuances take twice as long from now on
+        assert control.seconds_per_issuance == pytest.approx(2 * steady, rel=0.05)
+
     def test_work_handed_out_takes_turns_after_refused_callers(self) -> None:
         """Work the server hands out itself is booked one issuance apart, after the callers
         told to come back; those callers are not put off by it. Once the times pass, the

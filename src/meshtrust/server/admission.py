@@ -22,8 +22,10 @@ A waiting call costs the server memory only, a refusal a whole call more, so
 waiting is the cheaper way to hold a burst.
 
 The retry times are a schedule, not a guess: the server knows how long an
-issuance takes (a moving average) and so how many it completes per second at
-the limit, and gives each refused caller its own later slot at that rate,
+issuance takes and so how many it completes per second at the limit (averaged
+over the last ``PACE_SECONDS``: a stall of the event loop ends many issuances at
+once, all slow, and must not send every caller told meanwhile minutes away), and
+gives each refused caller its own later slot at that rate,
 after the queue and after the callers already told to come back who have not
 yet. A burst of ten thousand callers comes back as an even stream the server
 can serve, instead of ten thousand calls each second; the schedule follows the
@@ -42,6 +44,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -59,6 +62,7 @@ _FLOOR = 0.25  # the limit never falls below this share of Options.limit
 # too low; a caller that comes too early waits in the queue or is told again (cheaply).
 _EAGER = 0.5
 REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
+PACE_SECONDS = 10.0  # the schedule's rate is that of about this many seconds of issuances
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,6 +106,11 @@ class Admission:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._waiting = 0
         self._duration = FIRST_ESTIMATE
+        # Seconds per issuance at the limit, as the schedule books them: the average of
+        # the issuances so far, then of about the last PACE_SECONDS.
+        self._pace = FIRST_ESTIMATE / self.options.limit
+        self._paced = 0  # issuances measured
+        self._paced_at = monotonic()  # when the last one ended
         # When refused callers were told to come back, those still to come, in order.
         self._slots: collections.deque[float] = collections.deque()
         # When work the server hands out itself goes out, those still to go, in order.
@@ -126,8 +135,9 @@ class Admission:
 
     @property
     def seconds_per_issuance(self) -> float:
-        """How long one issuance takes at the limit, divided by the limit: 1 / throughput."""
-        return self._duration / self.limit
+        """How long one issuance takes at the limit, divided by the limit: 1 / throughput,
+        as the schedule books the callers it refuses (``PACE_SECONDS``)."""
+        return self._pace
 
     @contextlib.asynccontextmanager
     async def slot(self, remaining: float | None = None) -> AsyncIterator[None]:
@@ -144,10 +154,16 @@ class Admission:
             self._release()
 
     def _finished(self, elapsed: float) -> None:
+        now = self._now()
+        # Weighted by the time since the last one ended: the issuances a stall ends
+        # together count as one.
+        self._paced += 1
+        weight = max(1 / self._paced, 1 - math.exp((self._paced_at - now) / PACE_SECONDS))
+        self._pace += weight * (elapsed / self.limit - self._pace)
+        self._paced_at = now
         self._duration += _SMOOTHING * (elapsed - self._duration)
         if elapsed > self.options.target:
             # Once per round of issuances, not for each of the slow ones in flight together.
-            now = self._now()
             if now - self._lowered >= self._duration:
                 self._lowered = now
                 self._limit = max(self.options.limit * _FLOOR, self._limit * _BACK_OFF)
@@ -192,7 +208,7 @@ class Admission:
             return False
         if self.options.queue is not None:
             return self._waiting < self.options.queue
-        return (self._waiting + 1) * self.seconds_per_issuance <= patience
+        return (self._waiting + 1) * self._duration / self.limit <= patience
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         """A waiter gives up: it no longer counts, and ``_release`` passes it over."""

@@ -175,9 +175,11 @@ class RelayService(transport.services.RelayServicer):
         stream = _Stream()
         self._streams.setdefault(cluster, set()).add(stream)
         self._meters.connected.set(len(self._streams))
+        connected = False
         try:
             try:
                 await registry.connect(cluster, self.replica)
+                connected = True
             except errors.MeshTrustError as exc:  # not registered; the store is unavailable
                 await self._refuse(context, exc)
             log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
@@ -220,7 +222,8 @@ class RelayService(transport.services.RelayServicer):
                     await registry.disconnect(cluster, self.replica)
                 except errors.MeshTrustError:
                     pass
-                log.info("agent of cluster %s disconnected", cluster)
+                if connected:
+                    log.info("agent of cluster %s disconnected", cluster)
 
     def _work_due(self, cluster: str, stream: _Stream) -> bool:
         """Whether to send ``cluster`` its work on this turn of ``stream``.
