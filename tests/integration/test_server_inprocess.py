@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import resource
 import socket
@@ -15,12 +16,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import istiofleet as im
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshtrust import clock as clock_module
-from meshtrust import errors
+from meshtrust import errors, rpc
 from meshtrust.agent import identity as agent_identity
 from meshtrust.authority import enrollment, istio, registry
 from meshtrust.pki import keys
@@ -248,3 +251,64 @@ class TestOpenFiles:
         reported, soft = (int(v) for v in out.split())
         assert reported == soft
         assert soft == hard if hard != resource.RLIM_INFINITY else soft > 256
+
+    def test_connections_past_the_quota_leave_the_store_its_files(
+            self, tmp_path: Path) -> None:
+        """With 400 open files, 600 client connections do not starve the server: past its
+        quota gRPC closes new connections (the callers retry), and a status report, a
+        store write, still goes through on one of the connections it took."""
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 2000:
+            pytest.skip(f"the hard limit of open files here is {hard}")
+        assert app.connection_quota(400) == 200
+        store, ready = f"sqlite://{tmp_path}/m.db", tmp_path / "ready.json"
+        subprocess.run([sys.executable, "-m", "meshtrust", "cluster", "register", "c1",
+                        "--store", store], check=True, capture_output=True, timeout=60)
+
+        limited = ("import resource, runpy, sys; "
+                   "resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)); "
+                   "sys.argv[0] = 'meshtrust'; runpy.run_module('meshtrust', "
+                   "run_name='__main__')")
+        log = (tmp_path / "server.log").open("w")
+        server = subprocess.Popen(
+            [sys.executable, "-c", limited, "server", "--insecure", "--store", store,
+             "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            target = f"127.0.0.1:{json.loads(ready.read_text())['relay']}"
+            outcomes = asyncio.run(_many_connections(target, 600))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            log.close()
+        text = (tmp_path / "server.log").read_text()
+        assert "at most 200 connections per port" in text
+        assert 150 <= outcomes.count("ok") <= 200, outcomes.count("ok")
+        assert set(outcomes) == {"ok", "UNAVAILABLE"}
+        assert "unable to open" not in text and "Too many open files" not in text
+
+
+async def _many_connections(target: str, count: int) -> list[str]:
+    """Open ``count`` connections to ``target`` and send a status report on each, all
+    held open together; the outcome of each report."""
+    channels = [grpc.aio.insecure_channel(target, options=[("meshtrust.test", i)])
+                for i in range(count)]
+    header = [(service.INSECURE_CLUSTER_HEADER, "c1")]
+
+    async def report(channel: grpc.aio.Channel) -> str:
+        try:
+            await transport.relay_stub(channel).ReportStatus(
+                messages.StatusReport(protocol_version=rpc.PROTOCOL_VERSION), metadata=header,
+                timeout=20)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "ok"
+
+    try:
+        return list(await asyncio.gather(*(report(c) for c in channels)))
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))

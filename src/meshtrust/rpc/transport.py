@@ -109,9 +109,13 @@ def add_services(server: Any, relay: Any, bootstrap: Any) -> None:
     services.add_BootstrapServicer_to_server(bootstrap, server)  # type: ignore[no-untyped-call]
 
 
+# The most connections one port of a server takes in at once (gRPC closes the rest).
+MAX_CONNECTIONS = "grpc.max_allowed_incoming_connections"
+
+
 def new_server(options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Server:
     """A server with the keepalive and message limits above; ``options`` adds gRPC
-    channel arguments (a benchmark's settings to compare)."""
+    channel arguments (``MAX_CONNECTIONS``, a benchmark's settings to compare)."""
     return grpc.aio.server(options=[*_SERVER_OPTIONS, *options], maximum_concurrent_rpcs=None)
 
 

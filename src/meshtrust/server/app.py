@@ -101,7 +101,8 @@ class Server:
         self._fleet_connected: set[str] = set()  # clusters with a stream to any replica
         self._pruned_at = 0.0  # event loop time of the last audit prune; 0: none yet
         self.ports: dict[str, int] = {}
-        self._grpc = transport.new_server()
+        self._grpc = transport.new_server([(transport.MAX_CONNECTIONS,
+                                            connection_quota(open_file_limit()))])
         self._tasks: list[asyncio.Task[None]] = []
         self._credentials: transport.Credentials | None = None
         self._metrics_server: object | None = None
@@ -397,6 +398,24 @@ def _write_ready(path: Path, values: dict[str, int]) -> None:
 
 
 _UNLIMITED_FILES = 1 << 20  # the soft limit taken when the hard one is unlimited
+FILES_KEPT = 512  # open files kept from connections for the store, logs and gRPC itself
+
+
+def open_file_limit() -> int:
+    """This process's soft limit of open files."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _UNLIMITED_FILES if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_quota(files: int) -> int:
+    """How many connections each port takes in at most, with ``files`` open files.
+
+    Past it, gRPC closes a new connection at once and the agent retries later.
+    Without it, agents holding two connections while they renew can take every
+    file, and then the store cannot open its own and every write fails. A tenth of
+    the limit is kept, at least ``FILES_KEPT`` (half of a small limit).
+    """
+    return max(1, files - max(min(FILES_KEPT, files // 2), files // 10))
 
 
 def raise_open_file_limit() -> int:
@@ -422,8 +441,8 @@ def raise_open_file_limit() -> int:
 async def run(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM."""
     files = raise_open_file_limit()
-    log.info("open files: up to %d (an agent holds one connection, two while it renews)",
-             files)
+    log.info("open files: up to %d (an agent holds one connection, two while it renews); "
+             "at most %d connections per port", files, connection_quota(files))
     store = await open_store(config.store)
     server = Server(config, store)
     stop = asyncio.Event()
