@@ -225,6 +225,10 @@ class SimAgent:
                 if old is not None:
                     await app.first_done(stream, asyncio.ensure_future(opened.wait()))
                     old.cancel()
+                    # Not kept until the next renewal: the ended task's traceback holds
+                    # _follow_on's frame, whose call object holds the old connection open
+                    # (the agent's stream generator lets go of its call when closed).
+                    old = None
                 await app.first_done(stream, asyncio.ensure_future(self.moved.wait()))
                 if not stream.done():
                     continue  # a new certificate: move the stream
