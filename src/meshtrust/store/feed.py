@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from meshtrust import errors
@@ -35,6 +36,7 @@ The last revision examined lets a watch of a rare kind skip past other kinds.
 
 BATCH = 256
 KEPT = 4 * BATCH  # the most entries of one kind kept for the watches that share them
+_REVISION = operator.attrgetter("resource_version")
 
 
 def too_old(after: int, oldest: int) -> errors.Conflict:
@@ -87,15 +89,11 @@ class _Tail:
     def after(self, after: int, limit: int) -> tuple[list[base.WatchEvent], int]:
         """The kept entries after ``after`` (at most ``limit``) and the last revision
         they account for, as ``Reader`` returns them."""
-        first = bisect.bisect_right(self.events, after, key=_revision)
+        first = bisect.bisect_right(self.events, after, key=_REVISION)
         events = self.events[first:first + limit]
         if first + limit < len(self.events):
             return events, events[-1].resource_version
         return events, self.end
-
-
-def _revision(event: base.WatchEvent) -> int:
-    return event.resource_version
 
 
 class Feed:
