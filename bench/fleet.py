@@ -998,15 +998,22 @@ def main() -> int:
         fleet.stop()
         log = fleet.server.log.read_text(errors="replace").splitlines()
         failures = [line for line in log if " ERROR " in line]
+        # The server's last words: how long its garbage collector stopped it, in all.
+        collected = [line.split("garbage collection took ", 1)[1] for line in log
+                     if "garbage collection took " in line]
         result["server_log"] = {"lines": len(log),
                                 "warnings": sum(" WARNING " in line for line in log),
-                                "errors": len(failures), "first_errors": failures[:5]}
+                                "errors": len(failures), "first_errors": failures[:5],
+                                "garbage_collection": collected[-1] if collected else None}
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             _say(f"work directory kept: {workdir}")
     console.print(table(result, args))
     console.print(f"machine: {result['machine']}")
+    if result["server_log"]["garbage_collection"]:
+        console.print("server garbage collection, whole run: "
+                      f"{result['server_log']['garbage_collection']}")
     for line in result["server_log"]["first_errors"]:
         console.print(f"server log: {line}", markup=False, highlight=False)
     for phase, profile in result.get("profiles", {}).items():

@@ -115,6 +115,11 @@ class Metrics:
             "every half second): above a second the server is overloaded and calls wait that "
             "long more.",
             registry=self.registry)
+        self.gc_seconds = prom.Gauge(
+            "meshtrust_server_gc_seconds",
+            "Seconds the server has spent in Python's garbage collector since it started, "
+            "its event loop stopped meanwhile (see --gc-threshold).",
+            registry=self.registry)
         self.rotation_step = prom.Gauge(
             "meshtrust_root_rotation_step",
             "1 for the step each policy's root rotation is at, 0 for the others.",

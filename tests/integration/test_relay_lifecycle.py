@@ -134,6 +134,9 @@ class TestShutdown:
             os.killpg(process.popen.pid, signal.SIGTERM)
             assert process.popen.wait(timeout=5) == 0, process.log()[-2000:]
             assert process.lines("INFO .*: stopping")
+        # The server says how long Python's garbage collector stopped it in all.
+        assert server.process.lines(r"garbage collection took [\d.]+ s in \d+ collections, "
+                                    r"the longest \d+ ms")
         status = fleet.cluster_status("cluster-1")
         assert status is not None and status["connected"] is False
 

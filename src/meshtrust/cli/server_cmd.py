@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--replica", metavar="NAME",
                         help="this replica's name in leases and connection records, a DNS "
                              "label (default: host name and process id)")
+    parser.add_argument("--gc-threshold", metavar="N",
+                        help="Python collects its youngest objects after N allocations; "
+                             "Python's own 700 makes a server holding thousands of agents "
+                             "spend several times longer collecting (default "
+                             f"{config.DEFAULT_GC_THRESHOLD})")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="plaintext relay with no certificates, for demos only (only "
                              "this flag turns it on; a --config file cannot)")
@@ -113,7 +118,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
                  "reconcile_interval", "max_issuances", "max_issuance_wait", "audit_log",
                  "audit_retention",
                  "audit_max_events",
-                 "key_passphrase_file", "leader_lease_ttl", "replica"):
+                 "key_passphrase_file", "leader_lease_ttl", "replica", "gc_threshold"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
 import resource
 import signal
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from meshtrust import clock as clock_module
@@ -438,6 +442,52 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+class Collections:
+    """Time spent in Python's garbage collector: a ``gc.callbacks`` entry."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._began = 0.0
+        self.count = 0
+        self.seconds = 0.0
+        self.longest = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = self._clock()
+            return
+        took = self._clock() - self._began
+        self.count += 1
+        self.seconds += took
+        self.longest = max(self.longest, took)
+
+
+@contextlib.contextmanager
+def collecting_less(threshold: int) -> Iterator[Collections]:
+    """Collect the youngest objects after ``threshold`` allocations instead of Python's 700,
+    leave out of every collection what is alive now, and time the collections; all undone
+    at the end.
+
+    A server holding thousands of agents holds hundreds of thousands of objects, which
+    each collection of the oldest generation walks, the event loop stopped meanwhile.
+    With 700, most of what the calls allocate is collected young although it would be
+    freed anyway, and every ten young collections walk the middle generation; collecting
+    less often leaves that work undone (docs/benchmarks.md). What ``start`` made (the
+    modules, the CAs, the listeners) lives as long as the process.
+    """
+    before = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(threshold, *before[1:])
+    timer = Collections()
+    gc.callbacks.append(timer)
+    try:
+        yield timer
+    finally:
+        gc.callbacks.remove(timer)
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
 async def run(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM."""
     files = raise_open_file_limit()
@@ -451,8 +501,11 @@ async def run(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        await stop.wait()
-        log.info("stopping")
+        with collecting_less(config.gc_threshold) as collected:
+            server.metrics.gc_seconds.set_function(lambda: collected.seconds)
+            await stop.wait()
+        log.info("stopping; garbage collection took %.1f s in %d collections, the longest "
+                 "%.0f ms", collected.seconds, collected.count, collected.longest * 1000)
     finally:
         await server.stop()
         await store.close()

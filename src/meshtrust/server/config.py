@@ -18,6 +18,10 @@ from meshtrust.server import leadership
 
 DEFAULT_LISTEN = "127.0.0.1:9900"
 DEFAULT_BOOTSTRAP_LISTEN = "127.0.0.1:9901"
+# Python collects its youngest generation of objects after this many allocations (its own
+# default is 700): a server holding thousands of agents then spends a sixth of the time
+# collecting, in fewer and longer pauses (docs/benchmarks.md).
+DEFAULT_GC_THRESHOLD = 50_000
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +56,7 @@ class ServerConfig:
     # Replicas on one store: the timed loops run on the holder of the leader lease.
     leader_lease_ttl: int = leadership.DEFAULT_TTL  # seconds; renewed every third of it
     replica: str | None = None  # this replica's name (default: host name and process id)
+    gc_threshold: int = DEFAULT_GC_THRESHOLD
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap_listen"):
@@ -80,6 +85,9 @@ class ServerConfig:
                                      "least 1s, such as 10s")
         if self.replica is not None:
             leadership.check_replica(self.replica)
+        if not 1 <= self.gc_threshold <= 10_000_000:
+            raise errors.ConfigError("gc-threshold must be from 1 to 10000000 allocations, such "
+                                     f"as {DEFAULT_GC_THRESHOLD} (700 is Python's default)")
 
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
@@ -111,12 +119,13 @@ def _convert(name: str, key: str, value: Any) -> Any:
             raise errors.ConfigError(f"{key}: give a number between 0 and 1") from None
     if name in ("client_lifetime", "server_lifetime", "signing_lifetime", "audit_retention"):
         return settings.parse_duration(value, key)
-    if name in ("audit_max_events", "max_issuances"):
+    if name in ("audit_max_events", "max_issuances", "gc_threshold"):
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise errors.ConfigError(f"{key}: give a whole number such as "
-                                     f"{100000 if name == 'audit_max_events' else 32}") from None
+            example = {"audit_max_events": 100000, "max_issuances": 32,
+                       "gc_threshold": DEFAULT_GC_THRESHOLD}[name]
+            raise errors.ConfigError(f"{key}: give a whole number such as {example}") from None
     if name == "max_issuance_wait" and str(value).strip() in ("0", "0s", "0.0"):
         return 0.0  # no waiting: refuse at once
     if name in ("heartbeat", "reconcile_interval", "max_issuance_wait"):
