@@ -233,6 +233,38 @@ class TestAdmission:
         run(rounds(0.16, 200))  # issuances take twice as long from now on
         assert control.seconds_per_issuance == pytest.approx(2 * steady, rel=0.05)
 
+    def test_a_quiet_spell_does_not_make_the_schedule_eager(self) -> None:
+        """Issuances that each had the server to themselves count their whole time: a
+        server doing one 10 ms issuance at a time books a burst 10 ms apart (at most 100 a
+        second), not a limit's share of 10 ms apart. Eight at a time, each still counts
+        an eighth of its time."""
+        now = [0.0]
+        control = admission.Admission(admission.Options(limit=8, target=10.0),
+                                      monotonic=lambda: now[0])
+
+        async def alone(count: int) -> None:
+            for _ in range(count):
+                async with control.slot():
+                    now[0] += 0.01
+                now[0] += 1.0  # quiet in between
+
+        run(alone(50))
+        assert control.seconds_per_issuance == pytest.approx(0.01)
+        turns = [control.schedule() for _ in range(100)]
+        assert turns[-1] == pytest.approx(100 * 0.01 * admission._EAGER)
+
+        async def together(count: int) -> None:
+            for _ in range(count):
+                release = asyncio.Event()
+                holders = [asyncio.create_task(hold(control, release)) for _ in range(8)]
+                await asyncio.sleep(0)
+                now[0] += 0.08
+                release.set()
+                await asyncio.gather(*holders)
+
+        run(together(200))
+        assert control.seconds_per_issuance == pytest.approx(0.01, rel=0.05)
+
     def test_work_handed_out_takes_turns_after_refused_callers(self) -> None:
         """Work the server hands out itself is booked one issuance apart, after the callers
         told to come back; those callers are not put off by it. Once the times pass, the
