@@ -62,3 +62,14 @@ def test_a_renewal_the_server_asks_for_comes_within_the_spread() -> None:
     planner.renew_now()
     due = planner.due_at(current)
     assert START <= due <= START + dt.timedelta(seconds=SPREAD)
+
+
+def test_the_spread_is_at_most_a_tenth_of_the_time_left() -> None:
+    """An overdue certificate with 100 s left renews within 10 s, however long the spread:
+    the wait must not put the certificate at risk."""
+    clock = FakeClock(START)
+    current = identity(START - dt.timedelta(seconds=900), dt.timedelta(seconds=1000))
+    offsets = [(rotator(clock, seed).due_at(current) - START).total_seconds()
+               for seed in range(200)]
+    assert all(0 <= offset <= 10.0 for offset in offsets), max(offsets)
+    assert max(offsets) > 8.0  # the tenth is used, not nothing

@@ -14,7 +14,10 @@ from meshtrust.pki import keys
 DEFAULT_STATUS_INTERVAL = 300.0
 # Seconds over which an overdue renewal is spread at random: a whole fleet finds its
 # certificates due at once after an outage, or when a relay root rotation asks them all.
-DEFAULT_RENEW_SPREAD = 30.0
+# The server's longest "come back later" is as long (server.admission.Options.max_retry):
+# ten thousand agents over 30 s came faster than one server can even take calls in
+# (docs/benchmarks.md). Never more than a tenth of the time the certificate has left.
+DEFAULT_RENEW_SPREAD = 300.0
 
 
 def default_replica() -> str:

@@ -4,8 +4,9 @@ It renews at ``notAfter − ratio × lifetime`` (moved earlier by jitter) with a
 new key, over mTLS, and writes ``relay-client-tls-secret``; the watcher then
 hands the new certificate to the provider. A renewal that is overdue when it
 is planned (the agent was down, or the server asks for it) waits a random part
-of ``renew_spread`` first: a fleet due at once then calls over that time, not
-within one second that the server could not even answer in time. Failures back off and retry
+of ``renew_spread`` first, never more than a tenth of the time the certificate
+has left: a fleet due at once then calls over that time, not within one second
+that the server could not even answer in time. Failures back off and retry
 until the certificate expires; after that the agent bootstraps again if it
 has a token.
 """
@@ -34,6 +35,7 @@ WARN_EVERY = 300.0  # how often to repeat that a brought certificate needs renew
 ASKED_SPACING = 5.0  # a renewal the server asks for waits this long after the last (seconds)
 MAX_STEP = 1.0  # re-check leadership and the certificate at least this often (seconds)
 MIN_SPACING = 1.0  # never renew more often than this, whatever the settings say (seconds)
+SPREAD_SHARE = 0.1  # an overdue renewal waits at most this share of the time left
 
 
 class Rotator:
@@ -61,14 +63,17 @@ class Rotator:
             planned = rotation.renew_at(current.certificate, self._config.grace_ratio,
                                         self._config.jitter, self._rng)
             if planned <= self._clock.now():  # overdue already
-                planned = self._spread()
+                planned = self._spread(current)
             self._planned = {serial: planned}
         return self._planned[serial]
 
-    def _spread(self) -> dt.datetime:
-        """Now, plus a random part of ``renew_spread``: when an overdue renewal goes."""
-        return self._clock.now() + dt.timedelta(
-            seconds=self._rng.uniform(0, self._config.renew_spread))
+    def _spread(self, current: ClientIdentity) -> dt.datetime:
+        """When an overdue renewal goes: now, plus a random part of ``renew_spread`` or of
+        a tenth of the time ``current`` has left, whichever is shorter."""
+        now = self._clock.now()
+        left = (current.certificate.not_valid_after_utc - now).total_seconds()
+        window = max(0.0, min(self._config.renew_spread, SPREAD_SHARE * left))
+        return now + dt.timedelta(seconds=self._rng.uniform(0, window))
 
     def renew_now(self) -> None:
         """The server asks for a new certificate (a relay root rotation needs it): renew
@@ -77,7 +82,8 @@ class Rotator:
         if current is None or time.monotonic() - self._renewed_at < ASKED_SPACING:
             return
         self.due_at(current)
-        self._planned[current.serial] = min(self._planned[current.serial], self._spread())
+        self._planned[current.serial] = min(self._planned[current.serial],
+                                            self._spread(current))
 
     async def run(self) -> None:
         backoff = 1.0

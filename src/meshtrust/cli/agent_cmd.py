@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         default=agent_config.DEFAULT_RENEW_SPREAD, metavar="SECONDS",
                         help="a renewal found overdue (after an outage, or asked by a relay "
                              "root rotation, when the whole fleet is due at once) waits a "
-                             "random part of this first, so that the agents do not all call "
-                             "in the same second (default %(default)s)")
+                             "random part of this first, and never more than a tenth of the "
+                             "time the certificate has left, so that the agents do not all "
+                             "call in the same second (default %(default)s)")
     parser.add_argument("--key-type", default="ecdsa-p256",
                         help="type of the client key (default %(default)s)")
     parser.add_argument("--replica", help="this replica's name for leader election "
