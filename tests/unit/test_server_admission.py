@@ -234,27 +234,17 @@ class TestAdmission:
         assert control.seconds_per_issuance == pytest.approx(2 * steady, rel=0.05)
 
     def test_a_quiet_spell_does_not_make_the_schedule_eager(self) -> None:
-        """Issuances that each had the server to themselves count their whole time: a
-        server doing one 10 ms issuance at a time books a burst 10 ms apart (at most 100 a
-        second), not a limit's share of 10 ms apart. Eight at a time, each still counts
-        an eighth of its time."""
+        """Issuances that each had the server to themselves say nothing of how many it
+        completes when busy: after a busy spell at 100 a second, fifty quick issuances one
+        at a time leave the pace at 100 a second, and a burst is booked 10 ms apart (at
+        the old pace of each one's own time over the limit, 1 ms / 8, it would be booked
+        eighty times sooner than it can be served)."""
         now = [0.0]
         control = admission.Admission(admission.Options(limit=8, target=10.0),
                                       monotonic=lambda: now[0])
 
-        async def alone(count: int) -> None:
-            for _ in range(count):
-                async with control.slot():
-                    now[0] += 0.01
-                now[0] += 1.0  # quiet in between
-
-        run(alone(50))
-        assert control.seconds_per_issuance == pytest.approx(0.01)
-        turns = [control.schedule() for _ in range(100)]
-        assert turns[-1] == pytest.approx(100 * 0.01 * admission._EAGER)
-
         async def together(count: int) -> None:
-            for _ in range(count):
+            for _ in range(count):  # eight at a time: the limit
                 release = asyncio.Event()
                 holders = [asyncio.create_task(hold(control, release)) for _ in range(8)]
                 await asyncio.sleep(0)
@@ -262,8 +252,21 @@ class TestAdmission:
                 release.set()
                 await asyncio.gather(*holders)
 
+        async def alone(count: int) -> None:
+            for _ in range(count):
+                now[0] += 60.0  # quiet in between
+                async with control.slot():
+                    now[0] += 0.001
+
         run(together(200))
-        assert control.seconds_per_issuance == pytest.approx(0.01, rel=0.05)
+        assert control.seconds_per_issuance == pytest.approx(0.01)
+        run(alone(50))
+        assert control.seconds_per_issuance == pytest.approx(0.01)
+        turns = [control.schedule() for _ in range(100)]
+        assert turns[-1] == pytest.approx(100 * 0.01 * admission._EAGER)
+        now[0] += 60.0
+        run(together(1))  # the first busy round after the quiet spell counts as one round
+        assert control.seconds_per_issuance == pytest.approx(0.01, rel=0.01)
 
     def test_work_handed_out_takes_turns_after_refused_callers(self) -> None:
         """Work the server hands out itself is booked one issuance apart, after the callers

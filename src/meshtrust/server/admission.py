@@ -22,12 +22,13 @@ A waiting call costs the server memory only, a refusal a whole call more, so
 waiting is the cheaper way to hold a burst.
 
 The retry times are a schedule, not a guess: the server knows how long an
-issuance takes and how many ran at once meanwhile, and so how many it completes
-per second (averaged over the last ``PACE_SECONDS``: a stall of the event loop
-ends many issuances at once, all slow, and must not send every caller told
-meanwhile minutes away; and an issuance that had a quiet server to itself counts
-its whole time, not a limit's share of it, or the first burst after a quiet
-spell would be booked far sooner than the server can serve it), and
+issuance takes and so how many it completes per second at the limit (averaged
+over the last ``PACE_SECONDS`` of issuances that ended with the server at its
+limit: a stall of the event loop ends many issuances at once, all slow, and must
+not send every caller told meanwhile minutes away; and an issuance that had a
+quiet server to itself says nothing of how many the server completes when busy,
+so the first burst after a quiet spell is booked at the pace of the last busy
+one; until the server was first busy, every issuance counts), and
 gives each refused caller its own later slot at that rate,
 after the queue and after the callers already told to come back who have not
 yet. A burst of ten thousand callers comes back as an even stream the server
@@ -102,10 +103,6 @@ class Admission:
         self.options = options or Options()
         self._now = monotonic
         self._in_flight = 0
-        # Issuances in flight integrated over time (slot-seconds) until ``_counted_at``:
-        # how many ran at once during an issuance is the growth over it, divided by its time.
-        self._occupied = 0.0
-        self._counted_at = monotonic()
         self._limit = float(self.options.limit)  # the current limit, 1 to options.limit
         self._lowered = -float("inf")  # when the limit was last lowered
         # Callers waiting for a slot, first come first served; a caller that gave up
@@ -113,10 +110,12 @@ class Admission:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._waiting = 0
         self._duration = FIRST_ESTIMATE
-        # Seconds of the server's time per issuance, as the schedule books them: the
-        # average of the issuances so far, then of about the last PACE_SECONDS.
+        # Seconds per issuance at the limit, as the schedule books them: the average of
+        # the issuances so far that ended with the server at its limit, then of about the
+        # last PACE_SECONDS of them.
         self._pace = FIRST_ESTIMATE / self.options.limit
         self._paced = 0  # issuances measured
+        self._been_busy = False  # whether an issuance has ended with the server at its limit
         self._paced_at = monotonic()  # when the last one ended
         # When refused callers were told to come back, those still to come, in order.
         self._slots: collections.deque[float] = collections.deque()
@@ -142,7 +141,7 @@ class Admission:
 
     @property
     def seconds_per_issuance(self) -> float:
-        """How long one issuance takes, divided by how many ran at once: 1 / throughput,
+        """How long one issuance takes at the limit, divided by the limit: 1 / throughput,
         as the schedule books the callers it refuses (``PACE_SECONDS``)."""
         return self._pace
 
@@ -154,39 +153,31 @@ class Admission:
         """
         await self._acquire(self._patience(remaining))
         started = self._now()
-        occupied = self._occupancy(started)
         try:
             yield
         finally:
-            ended = self._now()
-            self._finished(ended - started, self._occupancy(ended) - occupied)
+            self._finished(self._now() - started)
             self._release()
 
-    def _occupancy(self, now: float) -> float:
-        """Slot-seconds used until ``now``."""
-        return self._occupied + self._in_flight * (now - self._counted_at)
-
-    def _count(self, change: int) -> None:
-        """One more or one fewer issuance in flight from now on."""
+    def _finished(self, elapsed: float) -> None:
         now = self._now()
-        self._occupied = self._occupancy(now)
-        self._counted_at = now
-        self._in_flight += change
-
-    def _finished(self, elapsed: float, occupied: float) -> None:
-        """Account for an issuance that took ``elapsed`` seconds, while ``occupied``
-        slot-seconds were used."""
-        now = self._now()
-        # The server's time per issuance is its time divided by how many ran at once
-        # meanwhile (Little's law): at the limit, a limit's worth; on a quiet server, one,
-        # so that a burst after a quiet spell is not booked at the pace of issuances that
-        # had the server to themselves. Weighted by the time since the last one ended: the
-        # issuances a stall ends together count as one.
-        at_once = occupied / elapsed if elapsed > 0 else float(self._in_flight)
-        self._paced += 1
-        weight = max(1 / self._paced, 1 - math.exp((self._paced_at - now) / PACE_SECONDS))
-        self._pace += weight * (elapsed / max(1.0, at_once) - self._pace)
-        self._paced_at = now
+        # At the limit, the limit divided by an issuance's time is how many the server
+        # completes per second. Below it, an issuance that had the server to itself would
+        # book the next burst many times sooner than it can be served, so once the server
+        # has been at its limit only such issuances count (the first of them replaces
+        # what the quiet ones said). Weighted by the time since the last one ended (at
+        # most this one's own time, so that a quiet spell does not wipe out what the last
+        # busy one measured): the issuances a stall ends together count as one.
+        busy = self._in_flight >= self.limit or self._waiting > 0
+        if busy and not self._been_busy:
+            self._been_busy = True
+            self._paced = 0
+        if busy or not self._been_busy:
+            self._paced += 1
+            since = min(now - self._paced_at, elapsed)
+            weight = max(1 / self._paced, 1 - math.exp(-since / PACE_SECONDS))
+            self._pace += weight * (elapsed / self.limit - self._pace)
+            self._paced_at = now
         self._duration += _SMOOTHING * (elapsed - self._duration)
         if elapsed > self.options.target:
             # Once per round of issuances, not for each of the slow ones in flight together.
@@ -204,7 +195,7 @@ class Admission:
 
     async def _acquire(self, patience: float) -> None:
         if self._in_flight < self.limit and not self._waiting:
-            self._count(+1)
+            self._in_flight += 1
             self.admitted += 1
             return
         if not self._may_wait(patience):
@@ -244,12 +235,12 @@ class Admission:
 
     def _release(self) -> None:
         """Free a slot, and hand free slots to the callers that have waited longest."""
-        self._count(-1)
+        self._in_flight -= 1
         while self._waiters and self._in_flight < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._waiting -= 1
-                self._count(+1)
+                self._in_flight += 1
                 waiter.set_result(None)
 
     def schedule(self) -> float:
