@@ -32,7 +32,7 @@ class TestCollectingLess:
     def test_collections_are_timed(self) -> None:
         """Each collection is counted and timed, the longest kept."""
         ticks = iter([1.0, 1.5, 2.0, 2.1])
-        timer = app.Collections(clock=lambda: next(ticks))
+        timer = app.CollectorTime(clock=lambda: next(ticks))
         for phase in ("start", "stop", "start", "stop"):
             timer(phase, {"generation": 0})
         assert timer.count == 2

@@ -442,7 +442,7 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-class Collections:
+class CollectorTime:
     """Time spent in Python's garbage collector: a ``gc.callbacks`` entry."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -463,7 +463,7 @@ class Collections:
 
 
 @contextlib.contextmanager
-def collecting_less(threshold: int) -> Iterator[Collections]:
+def collecting_less(threshold: int) -> Iterator[CollectorTime]:
     """Collect the youngest objects after ``threshold`` allocations instead of Python's 700,
     leave out of every collection what is alive now, and time the collections; all undone
     at the end.
@@ -473,12 +473,12 @@ def collecting_less(threshold: int) -> Iterator[Collections]:
     With 700, most of what the calls allocate is collected young although it would be
     freed anyway, and every ten young collections walk the middle generation; collecting
     less often leaves that work undone (docs/benchmarks.md). What ``start`` made (the
-    modules, the CAs, the listeners) lives as long as the process.
+    modules, the CAs, the listeners) mostly lives as long as the process.
     """
     before = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(threshold, *before[1:])
-    timer = Collections()
+    timer = CollectorTime()
     gc.callbacks.append(timer)
     try:
         yield timer

@@ -19,8 +19,8 @@ from meshtrust.server import leadership
 DEFAULT_LISTEN = "127.0.0.1:9900"
 DEFAULT_BOOTSTRAP_LISTEN = "127.0.0.1:9901"
 # Python collects its youngest generation of objects after this many allocations (its own
-# default is 700): a server holding thousands of agents then spends a sixth of the time
-# collecting, in fewer and longer pauses (docs/benchmarks.md).
+# default is 700): a server holding thousands of agents then spends about a fifth of the
+# time collecting, in fewer and longer pauses (docs/benchmarks.md).
 DEFAULT_GC_THRESHOLD = 50_000
 
 
