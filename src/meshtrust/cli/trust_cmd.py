@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "old and new, (2) the new signing CA signs: the server certificate is "
                     "re-issued and every agent renews, (3) the old root is dropped once every "
                     "agent holds a certificate of the new one. The server asks each agent to "
-                    "renew; a crash resumes where it stopped. The server starts one by itself "
+                    "renew, and each renews within its --renew-spread (300 s by default), so a "
+                    "step can take that long; a crash resumes where it "
+                    "stopped. The server starts one by itself "
                     "when the relay root is past its renewal time. Bootstrap tokens minted "
                     "before the rotation carry the old root only: mint new ones after it.")
     relay_root.add_argument("--wait", type=float, metavar="SECONDS",
