@@ -91,6 +91,7 @@ class ServerConfig:
 
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
 
 def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
@@ -123,9 +124,8 @@ def _convert(name: str, key: str, value: Any) -> Any:
         try:
             return int(value)
         except (TypeError, ValueError):
-            example = {"audit_max_events": 100000, "max_issuances": 32,
-                       "gc_threshold": DEFAULT_GC_THRESHOLD}[name]
-            raise errors.ConfigError(f"{key}: give a whole number such as {example}") from None
+            raise errors.ConfigError(f"{key}: give a whole number such as "
+                                     f"{_DEFAULTS[name]}") from None
     if name == "max_issuance_wait" and str(value).strip() in ("0", "0s", "0.0"):
         return 0.0  # no waiting: refuse at once
     if name in ("heartbeat", "reconcile_interval", "max_issuance_wait"):
