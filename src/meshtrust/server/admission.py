@@ -164,14 +164,13 @@ class Admission:
         # At the limit, the limit divided by an issuance's time is how many the server
         # completes per second. Below it, an issuance that had the server to itself would
         # book the next burst many times sooner than it can be served, so once the server
-        # has been at its limit only such issuances count (the first of them replaces
-        # what the quiet ones said). Weighted by the time since the last one ended (at
-        # most this one's own time, so that a quiet spell does not wipe out what the last
-        # busy one measured): the issuances a stall ends together count as one.
+        # has been at its limit only such issuances count. Weighted by the time since the
+        # last one ended (at most this one's own time, so that a quiet spell does not wipe
+        # out what was measured before it, and one slow issuance at the start of a burst
+        # does not send every caller away): the issuances a stall ends together count as
+        # one.
         busy = self._in_flight >= self.limit or self._waiting > 0
-        if busy and not self._been_busy:
-            self._been_busy = True
-            self._paced = 0
+        self._been_busy = self._been_busy or busy
         if busy or not self._been_busy:
             self._paced += 1
             since = min(now - self._paced_at, elapsed)
