@@ -220,10 +220,10 @@ class TestWorkHandOut:
         """A policy that makes work for every cluster at once does not send every cluster
         its intermediate in the same instant, which would bring every CSR back together:
         each stream waits its turn in the issuance schedule, one issuance apart (at the
-        first estimate of 0.25 s per issuance, one at a time, taken twice as eagerly).
-        Woken for the new work before its turn, a stream sends no heartbeat: the policy
-        wakes every stream at once."""
-        spacing = admission.FIRST_ESTIMATE * admission._EAGER
+        first estimate of 0.25 s per issuance, one at a time). Woken for the new work
+        before its turn, a stream sends no heartbeat: the policy wakes every stream at
+        once."""
+        spacing = admission.FIRST_ESTIMATE
         times, beats = asyncio.run(_handed_out(tmp_path, 8))
         assert beats == [1] * 8
         assert len(times) == 8

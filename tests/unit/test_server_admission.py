@@ -263,19 +263,20 @@ class TestAdmission:
         run(alone(50))
         assert control.seconds_per_issuance == pytest.approx(0.01)
         turns = [control.schedule() for _ in range(100)]
-        assert turns[-1] == pytest.approx(100 * 0.01 * admission._EAGER)
+        assert turns[-1] == pytest.approx(100 * 0.01)
         now[0] += 60.0
         run(together(1))  # the first busy round after the quiet spell counts as one round
         assert control.seconds_per_issuance == pytest.approx(0.01, rel=0.01)
 
     def test_work_handed_out_takes_turns_after_refused_callers(self) -> None:
-        """Work the server hands out itself is booked one issuance apart, after the callers
-        told to come back; those callers are not put off by it. Once the times pass, the
-        next turn is one issuance away again."""
+        """Work the server hands out itself is booked one issuance apart at the measured
+        rate, after the callers told to come back, who are booked more eagerly; those
+        callers are not put off by it. Once the times pass, the next turn is one issuance
+        away again."""
         now = [0.0]
         control = admission.Admission(admission.Options(limit=2, queue=0),
                                       monotonic=lambda: now[0])
-        turn = control.seconds_per_issuance * admission._EAGER
+        turn = control.seconds_per_issuance
         assert [control.schedule() for _ in range(3)] == pytest.approx(
             [turn, 2 * turn, 3 * turn])
 
@@ -287,7 +288,7 @@ class TestAdmission:
                 async with control.slot():
                     pass
             # Two in flight and this caller: the turns booked for work do not count.
-            assert info.value.retry_after == pytest.approx(3 * turn)
+            assert info.value.retry_after == pytest.approx(3 * turn * admission._EAGER)
             # Work booked now comes after the two in flight, the caller told to come
             # back and the three turns booked before.
             assert control.schedule() == pytest.approx(7 * turn)
@@ -298,8 +299,7 @@ class TestAdmission:
         run(refused())
         assert control.refused == 1
         now[0] += 10.0  # (the two issuances took no time: the rate moved)
-        assert control.schedule() == pytest.approx(
-            control.seconds_per_issuance * admission._EAGER)
+        assert control.schedule() == pytest.approx(control.seconds_per_issuance)
 
     def test_options_are_checked(self) -> None:
         """A limit below one is a caller's mistake."""

@@ -38,7 +38,10 @@ time they are given, with a little jitter (``agent.backoff``). Work the server h
 itself, an intermediate for a cluster to make a key for, takes its turn in a schedule
 of its own (``schedule``), after the callers told to come back and without putting them
 off, so that a policy applied to the whole fleet brings its CSRs back at the rate the
-server signs them.
+server signs them: at that rate itself, where refused callers are booked twice as eagerly
+(``_EAGER``), because a CSR that comes back before its turn is refused in its turn and
+costs the server a call to take in and answer, while the server can always hand out its
+next item later.
 """
 
 from __future__ import annotations
@@ -251,10 +254,15 @@ class Admission:
         within a second, more than the server can even refuse before their deadlines.
         It yields to callers: its turns come after the callers told to come back, and
         theirs are not put off by it (the server can always hand out its work later).
+        Its turns are one issuance apart at the measured rate, not sooner as for refused
+        callers: a CSR that comes back early is refused and comes back again, and in a
+        storm those refusals are calls the event loop must take in beside the renewals
+        (docs/benchmarks.md).
         """
         now = self._now()
         _expire(self._handouts, now)
-        return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0)
+        return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0,
+                          eager=1.0)
 
     def _told(self, now: float) -> int:
         """Callers told to come back who have not yet."""
@@ -262,14 +270,14 @@ class Admission:
         return len(self._slots)
 
     def _book(self, slots: collections.deque[float], now: float, booked: int,
-              at_least: float) -> float:
-        """Book the next turn in ``slots`` after ``booked`` others; return the seconds
-        until it (bounded)."""
+              at_least: float, eager: float = _EAGER) -> float:
+        """Book the next turn in ``slots`` after ``booked`` others, ``eager`` times as far
+        apart as the measured rate says; return the seconds until it (bounded)."""
         # Callers in the queue go first, then those booked before; this one after them,
         # all at the rate the server issues now (so the schedule follows the rate, rather
         # than the rate of when the others were booked).
         ahead = self._in_flight + self._waiting + booked + 1
-        delay = min(max(ahead * self.seconds_per_issuance * _EAGER, at_least),
+        delay = min(max(ahead * self.seconds_per_issuance * eager, at_least),
                     self.options.max_retry)
         slots.append(max(now + delay, slots[-1] if slots else 0.0))
         return delay
