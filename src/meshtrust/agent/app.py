@@ -13,12 +13,11 @@ import datetime as dt
 import logging
 import random
 import re
-import signal
 from typing import Any
 
 from cryptography import x509
 
-from meshtrust import __version__, errors, metrics, rpc, settings
+from meshtrust import __version__, errors, metrics, rpc, settings, signals
 from meshtrust import clock as clock_module
 from meshtrust.agent import backoff as retry
 from meshtrust.agent import bounce, identity, istio, simulation
@@ -419,17 +418,15 @@ async def run(config: AgentConfig) -> None:
     """Run an agent until SIGINT or SIGTERM."""
     store = await open_store(config.store)
     agent = Agent(config, store)
-    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await agent.run()
-    except asyncio.CancelledError:
-        log.info("stopping")
-    finally:
-        await store.close()
+    with signals.handled(lambda _: task.cancel()):
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            log.info("stopping")
+        finally:
+            await store.close()
 
 
 def _log_bounce(event: bounce.Event) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.live import Live
 from rich.table import Table
 
-from meshtrust import demo
+from meshtrust import demo, signals
 from meshtrust.cli.output import Output
 
 
@@ -106,32 +106,31 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         fleet = demo.Fleet(plan)
         task = asyncio.current_task()
         assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await fleet.start()
-            if fleet.dashboard:
-                out.line(f"expiry dashboard: {fleet.dashboard} (Prometheus metrics: "
-                         f"{fleet.dashboard.removesuffix('/ui')}/metrics)")
-            if not out.console.is_terminal:
-                return await _watch(fleet, out, args.duration, None)
-            with Live(_table(fleet, 0), console=out.console,
-                      refresh_per_second=4) as live:
-                return await _watch(fleet, out, args.duration, live)
-        except asyncio.CancelledError:
-            interrupted = True
-            return fleet.ok
-        finally:
-            await fleet.stop()
-            title = "summary" + (f" — root rotation: {fleet.rotation_step}"
-                                 if plan.rotate_root else "")
-            out.table(["cluster", "bootstrapped", "mTLS", "client rotations", "chain verified",
-                       "istio CAs", "mTLS handshakes ok"],
-                      [[v.name, _yes(v.bootstrapped), _yes(v.ever_connected), str(v.rotations),
-                        _yes(v.verified), str(len(v.istio_serials)),
-                        f"{v.handshakes - v.handshake_failures}/{v.handshakes}"]
-                       for v in fleet.views.values()], title=title)
+        with signals.handled(lambda _: task.cancel(),
+                             (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+            try:
+                await fleet.start()
+                if fleet.dashboard:
+                    out.line(f"expiry dashboard: {fleet.dashboard} (Prometheus metrics: "
+                             f"{fleet.dashboard.removesuffix('/ui')}/metrics)")
+                if not out.console.is_terminal:
+                    return await _watch(fleet, out, args.duration, None)
+                with Live(_table(fleet, 0), console=out.console,
+                          refresh_per_second=4) as live:
+                    return await _watch(fleet, out, args.duration, live)
+            except asyncio.CancelledError:
+                interrupted = True
+                return fleet.ok
+            finally:
+                await fleet.stop()
+                title = "summary" + (f" — root rotation: {fleet.rotation_step}"
+                                     if plan.rotate_root else "")
+                out.table(["cluster", "bootstrapped", "mTLS", "client rotations", "chain verified",
+                           "istio CAs", "mTLS handshakes ok"],
+                          [[v.name, _yes(v.bootstrapped), _yes(v.ever_connected), str(v.rotations),
+                            _yes(v.verified), str(len(v.istio_serials)),
+                            f"{v.handshakes - v.handshake_failures}/{v.handshakes}"]
+                           for v in fleet.views.values()], title=title)
 
     ok = asyncio.run(go())
     out.line(f"inspect a cluster: meshtrust store list secrets --store "

@@ -20,13 +20,12 @@ import json
 import logging
 import os
 import resource
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from meshtrust import clock as clock_module
-from meshtrust import errors, metrics, settings
+from meshtrust import errors, metrics, settings, signals
 from meshtrust.authority import registry as registry_module
 from meshtrust.authority import (
     audit,
@@ -496,16 +495,14 @@ async def run(config: ServerConfig) -> None:
     store = await open_store(config.store)
     server = Server(config, store)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-        with collecting_less(config.gc_threshold) as collected:
-            server.metrics.gc_seconds.set_function(lambda: collected.seconds)
-            await stop.wait()
-        log.info("stopping; garbage collection took %.1f s in %d collections, the longest "
-                 "%.0f ms", collected.seconds, collected.count, collected.longest * 1000)
-    finally:
-        await server.stop()
-        await store.close()
+    with signals.handled(lambda _: stop.set()):
+        try:
+            await server.start()
+            with collecting_less(config.gc_threshold) as collected:
+                server.metrics.gc_seconds.set_function(lambda: collected.seconds)
+                await stop.wait()
+            log.info("stopping; garbage collection took %.1f s in %d collections, the longest "
+                     "%.0f ms", collected.seconds, collected.count, collected.longest * 1000)
+        finally:
+            await server.stop()
+            await store.close()
