@@ -44,7 +44,7 @@ def handled(callback: Callable[[signal.Signals], object],
     def arrived() -> None:
         try:
             data = reader.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:  # woken with nothing to read
             return
         for number in data:
             if number in wanted:

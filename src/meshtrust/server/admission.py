@@ -268,7 +268,7 @@ class Admission:
         return len(self._slots)
 
     def _book(self, slots: collections.deque[float], now: float, booked: int,
-              at_least: float, eager: float = _EAGER) -> float:
+              at_least: float, eager: float) -> float:
         """Book the next turn in ``slots`` after ``booked`` others, ``eager`` times as far
         apart as the measured rate says; return the seconds until it (bounded)."""
         # Callers in the queue go first, then those booked before; this one after them,
@@ -283,7 +283,8 @@ class Admission:
     def _refuse(self) -> errors.RateLimited:
         """The error for a caller who gets no slot, with its own time to come back."""
         now = self._now()
-        retry = self._book(self._slots, now, self._told(now), self.options.min_retry)
+        retry = self._book(self._slots, now, self._told(now), self.options.min_retry,
+                           eager=_EAGER)
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:
