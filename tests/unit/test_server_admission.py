@@ -84,6 +84,37 @@ class TestAdmission:
 
         run(scenario())
 
+    def test_callers_are_served_before_work_handed_out(self) -> None:
+        """A freed slot goes to a caller's own call before work the server handed out,
+        even one that came later; work waits behind every caller, a caller only behind
+        callers. With issuances taking about 0.25 s and 0.6 s to wait, two calls can
+        wait ahead of a third."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=1, max_wait=0.6))
+            release = asyncio.Event()
+            order: list[int] = []
+            holder = asyncio.create_task(hold(control, release))
+            await asyncio.sleep(0)
+
+            async def call(index: int, handed_out: bool) -> None:
+                async with control.slot(handed_out=handed_out):
+                    order.append(index)
+
+            tasks = []
+            for index, handed_out in enumerate((True, True, False)):
+                tasks.append(asyncio.create_task(call(index, handed_out)))
+                await asyncio.sleep(0)
+            assert control.waiting == 3  # the caller had no caller ahead of it
+            with pytest.raises(errors.RateLimited):  # work: three ahead, no time left
+                async with control.slot(handed_out=True):
+                    pass
+            release.set()
+            await asyncio.gather(holder, *tasks)
+            assert order == [2, 0, 1]
+            assert control.in_flight == 0 and control.waiting == 0
+
+        run(scenario())
+
     def test_a_caller_waits_at_most_max_wait(self) -> None:
         """A queued caller whose slot does not come within max_wait is refused."""
         async def scenario() -> None:

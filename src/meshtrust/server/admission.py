@@ -11,9 +11,10 @@ to a quarter) while issuances take longer than ``target`` seconds (the CPU is
 short, the store is slow): the limit shrinks by a tenth for each round of
 slow issuances (at most once per issuance time) and grows back by one per
 limit's worth of fast ones, so calls in flight finish in time instead of
-sharing the CPU until all are late. More
-callers wait in arrival order, as many as can be served within ``max_wait``
-seconds at the rate the server is issuing (or a fixed ``queue``); the rest are
+sharing the CPU until all are late. More callers wait in arrival order
+(calls that complete work the server handed out behind all of them: ``slot``),
+as many as can be served within ``max_wait`` seconds at the rate the server is
+issuing (or a fixed ``queue``); the rest are
 refused at once with ``errors.RateLimited`` (``RESOURCE_EXHAUSTED`` on the
 wire) and a time to retry, and so is a caller still waiting after ``max_wait``.
 A caller with a deadline waits no longer than would still let its issuance
@@ -106,10 +107,12 @@ class Admission:
         self._in_flight = 0
         self._limit = float(self.options.limit)  # the current limit, 1 to options.limit
         self._lowered = -float("inf")  # when the limit was last lowered
-        # Callers waiting for a slot, first come first served; a caller that gave up
-        # stays in the deque, cancelled, until it reaches the front.
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._waiting = 0
+        # Calls waiting for a slot, first come first served within each queue: callers'
+        # own, then work the server handed out (``slot``). A call that gave up stays in
+        # its deque, cancelled, until it reaches the front; ``_queued`` counts the others.
+        self._queues: tuple[collections.deque[asyncio.Future[None]], ...] = (
+            collections.deque(), collections.deque())
+        self._queued = [0, 0]
         self._duration = FIRST_ESTIMATE
         # Seconds per issuance at the limit, as the schedule books them: the average of
         # the issuances so far that ended with the server at its limit, then of about the
@@ -133,7 +136,7 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return sum(self._queued)
 
     @property
     def limit(self) -> int:
@@ -147,12 +150,17 @@ class Admission:
         return self._pace
 
     @contextlib.asynccontextmanager
-    async def slot(self, remaining: float | None = None) -> AsyncIterator[None]:
+    async def slot(self, remaining: float | None = None, *,
+                   handed_out: bool = False) -> AsyncIterator[None]:
         """Hold one of the slots for the block; RateLimited if none comes in time.
 
-        ``remaining``: seconds to the caller's deadline, if it has one.
+        ``remaining``: seconds to the caller's deadline, if it has one. ``handed_out``:
+        the call completes work the server handed out itself (``schedule``), and waits
+        behind every caller's own call, as its turn in the schedule comes after theirs.
+        A renewal is its caller's deadline; an intermediate the server asked for can
+        come a little later, and in a storm the callers waited behind these for slots.
         """
-        await self._acquire(self._patience(remaining))
+        await self._acquire(self._patience(remaining), int(handed_out))
         started = self._now()
         try:
             yield
@@ -170,7 +178,7 @@ class Admission:
         # out what was measured before it, and one slow issuance at the start of a burst
         # does not send every caller away): the issuances a stall ends together count as
         # one.
-        busy = self._in_flight >= self.limit or self._waiting > 0
+        busy = self._in_flight >= self.limit or self.waiting > 0
         self._been_busy = self._been_busy or busy
         if busy or not self._been_busy:
             self._paced += 1
@@ -193,16 +201,16 @@ class Admission:
             return self.options.max_wait
         return max(0.0, min(self.options.max_wait, remaining - self._duration))
 
-    async def _acquire(self, patience: float) -> None:
-        if self._in_flight < self.limit and not self._waiting:
+    async def _acquire(self, patience: float, rank: int) -> None:
+        if self._in_flight < self.limit and not self.waiting:
             self._in_flight += 1
             self.admitted += 1
             return
-        if not self._may_wait(patience):
+        if not self._may_wait(patience, rank):
             raise self._refuse()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._waiting += 1
+        self._queues[rank].append(waiter)
+        self._queued[rank] += 1
         try:
             async with asyncio.timeout(patience):
                 await waiter
@@ -210,38 +218,42 @@ class Admission:
             if waiter.done() and not waiter.cancelled():
                 self.admitted += 1  # the slot was handed over as the time ran out: keep it
                 return
-            self._forget(waiter)
+            self._forget(waiter, rank)
             raise self._refuse() from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # handed a slot, but the call is gone: pass it on
-            self._forget(waiter)
+            self._forget(waiter, rank)
             raise
         self.admitted += 1
 
-    def _may_wait(self, patience: float) -> bool:
-        """Whether one more caller may queue: a fixed queue, or one served in its patience."""
+    def _may_wait(self, patience: float, rank: int) -> bool:
+        """Whether one more call may queue: a fixed queue, or one served in its patience
+        (after the calls queued ahead of it: those of its rank and of the ranks before)."""
         if patience <= 0:
             return False
         if self.options.queue is not None:
-            return self._waiting < self.options.queue
-        return (self._waiting + 1) * self._duration / self.limit <= patience
+            return self.waiting < self.options.queue
+        ahead = sum(self._queued[:rank + 1])
+        return (ahead + 1) * self._duration / self.limit <= patience
 
-    def _forget(self, waiter: asyncio.Future[None]) -> None:
+    def _forget(self, waiter: asyncio.Future[None], rank: int) -> None:
         """A waiter gives up: it no longer counts, and ``_release`` passes it over."""
         if waiter.cancelled() or not waiter.done():  # not handed a slot: it still counts
-            self._waiting -= 1
+            self._queued[rank] -= 1
         waiter.cancel()
 
     def _release(self) -> None:
-        """Free a slot, and hand free slots to the callers that have waited longest."""
+        """Free a slot, and hand free slots to the calls that have waited longest, callers'
+        own first."""
         self._in_flight -= 1
-        while self._waiters and self._in_flight < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self._waiting -= 1
-                self._in_flight += 1
-                waiter.set_result(None)
+        for rank, waiters in enumerate(self._queues):
+            while waiters and self._in_flight < self.limit:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    self._queued[rank] -= 1
+                    self._in_flight += 1
+                    waiter.set_result(None)
 
     def schedule(self) -> float:
         """Seconds until work the server hands out itself should go out; books its turn.
@@ -274,7 +286,7 @@ class Admission:
         # Callers in the queue go first, then those booked before; this one after them,
         # all at the rate the server issues now (so the schedule follows the rate, rather
         # than the rate of when the others were booked).
-        ahead = self._in_flight + self._waiting + booked + 1
+        ahead = self._in_flight + self.waiting + booked + 1
         delay = min(max(ahead * self.seconds_per_issuance * eager, at_least),
                     self.options.max_retry)
         slots.append(max(now + delay, slots[-1] if slots else 0.0))
@@ -291,13 +303,13 @@ class Admission:
             log.warning("admission control: %d issuances refused in the last %.0f s (%d in "
                         "flight, limit %d, %d waiting, about %.0f issued/s); callers were told "
                         "to come back within %.1f s", self._refused_since_report,
-                        now - self._reported, self._in_flight, self.limit, self._waiting,
+                        now - self._reported, self._in_flight, self.limit, self.waiting,
                         1 / self.seconds_per_issuance, retry)
             self._refused_since_report = 0
             self._reported = now
         return errors.RateLimited(
             f"the management server is busy ({self._in_flight} issuances in flight, "
-            f"{self._waiting} waiting); retry in {retry:.2f} s", retry_after=retry)
+            f"{self.waiting} waiting); retry in {retry:.2f} s", retry_after=retry)
 
 
 def _expire(slots: collections.deque[float], now: float) -> None:

@@ -314,7 +314,8 @@ class RelayService(transport.services.RelayServicer):
                 raise errors.ConfigError(
                     f"no work item {request.id!r} is waiting for this cluster")
             if request.stage in ("", "csr"):
-                async with self._admission.slot(transport.time_remaining(context)):
+                async with self._admission.slot(transport.time_remaining(context),
+                                                handed_out=True):
                     with self._meters.issuing(metrics.ISTIO_INTERMEDIATE):
                         signed = await self._istio.sign(cluster, request.id, request.csr)
                 self._meters.certificate(signed.certificate, kind="istio-intermediate",
