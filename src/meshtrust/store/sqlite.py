@@ -429,8 +429,8 @@ class SqliteStore(backend.Backend):
         for event in events:
             obj = event.object
             body = manifest.dump_json(obj)
-            changes.append((event.resource_version, event.type.value, obj.kind,
-                            obj.namespace, body))
+            changes.append(_row([event.resource_version, event.type.value, obj.kind,
+                                 obj.namespace], body))
             final[(obj.kind, obj.namespace, obj.name)] = (event, body)
         if len(self._written) + len(final) > _WRITTEN_CACHE:
             self._written.clear()
@@ -440,14 +440,21 @@ class SqliteStore(backend.Backend):
             if event.type is base.EventType.DELETED:
                 gone.append(key)
             else:
-                kept.append((*key, event.object.resource_version,
-                             json.dumps(dict(event.object.labels)), body))
+                kept.append(_row([*key, event.object.resource_version,
+                                  dict(event.object.labels)], body))
         if kept:
-            self._writer.execute(_UPSERT, (json.dumps(kept),))
+            self._writer.execute(_UPSERT, (f"[{','.join(kept)}]",))
         if gone:
             self._writer.execute(_DELETE, (json.dumps(gone),))
         if changes:
-            self._writer.execute(_LOG, (json.dumps(changes),))
+            self._writer.execute(_LOG, (f"[{','.join(changes)}]",))
+
+
+def _row(fields: list[Any], body: str) -> str:
+    """One row of a batch statement: ``fields``, then ``body``, a record already encoded
+    as JSON, put in as it is (``->`` gives it back as the same text) rather than as a
+    string to be escaped, and unescaped again."""
+    return f"{json.dumps(fields)[:-1]},{body}]"
 
 
 def _rows(conn: sqlite3.Connection, columns: str, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -471,15 +478,15 @@ _CURRENT = ("SELECT o.kind, o.namespace, o.name, o.resource_version, o.body"
             " FROM json_each(?) AS k JOIN objects AS o ON o.kind = k.value ->> 0"
             " AND o.namespace = k.value ->> 1 AND o.name = k.value ->> 2")
 _UPSERT = ("INSERT INTO objects (kind, namespace, name, resource_version, labels, body)"
-           " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, json(value ->> 4),"
-           " value ->> 5 FROM json_each(?) WHERE true"
+           " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value -> 4,"
+           " value -> 5 FROM json_each(?) WHERE true"
            " ON CONFLICT (kind, namespace, name) DO UPDATE"
            " SET resource_version = excluded.resource_version,"
            " labels = excluded.labels, body = excluded.body")
 _DELETE = ("DELETE FROM objects WHERE (kind, namespace, name) IN"
            " (SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?))")
 _LOG = ("INSERT INTO changes (revision, type, kind, namespace, body)"
-        " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4"
+        " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value -> 4"
         " FROM json_each(?)")
 
 
