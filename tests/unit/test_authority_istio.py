@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from meshtrust import errors
-from meshtrust.authority import istio, registry
+from meshtrust.authority import istio, registry, trust_policy
 from meshtrust.pki import bundle, csr, keys, verify
 from meshtrust.store import base
 from meshtrust.testing import FakeClock, MemoryStore
@@ -107,6 +107,40 @@ class TestIssuance:
             assert again.id != work.id and again.key_type == "ecdsa-p384"
             with pytest.raises(errors.ConfigError, match="stale"):
                 await auth.sign("cluster-1", work.id, request()[1])
+        run(scenario)
+
+    def test_a_policy_is_parsed_again_only_when_it_changed(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Every CSR looks its policy up; the stored policy is parsed once per spec, and a
+        changed or deleted policy is seen at the next lookup."""
+        parsed: list[str] = []
+        parse = trust_policy.parse
+
+        def counting(document: Any) -> Any:
+            parsed.append(document["spec"]["config"]["intermediateCertOptions"]["keyType"])
+            return parse(document)
+
+        monkeypatch.setattr(trust_policy, "parse", counting)
+
+        async def scenario(auth: istio.IstioAuthority, store: MemoryStore,
+                           clock: FakeClock) -> None:
+            resource, _ = await auth.apply(policy())
+            parsed.clear()
+            for _ in range(3):
+                _, found = await auth.policy("mesh")
+                assert found.intermediate.key_type is keys.KeyType.EC_P256
+            assert parsed == ["ecdsa-p256"]
+            await auth.apply(policy(intermediateCertOptions={"keyType": "ecdsa-p384",
+                                                             "ttl": "1000s"}))
+            parsed.clear()
+            for _ in range(2):
+                _, found = await auth.policy("mesh")
+                assert found.intermediate.key_type is keys.KeyType.EC_P384
+            assert parsed == ["ecdsa-p384"]
+            await store.delete(trust_policy.POLICY_KIND, resource.namespace,
+                               resource.name)
+            with pytest.raises(errors.ConfigError, match="no trust policy named 'mesh'"):
+                await auth.policy("mesh")
         run(scenario)
 
     def test_renewal_at_grace_ratio(self) -> None:

@@ -163,6 +163,10 @@ class IstioAuthority:
         self._ns = namespace
         self._signers = signer_cache or signers.Signers()
         self.audit = audit or registry.audit
+        # Each stored policy parsed, by (namespace, name), with the spec it was parsed
+        # from: every CSR looks its policy up, and a policy seldom changes.
+        self._parsed: dict[tuple[str, str],
+                           tuple[Mapping[str, Any], trust_policy.TrustPolicy]] = {}
 
     @property
     def key_lock(self) -> keys.KeyLock:
@@ -201,13 +205,19 @@ class IstioAuthority:
         return stored, created
 
     async def policies(self) -> list[tuple[base.Resource, trust_policy.TrustPolicy]]:
-        found = []
+        parsed = {}
         for resource in await self._store.list_resources(trust_policy.POLICY_KIND):
-            document = {"apiVersion": resource.api_version, "kind": resource.kind,
-                        "metadata": {"name": resource.name, "namespace": resource.namespace},
-                        "spec": resource.spec}
-            found.append((resource, trust_policy.parse(document)))
-        return found
+            key = (resource.namespace, resource.name)
+            known = self._parsed.get(key)
+            if known is None or known[0] != resource.spec:
+                document = {"apiVersion": resource.api_version, "kind": resource.kind,
+                            "metadata": {"name": resource.name,
+                                         "namespace": resource.namespace},
+                            "spec": resource.spec}
+                known = (resource.spec, trust_policy.parse(document))
+            parsed[key] = (resource, known)
+        self._parsed = {key: known for key, (_, known) in parsed.items()}
+        return [(resource, policy) for resource, (_, policy) in parsed.values()]
 
     async def policy(self, name: str) -> tuple[base.Resource, trust_policy.TrustPolicy]:
         for resource, policy in await self.policies():
