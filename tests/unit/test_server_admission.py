@@ -148,6 +148,12 @@ class TestAdmission:
             with pytest.raises(errors.RateLimited):  # and no longer than that
                 async with control.slot(), control.slot(0.6, handed_out=True):
                     pass
+            off = admission.Admission(admission.Options(limit=1, max_wait=0))
+            began = time.monotonic()
+            with pytest.raises(errors.RateLimited):  # no waiting at all: none waits
+                async with off.slot(), off.slot(0.6, handed_out=True):
+                    pass
+            assert time.monotonic() - began < 0.1
 
         run(scenario())
 
