@@ -80,7 +80,7 @@ class Options:
     # Callers that may wait for a slot; None: as many as can be served within max_wait.
     queue: int | None = None
     # Seconds a caller waits for a slot before it is refused (work the server handed
-    # out: as long as its deadline allows, see Admission.slot); 0: no call waits.
+    # out: half the time to its deadline, see Admission.slot); 0: no call waits.
     max_wait: float = 1.0
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
     # Past it a caller is told again, at the rate known by then. Not less than the time
@@ -161,9 +161,10 @@ class Admission:
         behind every caller's own call, as its turn in the schedule comes after theirs.
         A renewal is its caller's deadline; an intermediate the server asked for can
         come a little later, and in a storm the callers waited behind these for slots.
-        Such a call waits as long as its deadline allows, not ``max_wait`` (unless that
-        is 0, waiting turned off): nobody is kept waiting by it, and a refusal would cost
-        the server a whole call more.
+        Such a call waits up to half the time to its deadline, not ``max_wait`` (unless
+        that is 0, waiting turned off): nobody is kept waiting by it, and a refusal would
+        cost the server a whole call more. Half, not all but an issuance's time: a storm's
+        event loop answers late, and a CSR signed after its caller gave up is lost.
         """
         rank = int(handed_out)
         await self._acquire(self._patience(remaining, rank), rank)
@@ -202,11 +203,11 @@ class Admission:
             self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
 
     def _patience(self, remaining: float | None, rank: int) -> float:
-        """How long a call may wait: max_wait (handed-out work: any time, if waiting is on
-        at all), less if its issuance would end too late."""
+        """How long a call may wait: max_wait (handed-out work: half its time left, if
+        waiting is on at all), less if its issuance would end too late."""
         if remaining is None:
             return self.options.max_wait
-        longest = remaining if rank and self.options.max_wait else self.options.max_wait
+        longest = remaining / 2 if rank and self.options.max_wait else self.options.max_wait
         return max(0.0, min(longest, remaining - self._duration))
 
     async def _acquire(self, patience: float, rank: int) -> None:
