@@ -115,51 +115,6 @@ class TestAdmission:
 
         run(scenario())
 
-    def test_work_handed_out_waits_for_half_its_deadline(self) -> None:
-        """Work the server handed out waits past max_wait, up to half the time to its
-        deadline (here 0.5 s of 1 s); a caller with the same deadline is refused after
-        max_wait, and its time to come back does not count the work queued behind it.
-        With max_wait 0, no call waits."""
-        async def scenario() -> None:
-            control = admission.Admission(admission.Options(limit=1, max_wait=0.05))
-            release = asyncio.Event()
-            holder = asyncio.create_task(hold(control, release))
-            await asyncio.sleep(0)
-
-            async def work() -> float:
-                began = time.monotonic()
-                async with control.slot(1.0, handed_out=True):
-                    return time.monotonic() - began
-
-            waited = asyncio.create_task(work())
-            await asyncio.sleep(0)
-            began = time.monotonic()
-            with pytest.raises(errors.RateLimited) as info:
-                async with control.slot(1.0):
-                    pass
-            assert time.monotonic() - began < 0.2
-            # The slot in flight and this caller: the work waiting comes after it.
-            assert info.value.retry_after == pytest.approx(
-                2 * control.seconds_per_issuance * admission._EAGER)
-            await asyncio.sleep(0.3)
-            assert not waited.done() and control.waiting == 1
-            release.set()
-            await holder
-            assert 0.3 < await waited < 0.5
-            began = time.monotonic()
-            with pytest.raises(errors.RateLimited):  # and no longer than that
-                async with control.slot(), control.slot(1.0, handed_out=True):
-                    pass
-            assert 0.45 < time.monotonic() - began < 0.9
-            off = admission.Admission(admission.Options(limit=1, max_wait=0))
-            began = time.monotonic()
-            with pytest.raises(errors.RateLimited):
-                async with off.slot(), off.slot(1.0, handed_out=True):
-                    pass
-            assert time.monotonic() - began < 0.1
-
-        run(scenario())
-
     def test_a_caller_waits_at_most_max_wait(self) -> None:
         """A queued caller whose slot does not come within max_wait is refused."""
         async def scenario() -> None:

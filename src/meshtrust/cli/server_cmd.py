@@ -63,9 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                              "retry (default 32)")
     parser.add_argument("--max-issuance-wait", metavar="DURATION",
                         help="how long a caller past --max-issuances may wait for its turn "
-                             "before it is told when to retry; 0 refuses at once (default 1s). "
-                             "An Istio intermediate's CSR, which the server asked for, waits "
-                             "behind every caller, for up to half the time to its deadline")
+                             "before it is told when to retry; 0 refuses at once (default 1s)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics, the "
                              "read-only expiry dashboard at /ui and its JSON at "

@@ -79,9 +79,7 @@ class Options:
     target: float = 1.0  # seconds an issuance should take; slower ones lower the limit
     # Callers that may wait for a slot; None: as many as can be served within max_wait.
     queue: int | None = None
-    # Seconds a caller waits for a slot before it is refused (work the server handed
-    # out: half the time to its deadline, see Admission.slot); 0: no call waits.
-    max_wait: float = 1.0
+    max_wait: float = 1.0  # seconds a caller waits for a slot before it is refused
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
     # Past it a caller is told again, at the rate known by then. Not less than the time
     # the server needs for what is asked of it: ten thousand callers at ten issuances a
@@ -161,13 +159,8 @@ class Admission:
         behind every caller's own call, as its turn in the schedule comes after theirs.
         A renewal is its caller's deadline; an intermediate the server asked for can
         come a little later, and in a storm the callers waited behind these for slots.
-        Such a call waits up to half the time to its deadline, not ``max_wait`` (unless
-        that is 0, waiting turned off): nobody is kept waiting by it, and a refusal would
-        cost the server a whole call more. Half, not all but an issuance's time: a storm's
-        event loop answers late, and a CSR signed after its caller gave up is lost.
         """
-        rank = int(handed_out)
-        await self._acquire(self._patience(remaining, rank), rank)
+        await self._acquire(self._patience(remaining), int(handed_out))
         started = self._now()
         try:
             yield
@@ -202,13 +195,11 @@ class Admission:
         else:
             self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
 
-    def _patience(self, remaining: float | None, rank: int) -> float:
-        """How long a call may wait: max_wait (handed-out work: half its time left, if
-        waiting is on at all), less if its issuance would end too late."""
+    def _patience(self, remaining: float | None) -> float:
+        """How long a caller may wait: max_wait, less if its issuance would end too late."""
         if remaining is None:
             return self.options.max_wait
-        longest = remaining / 2 if rank and self.options.max_wait else self.options.max_wait
-        return max(0.0, min(longest, remaining - self._duration))
+        return max(0.0, min(self.options.max_wait, remaining - self._duration))
 
     async def _acquire(self, patience: float, rank: int) -> None:
         if self._in_flight < self.limit and not self.waiting:
@@ -216,7 +207,7 @@ class Admission:
             self.admitted += 1
             return
         if not self._may_wait(patience, rank):
-            raise self._refuse(rank)
+            raise self._refuse()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queues[rank].append(waiter)
         self._queued[rank] += 1
@@ -228,7 +219,7 @@ class Admission:
                 self.admitted += 1  # the slot was handed over as the time ran out: keep it
                 return
             self._forget(waiter, rank)
-            raise self._refuse(rank) from None
+            raise self._refuse() from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # handed a slot, but the call is gone: pass it on
@@ -281,7 +272,7 @@ class Admission:
         now = self._now()
         _expire(self._handouts, now)
         return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0,
-                          eager=1.0, rank=1)
+                          eager=1.0)
 
     def _told(self, now: float) -> int:
         """Callers told to come back who have not yet."""
@@ -289,26 +280,23 @@ class Admission:
         return len(self._slots)
 
     def _book(self, slots: collections.deque[float], now: float, booked: int,
-              at_least: float, eager: float, rank: int) -> float:
+              at_least: float, eager: float) -> float:
         """Book the next turn in ``slots`` after ``booked`` others, ``eager`` times as far
-        apart as the measured rate says, for a call of ``rank`` (``_queues``); return the
-        seconds until it (bounded)."""
-        # Calls in the queue that will be served before this one go first, then those
-        # booked before; this one after them, all at the rate the server issues now (so
-        # the schedule follows the rate, rather than the rate of when the others were
-        # booked).
-        ahead = self._in_flight + sum(self._queued[:rank + 1]) + booked + 1
+        apart as the measured rate says; return the seconds until it (bounded)."""
+        # Callers in the queue go first, then those booked before; this one after them,
+        # all at the rate the server issues now (so the schedule follows the rate, rather
+        # than the rate of when the others were booked).
+        ahead = self._in_flight + self.waiting + booked + 1
         delay = min(max(ahead * self.seconds_per_issuance * eager, at_least),
                     self.options.max_retry)
         slots.append(max(now + delay, slots[-1] if slots else 0.0))
         return delay
 
-    def _refuse(self, rank: int) -> errors.RateLimited:
-        """The error for a call of ``rank`` that gets no slot, with its own time to come
-        back."""
+    def _refuse(self) -> errors.RateLimited:
+        """The error for a caller who gets no slot, with its own time to come back."""
         now = self._now()
         retry = self._book(self._slots, now, self._told(now), self.options.min_retry,
-                           eager=_EAGER, rank=rank)
+                           eager=_EAGER)
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:
