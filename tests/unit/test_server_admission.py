@@ -293,11 +293,52 @@ class TestAdmission:
         assert control.seconds_per_issuance == pytest.approx(0.01)
         run(alone(50))
         assert control.seconds_per_issuance == pytest.approx(0.01)
+        now[0] += admission.PACE_SECONDS  # (no caller's issuance takes a share meanwhile)
         turns = [control.schedule() for _ in range(100)]
         assert turns[-1] == pytest.approx(100 * 0.01)
         now[0] += 60.0
         run(together(1))  # the first busy round after the quiet spell counts as one round
         assert control.seconds_per_issuance == pytest.approx(0.01, rel=0.01)
+
+    def test_work_handed_out_goes_at_the_rate_callers_leave(self) -> None:
+        """Callers come first and are not booked, so work handed out is booked at the
+        share of the rate their issuances of the last PACE_SECONDS left: callers at the
+        whole rate leave it the least share (a tenth), none leave it all, callers at 30%
+        leave 70%. Issuances of handed-out work take no share."""
+        now = [0.0]
+        control = admission.Admission(admission.Options(limit=8, target=10.0),
+                                      monotonic=lambda: now[0])
+
+        async def together(count: int, handed_out: bool) -> None:
+            async def issue(release: asyncio.Event) -> None:
+                async with control.slot(handed_out=handed_out):
+                    await release.wait()
+
+            for _ in range(count):  # eight at a time, 80 ms each: 100 a second
+                release = asyncio.Event()
+                holders = [asyncio.create_task(issue(release)) for _ in range(8)]
+                await asyncio.sleep(0)
+                now[0] += 0.08
+                release.set()
+                await asyncio.gather(*holders)
+
+        async def callers(count: int, seconds: float) -> None:
+            for _ in range(count):
+                now[0] += seconds / count
+                async with control.slot():
+                    pass
+
+        run(together(200, handed_out=False))
+        assert control.seconds_per_issuance == pytest.approx(0.01)
+        assert control.schedule() == pytest.approx(0.01 / admission._LEAST_SHARE)
+        now[0] += admission.PACE_SECONDS
+        assert control.schedule() == pytest.approx(0.01)
+        run(together(200, handed_out=True))
+        assert control.schedule() == pytest.approx(0.01)
+        now[0] += 1.0
+        run(callers(300, admission.PACE_SECONDS))  # 30 a second, one at a time
+        assert control.seconds_per_issuance == pytest.approx(0.01)
+        assert control.schedule() == pytest.approx(0.01 / 0.7)
 
     def test_work_handed_out_takes_turns_after_refused_callers(self) -> None:
         """Work the server hands out itself is booked one issuance apart at the measured

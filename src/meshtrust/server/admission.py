@@ -69,6 +69,9 @@ _FLOOR = 0.25  # the limit never falls below this share of Options.limit
 _EAGER = 0.5
 REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
 PACE_SECONDS = 10.0  # the schedule's rate is that of about this many seconds of issuances
+# Work the server hands out gets at least this share of the rate, however many callers
+# come meanwhile (see ``Admission.schedule``).
+_LEAST_SHARE = 0.1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,6 +128,8 @@ class Admission:
         self._slots: collections.deque[float] = collections.deque()
         # When work the server hands out itself goes out, those still to go, in order.
         self._handouts: collections.deque[float] = collections.deque()
+        # When callers' own issuances ended, over the last PACE_SECONDS.
+        self._callers: collections.deque[float] = collections.deque()
         self.admitted = 0
         self.refused = 0
         self._refused_since_report = 0
@@ -165,7 +170,11 @@ class Admission:
         try:
             yield
         finally:
-            self._finished(self._now() - started)
+            ended = self._now()
+            self._finished(ended - started)
+            if not handed_out:
+                self._callers.append(ended)
+                _expire(self._callers, ended - PACE_SECONDS)
             self._release()
 
     def _finished(self, elapsed: float) -> None:
@@ -264,15 +273,29 @@ class Admission:
         within a second, more than the server can even refuse before their deadlines.
         It yields to callers: its turns come after the callers told to come back, and
         theirs are not put off by it (the server can always hand out its work later).
-        Its turns are one issuance apart at the measured rate, not sooner as for refused
-        callers: a CSR that comes back early is refused and comes back again, and in a
-        storm those refusals are calls the event loop must take in beside the renewals
-        (docs/benchmarks.md).
+        Its turns are one issuance apart at the rate that callers leave it
+        (``_share_left``), not sooner as for refused callers: a CSR that comes back early
+        is refused and comes back again, and in a storm those refusals are calls the
+        event loop must take in beside the renewals (docs/benchmarks.md).
         """
         now = self._now()
         _expire(self._handouts, now)
         return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0,
-                          eager=1.0)
+                          eager=1 / self._share_left(now))
+
+    def _share_left(self, now: float) -> float:
+        """The share of the issuance rate that callers' own calls left over the last
+        ``PACE_SECONDS`` (at least ``_LEAST_SHARE``): the rate work handed out can go at.
+
+        Callers come first (``slot``) and are not booked by the schedule: in a storm
+        ten thousand renewals take a third of the rate. Work booked at the whole rate
+        meanwhile came back faster than it was served, waited its ``max_wait`` behind
+        the renewals, and was refused: 8,500 refusals for 10,000 intermediates, each a
+        call more for the busy event loop to take in.
+        """
+        _expire(self._callers, now - PACE_SECONDS)
+        used = len(self._callers) / PACE_SECONDS * self.seconds_per_issuance
+        return max(_LEAST_SHARE, 1.0 - used)
 
     def _told(self, now: float) -> int:
         """Callers told to come back who have not yet."""
