@@ -39,8 +39,8 @@ time they are given, with a little jitter (``agent.backoff``). Work the server h
 itself, an intermediate for a cluster to make a key for, takes its turn in a schedule
 of its own (``schedule``), after the callers told to come back and without putting them
 off, so that a policy applied to the whole fleet brings its CSRs back at the rate the
-server signs them (at that rate itself, where refused callers are booked twice as
-eagerly: see ``schedule``).
+server signs them (at the share of that rate the callers leave, where refused callers are
+booked twice as eagerly: see ``schedule``).
 """
 
 from __future__ import annotations
