@@ -205,7 +205,7 @@ class IstioAuthority:
         return stored, created
 
     async def policies(self) -> list[tuple[base.Resource, trust_policy.TrustPolicy]]:
-        parsed = {}
+        found, parsed = [], {}
         for resource in await self._store.list_resources(trust_policy.POLICY_KIND):
             key = (resource.namespace, resource.name)
             known = self._parsed.get(key)
@@ -215,9 +215,10 @@ class IstioAuthority:
                                          "namespace": resource.namespace},
                             "spec": resource.spec}
                 known = (resource.spec, trust_policy.parse(document))
-            parsed[key] = (resource, known)
-        self._parsed = {key: known for key, (_, known) in parsed.items()}
-        return [(resource, policy) for resource, (_, policy) in parsed.values()]
+            parsed[key] = known
+            found.append((resource, known[1]))
+        self._parsed = parsed  # a policy deleted meanwhile is forgotten
+        return found
 
     async def policy(self, name: str) -> tuple[base.Resource, trust_policy.TrustPolicy]:
         for resource, policy in await self.policies():

@@ -443,11 +443,11 @@ class SqliteStore(backend.Backend):
                 kept.append(_row([*key, event.object.resource_version,
                                   dict(event.object.labels)], body))
         if kept:
-            self._writer.execute(_UPSERT, (f"[{','.join(kept)}]",))
+            self._writer.execute(_UPSERT, (_array(kept),))
         if gone:
             self._writer.execute(_DELETE, (json.dumps(gone),))
         if changes:
-            self._writer.execute(_LOG, (f"[{','.join(changes)}]",))
+            self._writer.execute(_LOG, (_array(changes),))
 
 
 def _row(fields: list[Any], body: str) -> str:
@@ -455,6 +455,11 @@ def _row(fields: list[Any], body: str) -> str:
     as JSON, put in as it is (``->`` gives it back as the same text) rather than as a
     string to be escaped, and unescaped again."""
     return f"{json.dumps(fields)[:-1]},{body}]"
+
+
+def _array(rows: list[str]) -> str:
+    """The JSON array of ``rows``, each already JSON (``_row``): a batch's parameter."""
+    return f"[{','.join(rows)}]"
 
 
 def _rows(conn: sqlite3.Connection, columns: str, sql: str, params: Sequence[Any]) -> list[Any]:
