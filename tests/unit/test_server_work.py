@@ -77,3 +77,52 @@ class TestWakingStreams:
                     if any(s.wake.is_set() for s in group)} == {"c-1", "c-7"}
 
         asyncio.run(scenario())
+
+
+class _Schedule:
+    """An issuance schedule that books every turn ``delay`` seconds away, and counts them."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.booked = 0
+
+    def schedule(self) -> float:
+        self.booked += 1
+        return self.delay
+
+
+class TestTurns:
+    def _relay(self, schedule: _Schedule, *pending: str) -> service.RelayService:
+        authority: Any = None  # booking turns asks nothing of the authority
+        relay = service.RelayService(authority, clock.SystemClock(), metrics.Metrics(),
+                                     admission_control=schedule)  # type: ignore[arg-type]
+        relay.work.fill([_item(name, istio.State.PENDING) for name in pending])
+        return relay
+
+    def test_a_cluster_books_one_turn_whichever_of_its_streams_looks(self) -> None:
+        """An agent that renews its certificate opens a second stream before it closes the
+        first: the new stream waits for the turn the first one booked, and books no other
+        (one booked per stream put every renewing cluster at the end of the schedule, and
+        left its first turn booked for nothing)."""
+        schedule = _Schedule(60.0)
+        relay = self._relay(schedule, "c-1", "c-2")
+        assert not relay._work_due("c-1")
+        assert not relay._work_due("c-1")  # the second stream of c-1
+        assert schedule.booked == 1
+        assert not relay._work_due("c-2")
+        assert schedule.booked == 2
+
+    def test_a_turn_that_came_is_used_once_and_work_handed_out_books_none(self) -> None:
+        """Once its turn has come the cluster is handed its work; work already handed out
+        (not PENDING) goes again at once, without a turn."""
+        schedule = _Schedule(0.0)
+        relay = self._relay(schedule, "c-1")
+        assert relay._work_due("c-1")
+        assert schedule.booked == 1
+        schedule.delay = 60.0
+        assert not relay._work_due("c-1")  # still PENDING: a new turn, far away
+        assert schedule.booked == 2
+        relay.work.note(_event(_item("c-1", istio.State.REQUESTED, 2)))
+        assert relay._work_due("c-1")
+        assert relay._work_due("c-2")
+        assert schedule.booked == 2

@@ -98,6 +98,10 @@ class RelayService(transport.services.RelayServicer):
         self._insecure = insecure
         self._heartbeat = heartbeat
         self._streams: dict[str, set[_Stream]] = {}
+        # When each cluster may be handed its new work (monotonic time), once booked in the
+        # issuance schedule: per cluster, not per stream, as an agent that renews its
+        # certificate opens a new stream, which must not book its work a second turn.
+        self._turns: dict[str, float] = {}
         # Which clusters have Istio work, followed from the store (server.app); a
         # cluster without any is not looked up on each heartbeat.
         self.work = work.WorkIndex()
@@ -185,7 +189,7 @@ class RelayService(transport.services.RelayServicer):
             log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
             beat = -self._heartbeat  # when the last heartbeat went out (monotonic)
             while not stream.gone.is_set():
-                due = self._work_due(cluster, stream)
+                due = self._work_due(cluster)
                 if due:
                     for item in await self._work_items(cluster):
                         yield item
@@ -198,8 +202,9 @@ class RelayService(transport.services.RelayServicer):
                         server_time_unix=int(self._clock.now().timestamp()),
                         renew_client=await self._renewal_wanted(cluster)))
                 wait = beat + self._heartbeat - now
-                if stream.turn is not None:
-                    wait = max(0.0, min(wait, stream.turn - now))
+                turn = self._turns.get(cluster)
+                if turn is not None:
+                    wait = max(0.0, min(wait, turn - now))
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
                     async with asyncio.timeout(wait):
@@ -217,6 +222,7 @@ class RelayService(transport.services.RelayServicer):
                           len(streams))
             else:
                 self._streams.pop(cluster, None)
+                self._turns.pop(cluster, None)
                 self._meters.connected.set(len(self._streams))
                 try:
                     await registry.disconnect(cluster, self.replica)
@@ -225,23 +231,24 @@ class RelayService(transport.services.RelayServicer):
                 if connected:
                     log.info("agent of cluster %s disconnected", cluster)
 
-    def _work_due(self, cluster: str, stream: _Stream) -> bool:
-        """Whether to send ``cluster`` its work on this turn of ``stream``.
+    def _work_due(self, cluster: str) -> bool:
+        """Whether to send ``cluster`` its work now, on a stream that looks for it.
 
         Work already handed out is sent again at once; new work waits for its turn in
         the issuance schedule (``admission.Admission.schedule``), booked the first time
-        the stream finds it, so that work for the whole fleet comes back as CSRs at the
-        rate the server signs them, not all in the same second.
+        one of the cluster's streams finds it, so that work for the whole fleet comes
+        back as CSRs at the rate the server signs them, not all in the same second.
         """
         if not self.work.has_new_work(cluster):
-            stream.turn = None
+            self._turns.pop(cluster, None)
             return True
         now = time.monotonic()
-        if stream.turn is None:
-            stream.turn = now + self._admission.schedule()
-        if now < stream.turn:
+        turn = self._turns.get(cluster)
+        if turn is None:
+            turn = self._turns[cluster] = now + self._admission.schedule()
+        if now < turn:
             return False
-        stream.turn = None
+        del self._turns[cluster]
         return True
 
     async def _renewal_wanted(self, cluster: str) -> bool:
@@ -345,12 +352,10 @@ class RelayService(transport.services.RelayServicer):
 
 @dataclasses.dataclass(eq=False)
 class _Stream:
-    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it; ``turn``
-    is when it may hand out its cluster's new work (monotonic time), once booked."""
+    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it."""
 
     gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    turn: float | None = None
 
 
 def _check_version(request: Any) -> None:
