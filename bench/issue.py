@@ -12,11 +12,12 @@ What it measures, for each CA key type (ECDSA P-256 and RSA 2048):
   runs instead. Making the leaf keys and CSRs is not measured.
 * The relay-client path is run end to end in one thread, cycling over the
   CSRs: ``csr.load_csr(pem)`` (parse, CSR signature check, key policy), then
-  ``issuer.issue(request, ca, profiles.RELAY_CLIENT, now,
-  subject=issuer.Subject(cluster=...))``, then ``bundle.dump_certificate``.
+  ``issuer.issue_pem(request, ca, profiles.RELAY_CLIENT, now,
+  subject=issuer.Subject(cluster=...))``, which gives the certificate and its
+  PEM, as the server's local CA (``providers.local``) signs.
   After a ``--warmup`` it runs for ``--seconds``, split into ``--rounds``
   equal rounds; the reported rate is the median round (the split into
-  load_csr / issue / dump time per certificate is from that round too), so
+  load_csr / issue time per certificate is from that round too), so
   a short disturbance from another process does not decide the result. The
   round's CPU time over its wall time is printed as a check: near 1.00 means
   nothing else took the CPU.
@@ -82,7 +83,6 @@ class Round:
     cpu_seconds: float
     load_csr: float
     issue: float
-    dump: float
 
     @property
     def rate(self) -> float:
@@ -96,7 +96,6 @@ class Result:
     issued_per_s: float
     load_csr_us: float
     issue_us: float
-    dump_us: float
     total_us: float
     cpu_share: float
     round_rates: list[float]
@@ -132,9 +131,8 @@ def make_ca(key_type: keys.KeyType) -> issuer.CA:
 def issue_one(ca: issuer.CA, pem: bytes, name: str) -> bytes:
     """The measured path in one piece (for the check and the profile)."""
     request = csr.load_csr(pem)
-    cert = issuer.issue(request, ca, profiles.RELAY_CLIENT, NOW,
-                        subject=issuer.Subject(cluster=name))
-    return bundle.dump_certificate(cert)
+    return issuer.issue_pem(request, ca, profiles.RELAY_CLIENT, NOW,
+                            subject=issuer.Subject(cluster=name))[1]
 
 
 def check_output(ca: issuer.CA, csrs: CSRList) -> None:
@@ -150,32 +148,28 @@ def check_output(ca: issuer.CA, csrs: CSRList) -> None:
 def issuance_round(ca: issuer.CA, csrs: CSRList, seconds: float, start_at: int = 0) -> Round:
     """Issue for ``seconds`` in one thread, timing each phase with perf_counter.
 
-    The four timer reads per certificate cost well under 1% of it.
+    The three timer reads per certificate cost well under 1% of it.
     """
-    load_csr, issue, dump = csr.load_csr, issuer.issue, bundle.dump_certificate
+    load_csr, issue = csr.load_csr, issuer.issue_pem
     subject_cls, profile, now = issuer.Subject, profiles.RELAY_CLIENT, NOW
     clock = time.perf_counter
     n = len(csrs)
-    t_load = t_issue = t_dump = 0.0
+    t_load = t_issue = 0.0
     i = start_at
     cpu_start = time.process_time()
-    start = t3 = clock()
+    start = t2 = clock()
     deadline = start + seconds
-    while t3 < deadline:
+    while t2 < deadline:
         pem, name = csrs[i % n]
         t0 = clock()
         request = load_csr(pem)
         t1 = clock()
-        cert = issue(request, ca, profile, now, subject=subject_cls(cluster=name))
+        issue(request, ca, profile, now, subject=subject_cls(cluster=name))
         t2 = clock()
-        dump(cert)
-        t3 = clock()
         t_load += t1 - t0
         t_issue += t2 - t1
-        t_dump += t3 - t2
         i += 1
-    return Round(i - start_at, t3 - start, time.process_time() - cpu_start,
-                 t_load, t_issue, t_dump)
+    return Round(i - start_at, t2 - start, time.process_time() - cpu_start, t_load, t_issue)
 
 
 def measure_issuance(ca: issuer.CA, csrs: CSRList, seconds: float, warmup: float,
@@ -301,7 +295,7 @@ def print_table(environment: dict[str, object], results: list[Result]) -> None:
         print(f"{key + ':':22}{value}")
     print()
     head = ("CA key", "CSR key", "meshtrust issued/s", "openssl sign/s", "ratio", "target",
-            "load_csr µs", "issue µs", "dump µs", "lib sign/s")
+            "load_csr µs", "issue+PEM µs", "lib sign/s")
     rows = [head]
     for r in results:
         rows.append((
@@ -309,7 +303,7 @@ def print_table(environment: dict[str, object], results: list[Result]) -> None:
             f"{r.openssl_sign_per_s:,.0f}" if r.openssl_sign_per_s else "-",
             f"{r.ratio:.1%}" if r.ratio is not None else "-",
             f"{r.target:.0%}", f"{r.load_csr_us:.1f}", f"{r.issue_us:.1f}",
-            f"{r.dump_us:.1f}", f"{r.lib_sign_per_s:,.0f}",
+            f"{r.lib_sign_per_s:,.0f}",
         ))
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     for n, row in enumerate(rows):
@@ -401,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
             issued_per_s=round(rate, 1),
             load_csr_us=round(median.load_csr * per, 1),
             issue_us=round(median.issue * per, 1),
-            dump_us=round(median.dump * per, 1),
             total_us=round(median.seconds * per, 1),
             cpu_share=round(median.cpu_seconds / median.seconds, 3),
             round_rates=[round(r, 1) for r in round_rates],

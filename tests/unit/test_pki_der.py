@@ -227,6 +227,20 @@ class TestRequestParts:
         parts = der.request_parts(request.tbs_certrequest_bytes)
         assert parts == (request.subject.public_bytes(), keys.public_key_der(key))
 
+    @pytest.mark.parametrize("key_type", [keys.KeyType.EC_P256, keys.KeyType.RSA_2048],
+                             ids=lambda t: t.value)
+    def test_the_signed_part_is_the_one_cryptography_reads(self, key_type: keys.KeyType
+                                                          ) -> None:
+        """A request's first value is its CertificationRequestInfo, as cryptography gives it;
+        bytes framed otherwise (another tag, trailing or missing octets) give nothing."""
+        request = _request(keys.generate_key(key_type), x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, "c-1")]))
+        encoded = request.public_bytes(serialization.Encoding.DER)
+        assert der.first_element(encoded) == request.tbs_certrequest_bytes
+        for bad in (b"", b"\x30", encoded + b"\x00", encoded[:-1], b"\x31" + encoded[1:],
+                    der.sequence(der.integer(1)), der.sequence(b"\x30\x05\x00")):
+            assert der.first_element(bad) is None
+
     def test_other_structures_give_nothing(self) -> None:
         """Bytes that do not start as a CertificationRequestInfo are not read."""
         for bad in (b"", b"\x30", der.sequence(der.octet_string(b"x")),

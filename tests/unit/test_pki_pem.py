@@ -1,9 +1,10 @@
 """Reading a CSR cheaply: plain PEM decoded directly (anything else goes to cryptography's
 reader), the key's DER reused only in the form cryptography writes, DNS names checked in one
-expression."""
+expression; and a certificate just signed written as PEM from its DER."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 
 import pytest
@@ -12,13 +13,40 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshtrust import errors
-from meshtrust.pki import csr, der, identity, keys, pem
+from meshtrust.pki import csr, der, identity, issuer, keys, pem, profiles
 
 LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
 KEY = ec.generate_private_key(ec.SECP256R1())
 REQUEST = csr.build_csr(KEY, common_name="cluster-1", names=["cluster-1"])
 DER = REQUEST.public_bytes(serialization.Encoding.DER)
 PEM = REQUEST.public_bytes(serialization.Encoding.PEM)
+
+
+class TestEncode:
+    @pytest.mark.parametrize("size", [0, 1, 47, 48, 49, 96, 700, 1500])
+    def test_blocks_are_written_as_cryptography_writes_them(self, size: int) -> None:
+        """Lines of 64 base64 characters, the last one shorter or full, and the markers."""
+        data = bytes(range(256)) * 6
+        written = pem.encode(data[:size], b"CERTIFICATE")
+        assert written.startswith(b"-----BEGIN CERTIFICATE-----\n")
+        assert written.endswith(b"\n-----END CERTIFICATE-----\n")
+        assert all(len(line) <= 64 for line in written.splitlines())
+        if size:
+            assert pem.decode_single(written, [b"CERTIFICATE"]) == data[:size]
+
+    @pytest.mark.parametrize("key_type", [keys.KeyType.EC_P256, keys.KeyType.RSA_4096],
+                             ids=lambda t: t.value)
+    def test_an_issued_certificate_reads_as_cryptographys_own_pem(
+            self, key_type: keys.KeyType) -> None:
+        """``issue_pem`` gives byte for byte what ``public_bytes`` writes for the same
+        certificate."""
+        now = dt.datetime.now(dt.UTC)
+        ca = issuer.new_root(key_type, profiles.RELAY_ROOT, now)
+        request = csr.load_csr(csr.dump_csr(csr.build_csr(
+            keys.generate_key(key_type), common_name="cluster-1", names=["cluster-1"])))
+        certificate, written = issuer.issue_pem(request, ca, profiles.RELAY_CLIENT, now,
+                                                subject=issuer.Subject(cluster="cluster-1"))
+        assert written == certificate.public_bytes(serialization.Encoding.PEM)
 
 
 class TestDecodeSingle:

@@ -49,6 +49,21 @@ class TestLocalProvider:
         described = asyncio.run(provider.describe())
         assert described.provider == "local" and described.root == root.certificate
 
+    def test_the_pem_handed_out_is_the_certificate_and_its_chain(self, root: issuer.CA) -> None:
+        """The PEM the provider wrote as it signed reads back as the certificate, then the
+        chain above it: with or without the root, as asked."""
+        signing = issuer.new_intermediate(EC, root, profiles.RELAY_SIGNING, NOW)
+        signed = asyncio.run(local.LocalProvider(signing).sign(_sign_request(
+            _request(keys.generate_key(EC), common_name="c1"), profiles.RELAY_CLIENT,
+            issuer.Subject(cluster="c1")), NOW))
+        assert signed.certificate_pem is not None
+        without = [signed.certificate, signing.certificate]
+        assert bundle.load_certificates(signed.pem(root=False)) == without
+        assert bundle.load_certificates(signed.pem(root=True)) == [*without, root.certificate]
+        # A provider without the PEM at hand (an external CA) gives the same bytes.
+        plain = dataclasses.replace(signed, certificate_pem=None)
+        assert plain.pem(root=True) == signed.pem(root=True)
+
 
 class TestBroughtCA:
     def test_a_good_ca_is_used(self, root: issuer.CA) -> None:

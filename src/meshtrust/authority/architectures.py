@@ -518,5 +518,5 @@ async def _server_secret(signer: providers.CAProvider, root: x509.Certificate,
         namespace=options.names.relay_namespace, name=options.names.relay_server,
         type=TLS_TYPE, labels=settings.MANAGED_BY,
         data={"ca.crt": bundle.dump_certificate(root),
-              "tls.crt": bundle.dump_certificates([signed.certificate, *signed.chain[:-1]]),
+              "tls.crt": signed.pem(root=False),
               "tls.key": keys.dump_private_key(key)})

@@ -530,8 +530,7 @@ class IstioAuthority:
                 notAfter=manifest.dump_time(certificate.not_valid_after_utc),
                 renewAt=manifest.dump_time(renew_at), issuedAt=manifest.dump_time(now),
                 keySha256=request.key_sha256, workId=id_,
-                certificateChain=bundle.dump_certificates(
-                    [certificate, *signed.chain]).decode("ascii"),
+                certificateChain=signed.pem(root=True).decode("ascii"),
                 auditId=audit_module.new_id(now))
         except errors.Conflict:
             again = await self._current(cluster, id_)

@@ -156,7 +156,7 @@ class RelayAuthority:
             self._clock.now())
         certificate = signed.certificate
         issued = Issued(certificate=certificate,
-                        chain_pem=bundle.dump_certificates([certificate, *signed.chain[:-1]]),
+                        chain_pem=signed.pem(root=False),
                         ca_bundle=trust)
         # Recorded before it is handed out: no record, no certificate.
         await self.audit.record(event, actor=cluster, cluster=cluster,

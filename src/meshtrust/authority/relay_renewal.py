@@ -117,7 +117,7 @@ class RelayRenewal:
                                    common_name=identity.common_name(certificate.subject)),
             idempotency_key=f"relay-server/{keys.public_key_der(key).hex()[-32:]}"), now)
         data = {**secret.data,
-                "tls.crt": bundle.dump_certificates([signed.certificate, *signed.chain[:-1]]),
+                "tls.crt": signed.pem(root=False),
                 "tls.key": keys.dump_private_key(key)}
         return await self._replace(secret, data, certificate, signed.certificate)
 

@@ -144,6 +144,7 @@ def load_csr(data: bytes) -> Request:
         elif raw.lstrip().startswith(b"-----BEGIN"):
             csr = x509.load_pem_x509_csr(raw)
         else:
+            body = raw
             csr = x509.load_der_x509_csr(raw)
     except (ValueError, x509.InvalidVersion) as exc:
         raise errors.InvalidCSR(f"cannot parse the CSR ({exc}); send a PEM or DER PKCS#10 "
@@ -159,7 +160,10 @@ def load_csr(data: bytes) -> Request:
             f"the CSR's key cannot be read ({exc}); use RSA or ECDSA P-256/P-384"
         ) from exc
     checked = keys.check_public_key(public_key)
-    signed_part = csr.tbs_certrequest_bytes
+    # The signed part as it was sent, which cryptography, having read it as strict DER,
+    # would otherwise encode again (``tbs_certrequest_bytes``).
+    signed_part = (der.first_element(body) if body is not None else None) or \
+        csr.tbs_certrequest_bytes
     try:
         valid = _signature_valid(csr, checked, signed_part)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

@@ -121,6 +121,26 @@ def _header(data: bytes, offset: int) -> tuple[int, int, int]:
     return tag, start + count, start + count + size
 
 
+def first_element(data: bytes) -> bytes | None:
+    """The first value inside the SEQUENCE that is the whole of ``data``, as DER; None if
+    ``data`` is not framed that way.
+
+    A CSR is SEQUENCE { certificationRequestInfo, signatureAlgorithm, signature }
+    (RFC 2986 4.2): its first value is the part the signature covers, byte for byte
+    as the requester signed it.
+    """
+    try:
+        tag, start, end = _header(data, 0)
+        if tag != SEQUENCE or end != len(data):
+            return None
+        tag, _, first_end = _header(data, start)
+    except IndexError:
+        return None
+    if tag != SEQUENCE or first_end > end:
+        return None
+    return data[start:first_end]
+
+
 def request_parts(info: bytes) -> tuple[bytes, bytes] | None:
     """The subject Name and the SubjectPublicKeyInfo of a CSR's signed part, as DER.
 
@@ -220,6 +240,11 @@ def name(attributes: Sequence[tuple[x509.ObjectIdentifier, str]]) -> bytes:
         rdns.append(tlv(SET, sequence(object_identifier(oid),
                                       tlv(UTF8_STRING, value.encode("utf-8")))))
     return sequence(*rdns)
+
+
+def dns_names(names: Sequence[str]) -> bytes:
+    """GeneralNames of DNS names only, each already checked to be one (ASCII)."""
+    return sequence(*(tlv(_DNS_NAME, name.encode("ascii")) for name in names))
 
 
 def general_names(names: Sequence[x509.GeneralName]) -> bytes:

@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
 
 from meshtrust import errors
 from meshtrust.pki import csr as csr_mod
-from meshtrust.pki import der, identity, keys
+from meshtrust.pki import der, identity, keys, pem
 from meshtrust.pki.profiles import Naming, Profile
 
 # NotBefore is set a little in the past to absorb clock skew: five minutes, but never
@@ -34,6 +34,7 @@ BACKDATE = dt.timedelta(minutes=5)
 RELAY_SERVER_WILDCARD = "*.gloo-mesh"
 ISTIOD_DNS = "istiod.istio-system.svc"
 _VERSION_3 = der.explicit(0, der.integer(2))  # X.509 v3, the only version issued
+_NO_TIME = dt.timedelta(0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -167,6 +168,25 @@ def issue(
     subject: Subject | None = None,
 ) -> x509.Certificate:
     """Sign ``request`` under ``issuer`` with ``profile``; raise ProfileViolation if refused."""
+    return _issue(request, issuer, profile, now, lifetime, subject)[0]
+
+
+def issue_pem(
+    request: csr_mod.Request,
+    issuer: CA,
+    profile: Profile,
+    now: dt.datetime,
+    lifetime: dt.timedelta | None = None,
+    subject: Subject | None = None,
+) -> tuple[x509.Certificate, bytes]:
+    """``issue``, with the certificate's PEM written from the DER just signed."""
+    certificate, encoded = _issue(request, issuer, profile, now, lifetime, subject)
+    return certificate, pem.encode(encoded, b"CERTIFICATE")
+
+
+def _issue(request: csr_mod.Request, issuer: CA, profile: Profile, now: dt.datetime,
+           lifetime: dt.timedelta | None, subject: Subject | None,
+           ) -> tuple[x509.Certificate, bytes]:
     subject = subject or Subject()
     _check_request(request, profile, subject)
     not_before, not_after = _validity(now, lifetime or profile.default_lifetime, issuer)
@@ -190,7 +210,7 @@ def self_sign(
     return _sign(profile, subject, keys.public_key_der(key), backdated(now, lifetime),
                  now + lifetime,
                  issuer_name=der.name(_subject_attributes(profile, subject)),
-                 aki=der.extension(aki, critical=False), signer=_Signer.of(key))
+                 aki=der.extension(aki, critical=False), signer=_Signer.of(key))[0]
 
 
 def new_root(
@@ -257,7 +277,7 @@ def _check_cluster_names(request: csr_mod.Request, subject: Subject) -> None:
 
 def _validity(now: dt.datetime, lifetime: dt.timedelta,
               issuer: CA) -> tuple[dt.datetime, dt.datetime]:
-    if lifetime <= dt.timedelta(0):
+    if lifetime <= _NO_TIME:
         raise ValueError("lifetime must be positive")
     issuer_before, issuer_after = issuer._period
     if issuer_after <= now:
@@ -294,23 +314,26 @@ def _subject_attributes(profile: Profile,
     return attrs
 
 
-def _subject_alt_names(profile: Profile, subject: Subject) -> list[x509.GeneralName]:
+def _subject_alt_names(profile: Profile, subject: Subject) -> bytes:
+    """The subjectAltName's value (GeneralNames) as DER; empty if the profile has none."""
     naming = profile.naming
-    if naming is Naming.RELAY_SERVER:
-        names = [RELAY_SERVER_WILDCARD, *(n for n in subject.names if n != RELAY_SERVER_WILDCARD)]
-        return [identity.parse_name(n) for n in names]
     if naming is Naming.RELAY_CLIENT:
         # Subject checked the cluster name is a DNS name; parse_name would lower-case it too.
-        return [x509.DNSName(_require_cluster(subject, profile).lower())]
-    if naming is Naming.ISTIO_INTERMEDIATE:
-        return [x509.DNSName(ISTIOD_DNS), x509.UniformResourceIdentifier(
+        return der.dns_names([_require_cluster(subject, profile).lower()])
+    names: list[x509.GeneralName] = []
+    if naming is Naming.RELAY_SERVER:
+        wanted = [RELAY_SERVER_WILDCARD,
+                  *(n for n in subject.names if n != RELAY_SERVER_WILDCARD)]
+        names = [identity.parse_name(n) for n in wanted]
+    elif naming is Naming.ISTIO_INTERMEDIATE:
+        names = [x509.DNSName(ISTIOD_DNS), x509.UniformResourceIdentifier(
             identity.spiffe_id(subject.trust_domain, "istio-system", "istiod"))]
-    if naming is Naming.SPIFFE_WORKLOAD:
+    elif naming is Naming.SPIFFE_WORKLOAD:
         if not subject.namespace or not subject.service_account:
             raise ValueError("the spiffe-workload profile needs namespace and service_account")
-        return [x509.UniformResourceIdentifier(identity.spiffe_id(
+        names = [x509.UniformResourceIdentifier(identity.spiffe_id(
             subject.trust_domain, subject.namespace, subject.service_account))]
-    return []
+    return der.general_names(names) if names else b""
 
 
 def _require_cluster(subject: Subject, profile: Profile) -> str:
@@ -321,27 +344,26 @@ def _require_cluster(subject: Subject, profile: Profile) -> str:
 
 def _sign(profile: Profile, subject: Subject, spki: bytes,
           not_before: dt.datetime, not_after: dt.datetime, *,
-          issuer_name: bytes, aki: bytes, signer: _Signer) -> x509.Certificate:
-    """Encode the certificate RFC 5280 section 4.1 describes, sign it, and parse it back.
+          issuer_name: bytes, aki: bytes, signer: _Signer) -> tuple[x509.Certificate, bytes]:
+    """Encode the certificate RFC 5280 section 4.1 describes, sign it, and parse it back;
+    return it and its DER.
 
     The extensions come in one order for every profile: basicConstraints,
     keyUsage, subjectKeyIdentifier, extendedKeyUsage, subjectAltName,
     authorityKeyIdentifier.
     """
     attributes = _subject_attributes(profile, subject)
-    # RFC 5280 4.2.1.2 method 1, as x509.SubjectKeyIdentifier.from_public_key computes it;
-    # the extension's value is the identifier as an OCTET STRING.
-    ski = der.octet_string(hashlib.sha1(der.subject_public_key(spki)).digest())
+    # RFC 5280 4.2.1.2 method 1, as x509.SubjectKeyIdentifier.from_public_key computes it.
+    ski = _SKI_PREFIX + hashlib.sha1(der.subject_public_key(spki)).digest()
     fixed = _profile_extensions(profile)
-    extensions = [fixed.basic_constraints, fixed.key_usage,
-                  der.encoded_extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False, ski)]
+    extensions = [fixed.basic_constraints, fixed.key_usage, ski]
     if fixed.extended_key_usage:
         extensions.append(fixed.extended_key_usage)
     sans = _subject_alt_names(profile, subject)
     if sans:
         # An empty subject makes the SAN the only name, and RFC 5280 then wants it critical.
         extensions.append(der.encoded_extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
-                                                not attributes, der.general_names(sans)))
+                                                not attributes, sans))
     extensions.append(aki)
     tbs = der.sequence(
         _VERSION_3,
@@ -354,7 +376,13 @@ def _sign(profile: Profile, subject: Subject, spki: bytes,
         der.explicit(3, der.sequence(*extensions)),
     )
     signed = der.sequence(tbs, signer.algorithm, der.bit_string(signer.sign(tbs)))
-    return x509.load_der_x509_certificate(signed)
+    return x509.load_der_x509_certificate(signed), signed
+
+
+# The subjectKeyIdentifier extension up to its 20 octets of SHA-1: the identifier as an
+# OCTET STRING, itself the extension's value, every length fixed by the hash's.
+_SKI_PREFIX = der.encoded_extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
+                                    der.octet_string(bytes(20)))[:-20]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

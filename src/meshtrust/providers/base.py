@@ -17,7 +17,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from meshtrust.pki import csr, issuer, profiles
+from meshtrust.pki import bundle, csr, issuer, profiles
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,10 +37,17 @@ class Signed:
 
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...]
+    # The certificate as PEM, when the provider has it at hand already.
+    certificate_pem: bytes | None = None
 
     @property
     def root(self) -> x509.Certificate:
         return self.chain[-1] if self.chain else self.certificate
+
+    def pem(self, *, root: bool) -> bytes:
+        """The certificate and the chain above it as PEM, with the root or without it."""
+        head = self.certificate_pem or bundle.dump_certificate(self.certificate)
+        return head + bundle.dump_certificates(self.chain if root else self.chain[:-1])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,6 @@ class LocalProvider:
         return self._description
 
     async def sign(self, request: base.SignRequest, now: dt.datetime) -> base.Signed:
-        certificate = issuer.issue(request.request, self.ca, request.profile, now,
-                                   request.lifetime, request.subject)
-        return base.Signed(certificate=certificate, chain=self.ca.path)
+        certificate, pem = issuer.issue_pem(request.request, self.ca, request.profile, now,
+                                            request.lifetime, request.subject)
+        return base.Signed(certificate=certificate, chain=self.ca.path, certificate_pem=pem)
