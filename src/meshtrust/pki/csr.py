@@ -162,8 +162,9 @@ def load_csr(data: bytes) -> Request:
     checked = keys.check_public_key(public_key)
     # The signed part as it was sent, which cryptography, having read it as strict DER,
     # would otherwise encode again (``tbs_certrequest_bytes``).
-    signed_part = (der.first_element(body) if body is not None else None) or \
-        csr.tbs_certrequest_bytes
+    signed_part = der.first_element(body) if body is not None else None
+    if signed_part is None:
+        signed_part = csr.tbs_certrequest_bytes
     try:
         valid = _signature_valid(csr, checked, signed_part)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

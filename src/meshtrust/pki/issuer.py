@@ -35,6 +35,10 @@ RELAY_SERVER_WILDCARD = "*.gloo-mesh"
 ISTIOD_DNS = "istiod.istio-system.svc"
 _VERSION_3 = der.explicit(0, der.integer(2))  # X.509 v3, the only version issued
 _NO_TIME = dt.timedelta(0)
+# The subjectKeyIdentifier extension up to its 20 octets of SHA-1: the identifier as an
+# OCTET STRING, itself the extension's value, every length fixed by the hash's.
+_SKI_PREFIX = der.encoded_extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
+                                    der.octet_string(bytes(20)))[:-20]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -378,11 +382,6 @@ def _sign(profile: Profile, subject: Subject, spki: bytes,
     signed = der.sequence(tbs, signer.algorithm, der.bit_string(signer.sign(tbs)))
     return x509.load_der_x509_certificate(signed), signed
 
-
-# The subjectKeyIdentifier extension up to its 20 octets of SHA-1: the identifier as an
-# OCTET STRING, itself the extension's value, every length fixed by the hash's.
-_SKI_PREFIX = der.encoded_extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
-                                    der.octet_string(bytes(20)))[:-20]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
