@@ -24,7 +24,7 @@ PEM = REQUEST.public_bytes(serialization.Encoding.PEM)
 
 class TestEncode:
     @pytest.mark.parametrize("size", [0, 1, 47, 48, 49, 96, 700, 1500])
-    def test_blocks_are_written_as_cryptography_writes_them(self, size: int) -> None:
+    def test_blocks_are_base64_lines_of_64_between_the_markers(self, size: int) -> None:
         """Lines of 64 base64 characters, the last one shorter or full, and the markers."""
         data = bytes(range(256)) * 6
         written = pem.encode(data[:size], b"CERTIFICATE")
