@@ -24,7 +24,7 @@ from hypothesis import given
 
 import fuzzkit
 from meshtrust import errors
-from meshtrust.pki import csr, issuer, keys, profiles
+from meshtrust.pki import csr, der, issuer, keys, profiles
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 CLUSTER = "c1"
@@ -118,6 +118,19 @@ def client_request_allowed(request: csr.Request, cluster: str) -> bool:
                for n in (san or []))
 
 
+def read_as_cryptography_does(request: csr.Request) -> None:
+    """What the request asks for, as ``csr.Request`` read it (from the DER for the plain
+    forms), is what cryptography reads."""
+    value: dict[type[Any], Any] = {type(e.value): e.value for e in request.csr.extensions}
+    san = value.get(x509.SubjectAlternativeName)
+    basic = value.get(x509.BasicConstraints)
+    assert request.names == (tuple(san) if san is not None else ())
+    assert request.requested_ca() == (basic is not None and basic.ca)
+    assert request.requested_eku() == list(value.get(x509.ExtendedKeyUsage) or [])
+    names = request.csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    assert request.common_name == (names[0].value if names else None)
+
+
 def issue_everything(data: bytes) -> str:
     """Load ``data`` and issue what each profile allows; return how it ended."""
     try:
@@ -125,6 +138,7 @@ def issue_everything(data: bytes) -> str:
     except errors.MeshTrustError as exc:
         fuzzkit.refusal(exc)
         return f"refused: {type(exc).__name__}"
+    read_as_cryptography_does(request)
     found = cas()
     allowed = client_request_allowed(request, CLUSTER)
     outcome = "loaded"
@@ -195,6 +209,69 @@ class TestDamagedRequests:
         print(f"mutated CSRs: {tally}")
         assert tally["refused: InvalidCSR"] > tally.total // 2
         assert tally["issued"] > 0 and tally["loaded"] > 0
+
+
+# -- the attributes agents send, read from their DER -----------------------------------------
+
+
+@functools.cache
+def plain_requests() -> tuple[bytes, ...]:
+    """Signed parts of requests whose attributes ``csr.Request`` reads from the DER: one
+    subjectAltName of DNS names, plain or critical."""
+    with fuzzkit.deterministic():
+        key = fuzzkit.key("ec-p256")
+        plain = [csr.build_csr(key, common_name=CLUSTER, names=[CLUSTER]),
+                 csr.build_csr(key, common_name=CLUSTER, names=[CLUSTER, "c1.example", "C1"])]
+        critical = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, CLUSTER)])).add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(CLUSTER)]), critical=True)
+        plain.append(fuzzkit.sign_request(critical, key))
+    return tuple(fuzzkit.request_info(_der(request)) for request in plain)
+
+
+class TestPlainAttributes:
+    def test_mutated_attributes(self) -> None:
+        """Damaged attributes of a plain request, validly signed again: each is refused, or
+        read as cryptography reads it, whether from the DER or by cryptography."""
+        infos = plain_requests()
+        heads, attributes = [], []
+        for info in infos:
+            parts = der.request_parts(info)
+            assert parts is not None
+            attrs = parts[2]
+            assert der.requested_dns_names(attrs) is not None  # the seeds take the plain path
+            content = _content(info)
+            heads.append(content[:len(content) - len(attrs)])
+            attributes.append(attrs)
+        tally = fuzzkit.Tally()
+
+        @fuzzkit.scaled(5_000)
+        @given(data=fuzzkit.examples())
+        def example(data: bytes) -> None:
+            pick = fuzzkit.Picker(data)
+            which = pick.integer(0, len(infos) - 1)
+            attrs = fuzzkit.mutate(attributes[which], pick.program(), attributes,
+                                   structured=pick.flag())
+            plain = der.requested_dns_names(attrs) is not None
+            info = fuzzkit.tlv(0x30, heads[which] + attrs)
+            try:
+                request = csr.load_csr(fuzzkit.sign_raw(fuzzkit.key("ec-p256"), info))
+            except errors.MeshTrustError as exc:
+                fuzzkit.refusal(exc)
+                tally.add("refused")
+                return
+            read_as_cryptography_does(request)
+            tally.add("read from the DER" if plain else "read by cryptography")
+
+        example()
+        print(f"mutated attributes: {tally}")
+        assert tally["read from the DER"] > 0 and tally["read by cryptography"] > 0
+        assert tally["refused"] > 0
+
+
+def _content(value: bytes) -> bytes:
+    """The contents of one DER value, without its tag and length."""
+    return value[2 + (value[1] & 0x7F if value[1] & 0x80 else 0):]
 
 
 # -- generated requests ------------------------------------------------------------------------

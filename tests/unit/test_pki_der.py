@@ -220,12 +220,14 @@ class TestRequestParts:
     @pytest.mark.parametrize("key_type", [keys.KeyType.EC_P256, keys.KeyType.RSA_2048],
                              ids=lambda t: t.value)
     def test_subject_and_key_are_the_csrs_own(self, key_type: keys.KeyType) -> None:
-        """The parts read from the signed bytes are the subject and key cryptography reads."""
+        """The parts read from the signed bytes are the subject and key cryptography reads,
+        and the attributes after them (none here)."""
         key = keys.generate_key(key_type)
         request = _request(key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c-1"),
                                            x509.NameAttribute(NameOID.LOCALITY_NAME, "x")]))
         parts = der.request_parts(request.tbs_certrequest_bytes)
-        assert parts == (request.subject.public_bytes(), keys.public_key_der(key))
+        assert parts == (request.subject.public_bytes(), keys.public_key_der(key),
+                         der.NO_ATTRIBUTES)
 
     @pytest.mark.parametrize("key_type", [keys.KeyType.EC_P256, keys.KeyType.RSA_2048],
                              ids=lambda t: t.value)
@@ -279,3 +281,86 @@ class TestRequestParts:
         assert der.common_name(long_name) is None
         assert der.common_name(broken) is None
         assert der.common_name(None) is None
+
+
+def _attributes(request: x509.CertificateSigningRequest) -> bytes:
+    parts = der.request_parts(request.tbs_certrequest_bytes)
+    assert parts is not None
+    return parts[2]
+
+
+def _asking(*extensions: tuple[x509.ExtensionType, bool]) -> x509.CertificateSigningRequest:
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c-1")]))
+    for value, critical in extensions:
+        builder = builder.add_extension(value, critical=critical)
+    key = keys.generate_key(keys.KeyType.EC_P256)
+    return builder.sign(key, keys.signature_hash(key))
+
+
+class TestRequestedNames:
+    @pytest.mark.parametrize(("names", "critical"), [
+        (["cluster-1"], False), (["cluster-1"], True),
+        (["cluster-1", "Cluster-1.example", "*.gloo-mesh"], False), (["x" * 90], False),
+    ])
+    def test_dns_names_of_the_plain_form_are_the_ones_cryptography_reads(
+            self, names: list[str], critical: bool) -> None:
+        """One subjectAltName of DNS names, critical or not: the same names, in order."""
+        request = _asking((x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical))
+        read = der.requested_dns_names(_attributes(request))
+        san = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert read is not None
+        assert list(read) == san.get_values_for_type(x509.DNSName) == names
+
+    @pytest.mark.parametrize("extensions", [
+        [],
+        [(x509.SubjectAlternativeName([x509.DNSName("c-1"), x509.UniformResourceIdentifier(
+            "spiffe://cluster.local/ns/a/sa/b")]), False)],
+        [(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("10.0.0.1"))]),
+          False)],
+        [(x509.SubjectAlternativeName([x509.DNSName("c-1")]), False),
+         (x509.BasicConstraints(ca=True, path_length=None), True)],
+        [(x509.BasicConstraints(ca=False, path_length=None), True),
+         (x509.SubjectAlternativeName([x509.DNSName("c-1")]), False)],
+        [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
+        [(x509.SubjectAlternativeName([x509.DNSName(f"name-{i}.example")
+                                       for i in range(8)]), False)],
+    ], ids=["none", "with-uri", "ip", "and-ca", "after-basic", "eku-only", "long"])
+    def test_every_other_form_is_left_to_cryptography(
+            self, extensions: list[tuple[x509.ExtensionType, bool]]) -> None:
+        """Other names, other extensions, no extension, or a length past the short form:
+        None, and cryptography reads them."""
+        assert der.requested_dns_names(_attributes(_asking(*extensions))) is None
+
+    def test_hand_made_variants_are_left_to_cryptography(self) -> None:
+        """A critical flag written as FALSE (not DER), an empty DNS name, a name that is not
+        ASCII, an empty name list, a second attribute: None."""
+        def attributes(extension: bytes, *more: bytes) -> bytes:
+            request = der.sequence(der.object_identifier(x509.ObjectIdentifier(
+                "1.2.840.113549.1.9.14")), der.tlv(der.SET, der.sequence(extension)))
+            return der.tlv(0xA0, request + b"".join(more))
+
+        def san(critical: bytes, *names: bytes) -> bytes:
+            return der.sequence(b"\x06\x03\x55\x1d\x11", critical, der.octet_string(
+                der.sequence(*(der.tlv(0x82, name) for name in names))))
+
+        assert der.requested_dns_names(attributes(san(b"", b"c-1"))) == ("c-1",)
+        assert der.requested_dns_names(attributes(san(der.TRUE, b"c-1"))) == ("c-1",)
+        challenge = der.sequence(der.object_identifier(x509.ObjectIdentifier(
+            "1.2.840.113549.1.9.7")), der.tlv(der.SET, der.tlv(der.UTF8_STRING, b"pw")))
+        for variant in (attributes(san(b"\x01\x01\x00", b"c-1")), attributes(san(b"", b"")),
+                        attributes(san(b"", b"c-\xe9")), attributes(san(b"")),
+                        attributes(san(b"", b"c-1"), challenge)):
+            assert der.requested_dns_names(variant) is None
+
+    def test_cut_or_grown_bytes_give_nothing(self) -> None:
+        """Every prefix of the plain form, and the form with a byte more, give None and raise
+        nothing."""
+        plain = _attributes(_asking((x509.SubjectAlternativeName(
+            [x509.DNSName("cluster-1"), x509.DNSName("c-2")]), False)))
+        assert der.requested_dns_names(plain) == ("cluster-1", "c-2")
+        for size in range(len(plain)):
+            assert der.requested_dns_names(plain[:size]) is None
+        assert der.requested_dns_names(plain + b"\x00") is None
+        assert der.requested_dns_names(plain[:-1] + b"\x82") is None

@@ -8,10 +8,12 @@ What the CSR may obtain is decided later, by the profile (``issuer.issue``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from cryptography import x509
@@ -27,15 +29,16 @@ MAX_CSR_BYTES = 64 * 1024
 _PEM_LABELS = (b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
+_WARNINGS_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Request:
     """A CSR that passed ``load_csr``: parsed, self-signature checked, key accepted.
 
-    The subject's common name and the extensions are read once, when the
-    request is made: cryptography parses them again on every read, and issuing
-    asks for them several times.
+    The subject's common name and what the extensions ask for are read once,
+    when the request is made: cryptography parses them again on every read, and
+    issuing asks for them several times.
     """
 
     csr: x509.CertificateSigningRequest
@@ -43,50 +46,82 @@ class Request:
     common_name: str | None = dataclasses.field(init=False)
     spki: bytes = dataclasses.field(init=False, repr=False, compare=False)
     """The public key as a DER SubjectPublicKeyInfo (``keys.public_key_der``)."""
-    _extensions: dict[type[x509.ExtensionType], x509.ExtensionType] = dataclasses.field(
-        init=False, repr=False, compare=False)
+    names: tuple[x509.GeneralName, ...] = dataclasses.field(init=False, repr=False,
+                                                             compare=False)
+    """The subjectAltNames the CSR asks for (empty if none)."""
+    _ca: bool = dataclasses.field(init=False, repr=False, compare=False)
+    _eku: tuple[x509.ObjectIdentifier, ...] = dataclasses.field(init=False, repr=False,
+                                                                 compare=False)
 
     signed_part: dataclasses.InitVar[bytes | None] = None
     """The CSR's CertificationRequestInfo DER, if the caller has it at hand already."""
 
     def __post_init__(self, signed_part: bytes | None) -> None:
         parts = der.request_parts(signed_part or self.csr.tbs_certrequest_bytes)
-        subject, spki = parts if parts is not None else (None, None)
+        subject, spki, attributes = parts if parts is not None else (None, None, None)
         # A subject that is one commonName is read from its DER, with no Name object.
         name = der.common_name(subject)
-        object.__setattr__(self, "common_name",
-                           name if name is not None else identity.common_name(self.csr.subject))
+        if name is None:
+            with _bounded_names():
+                name = identity.common_name(self.csr.subject)
+        object.__setattr__(self, "common_name", name)
         object.__setattr__(self, "spki", keys.public_key_der_of(self.public_key, spki))
-        # A CSR names each extension once: cryptography refuses one named twice.
-        object.__setattr__(self, "_extensions",
-                           {type(ext.value): ext.value for ext in self.csr.extensions})
+        # So are the extensions of a request that asks for DNS names only, or for nothing.
+        dns_names = der.requested_dns_names(attributes) if attributes else None
+        if dns_names is not None:
+            names: tuple[x509.GeneralName, ...] = tuple(map(x509.DNSName, dns_names))
+            ca, eku = False, ()
+        elif attributes == der.NO_ATTRIBUTES:
+            names, ca, eku = (), False, ()
+        else:
+            # A CSR names each extension once: cryptography refuses one named twice.
+            with _bounded_names():
+                extensions = {type(ext.value): ext.value for ext in self.csr.extensions}
+            san = _value(extensions, x509.SubjectAlternativeName)
+            basic = _value(extensions, x509.BasicConstraints)
+            usages = _value(extensions, x509.ExtendedKeyUsage)
+            names = tuple(san) if san is not None else ()
+            ca = basic.ca if basic is not None else False
+            eku = tuple(usages) if usages is not None else ()
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "_ca", ca)
+        object.__setattr__(self, "_eku", eku)
 
     @property
     def key_sha256(self) -> str:
         """The SHA-256 of the public key's SubjectPublicKeyInfo, in hex: names the key."""
         return hashlib.sha256(self.spki).hexdigest()
 
-    @property
-    def names(self) -> list[x509.GeneralName]:
-        value = self._extension_value(x509.SubjectAlternativeName)
-        return list(value) if value is not None else []
-
     def requested_ca(self) -> bool:
         """True if the CSR asks for basicConstraints CA:true."""
-        value = self._extension_value(x509.BasicConstraints)
-        return value.ca if value is not None else False
+        return self._ca
 
     def requested_eku(self) -> list[x509.ObjectIdentifier]:
         """The extended key usages the CSR asks for (empty if none)."""
-        value = self._extension_value(x509.ExtendedKeyUsage)
-        return list(value) if value is not None else []
-
-    def _extension_value(self, kind: type[_E]) -> _E | None:
-        value = self._extensions.get(kind)
-        return value if isinstance(value, kind) else None
+        return list(self._eku)
 
     def dump(self) -> bytes:
         return self.csr.public_bytes(serialization.Encoding.PEM)
+
+
+@contextlib.contextmanager
+def _bounded_names() -> Iterator[None]:
+    """Make cryptography's warning of a name attribute out of its bounds (a commonName of
+    none or over 64 characters, a countryName not of two) an error, while names are read.
+
+    Only names that cryptography reads into ``Name`` objects can warn; those read from
+    their DER here never do. The lock keeps threads that read names at once from
+    restoring each other's warning filters out of order.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
+
+
+def _value(extensions: dict[type[x509.ExtensionType], x509.ExtensionType],
+           kind: type[_E]) -> _E | None:
+    value = extensions.get(kind)
+    return value if isinstance(value, kind) else None
 
 
 def build_csr(
@@ -177,11 +212,8 @@ def load_csr(data: bytes) -> Request:
     try:
         # Making the Request reads the subject and the extensions: malformed ones
         # (a bad string, an attribute of the wrong type, an extension twice, an unknown
-        # name type) are refused here, and so is a name attribute out of its bounds,
-        # which cryptography only warns of.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
-            return Request(csr=csr, public_key=checked, signed_part=signed_part)
+        # name type) are refused here, and so is a name attribute out of its bounds.
+        return Request(csr=csr, public_key=checked, signed_part=signed_part)
     except (ValueError, TypeError, UserWarning, x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType) as exc:
         raise errors.InvalidCSR(f"the CSR has a malformed subject or extension ({exc})") \

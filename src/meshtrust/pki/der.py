@@ -9,6 +9,11 @@ the frame around them: tag and length, integers, times, object identifiers.
 Going through a ``CertificateBuilder`` for each certificate cost about a
 third of ``issue``'s time (see docs/benchmarks.md, "Issuance").
 
+Reading goes the other way for the few parts of a CSR that every agent sends in
+one plain form (the signed part, the subject that is one commonName, the
+subjectAltName of DNS names): those are read here, and anything in another
+form is left to cryptography, which reads it as before.
+
 Everything here follows X.690 DER: definite lengths in the shortest form,
 integers in the fewest octets, times as RFC 5280 section 4.1.2.5 asks.
 """
@@ -141,15 +146,17 @@ def first_element(data: bytes) -> bytes | None:
     return data[start:first_end]
 
 
-def request_parts(info: bytes) -> tuple[bytes, bytes] | None:
-    """The subject Name and the SubjectPublicKeyInfo of a CSR's signed part, as DER.
+def request_parts(info: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The subject Name, the SubjectPublicKeyInfo and the attributes of a CSR's signed part,
+    as DER.
 
     CertificationRequestInfo is SEQUENCE { version INTEGER, subject Name,
-    subjectPKInfo SubjectPublicKeyInfo, ... } (RFC 2986 4.1). None if ``info``
-    does not start that way.
+    subjectPKInfo SubjectPublicKeyInfo, attributes [0] Attributes } (RFC 2986 4.1);
+    the attributes are what follows the key, up to the end. None if ``info`` does
+    not start that way.
     """
     try:
-        tag, start, _ = _header(info, 0)
+        tag, start, end = _header(info, 0)
         if tag != SEQUENCE:
             return None
         tag, _, version_end = _header(info, start)
@@ -161,9 +168,55 @@ def request_parts(info: bytes) -> tuple[bytes, bytes] | None:
         tag, _, key_end = _header(info, name_end)
     except IndexError:
         return None
-    if tag != SEQUENCE or key_end > len(info):
+    if tag != SEQUENCE or key_end > end or end > len(info):
         return None
-    return info[version_end:name_end], info[name_end:key_end]
+    return info[version_end:name_end], info[name_end:key_end], info[key_end:end]
+
+
+NO_ATTRIBUTES = b"\xa0\x00"
+# An extensionRequest attribute (PKCS #9, RFC 2985 5.4.2) up to its SET of values, and a
+# subjectAltName extension up to its critical flag or value.
+_EXTENSION_REQUEST_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x09\x0e"
+_SUBJECT_ALT_NAME_OID = b"\x06\x03\x55\x1d\x11"
+
+
+def requested_dns_names(attributes: bytes) -> tuple[str, ...] | None:
+    """The DNS names a CSR asks for, if its attributes are in the one plain form agents send:
+    a single extensionRequest holding a single subjectAltName of DNS names, each value
+    and the whole in the short form of length. None for anything else, which the
+    caller reads with cryptography.
+
+    For attributes in this form cryptography reads the same names (and, there being no
+    other extension, no basicConstraints and no extended key usage).
+    """
+    # [0] { SEQUENCE { OID, SET { SEQUENCE (Extensions) { SEQUENCE (Extension) {
+    #   OID, [BOOLEAN TRUE], OCTET STRING { SEQUENCE (GeneralNames) { [2] IA5String ... }}}}}}}
+    size = len(attributes)
+    if size < 33 or size > 129 or attributes[0] != 0xA0 or attributes[1] != size - 2 or \
+            attributes[2] != SEQUENCE or attributes[3] != size - 4 or \
+            attributes[4:15] != _EXTENSION_REQUEST_OID or attributes[15] != SET or \
+            attributes[16] != size - 17 or attributes[17] != SEQUENCE or \
+            attributes[18] != size - 19 or attributes[19] != SEQUENCE or \
+            attributes[20] != size - 21 or attributes[21:26] != _SUBJECT_ALT_NAME_OID:
+        return None
+    at = 29 if attributes[26:29] == TRUE else 26
+    if attributes[at] != OCTET_STRING or attributes[at + 1] != size - at - 2 or \
+            attributes[at + 2] != SEQUENCE or attributes[at + 3] != size - at - 4:
+        return None
+    at += 4
+    names = []
+    while at < size:
+        start = at + 2
+        if start > size or attributes[at] != _DNS_NAME:
+            return None
+        at = start + attributes[start - 1]
+        if at > size or at == start:
+            return None
+        try:
+            names.append(attributes[start:at].decode("ascii"))
+        except UnicodeDecodeError:
+            return None
+    return tuple(names) if names else None
 
 
 _COMMON_NAME_PREFIX = b"\x06\x03\x55\x04\x03\x0c"  # OID 2.5.4.3, then a UTF8String
