@@ -226,6 +226,17 @@ class TestKeys:
         with pytest.raises(errors.KeyPolicyError, match="give its passphrase"):
             keys.load_private_key(pem)
 
+    def test_key_families_are_isinstance_answers(self) -> None:
+        """``is_rsa_public``/``is_ec_public`` answer as ``isinstance`` does, for public keys,
+        private keys, other key types and other objects, asked twice."""
+        rsa_key = keys.generate_key(keys.KeyType.RSA_2048)
+        things: list[object] = [rsa_key.public_key(), EC_KEY.public_key(), rsa_key, EC_KEY,
+                                ed25519.Ed25519PrivateKey.generate().public_key(), b"key", None]
+        for _ in range(2):
+            for thing in things:
+                assert keys.is_rsa_public(thing) == isinstance(thing, rsa.RSAPublicKey)
+                assert keys.is_ec_public(thing) == isinstance(thing, ec.EllipticCurvePublicKey)
+
     def test_key_type_parse(self) -> None:
         """Key types parse from their names and aliases; unknown names list the choices."""
         assert keys.KeyType.parse("RSA-4096") is keys.KeyType.RSA_4096

@@ -233,10 +233,10 @@ def _signature_valid(csr: x509.CertificateSigningRequest, public_key: keys.Publi
     signature = csr.signature
     oid = csr.signature_algorithm_oid
     try:
-        if isinstance(public_key, ec.EllipticCurvePublicKey) and oid in _ECDSA:
+        if keys.is_ec_public(public_key) and oid in _ECDSA:
             public_key.verify(signature, signed, _ECDSA[oid])
             return True
-        if isinstance(public_key, rsa.RSAPublicKey) and oid in _PKCS1:
+        if keys.is_rsa_public(public_key) and oid in _PKCS1:
             public_key.verify(signature, signed, _PKCS1V15, _PKCS1[oid])
             return True
         scheme = csr.signature_algorithm_parameters

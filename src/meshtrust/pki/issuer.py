@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
-import secrets
+import os
 from collections.abc import Callable
 
 from cryptography import x509
@@ -160,7 +160,7 @@ def backdated(now: dt.datetime, lifetime: dt.timedelta) -> dt.datetime:
 
 def random_serial() -> int:
     """A random positive serial number of 128 bits."""
-    return secrets.randbits(128) or 1
+    return int.from_bytes(os.urandom(16), "big") or 1
 
 
 def issue(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+from typing import Any, TypeGuard
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,9 +65,33 @@ def generate_key(key_type: KeyType) -> PrivateKey:
     return ec.generate_private_key(curve)
 
 
+def is_rsa_public(key: Any) -> TypeGuard[rsa.RSAPublicKey]:
+    """``isinstance(key, rsa.RSAPublicKey)``, remembered per type of key (``_public_family``)."""
+    return _public_family(key.__class__) is rsa.RSAPublicKey
+
+
+def is_ec_public(key: Any) -> TypeGuard[ec.EllipticCurvePublicKey]:
+    """``isinstance(key, ec.EllipticCurvePublicKey)``, remembered per type of key."""
+    return _public_family(key.__class__) is ec.EllipticCurvePublicKey
+
+
+@functools.cache
+def _public_family(kind: Any) -> type | None:
+    """The abstract class of the public keys of type ``kind``: RSA, EC, or neither (None).
+
+    cryptography registers its key types with these abstract classes, and Python
+    does not cache ``isinstance`` answers for registered classes: each check runs
+    the subclass hook again (about 0.7 µs), and reading a request asks several times.
+    """
+    for family in (rsa.RSAPublicKey, ec.EllipticCurvePublicKey):
+        if issubclass(kind, family):
+            return family
+    return None
+
+
 def check_public_key(key: object) -> PublicKey:
     """Return ``key`` if meshtrust accepts it; raise KeyPolicyError naming the problem."""
-    if isinstance(key, rsa.RSAPublicKey):
+    if is_rsa_public(key):
         if key.key_size < MIN_RSA_BITS:
             raise errors.KeyPolicyError(
                 f"RSA key of {key.key_size} bits is too weak; use at least {MIN_RSA_BITS} bits"
@@ -75,7 +101,7 @@ def check_public_key(key: object) -> PublicKey:
                 f"RSA key of {key.key_size} bits is not supported; use 2048, 3072 or 4096 bits"
             )
         return key
-    if isinstance(key, ec.EllipticCurvePublicKey):
+    if is_ec_public(key):
         if key.curve.name not in CURVES:
             raise errors.KeyPolicyError(
                 f"elliptic curve {key.curve.name} is not supported; use P-256 or P-384"
@@ -179,11 +205,11 @@ def public_key_der_of(key: PublicKey, encoded: bytes | None) -> bytes:
     """
     if encoded is None:
         return public_key_der(key)
-    if isinstance(key, ec.EllipticCurvePublicKey):
+    if is_ec_public(key):
         prefix = _EC_SPKI_PREFIX.get(key.curve.name)
         if prefix is not None and len(encoded) == 2 + prefix[1] and encoded.startswith(prefix):
             return encoded
-    elif isinstance(key, rsa.RSAPublicKey):
+    elif is_rsa_public(key):
         try:
             algorithm, _ = der.public_key_info(encoded)
         except (ValueError, IndexError):

@@ -45,7 +45,7 @@ def encode(der: bytes, label: bytes) -> bytes:
     """One PEM block of ``der``, as cryptography writes it: base64 in lines of 64."""
     text = binascii.b2a_base64(der, newline=False)
     begin, end = _markers(label)
-    return b"\n".join([begin, *(text[i:i + 64] for i in range(0, len(text), 64)), end, b""])
+    return b"\n".join([begin, *[text[i:i + 64] for i in range(0, len(text), 64)], end, b""])
 
 
 @functools.lru_cache(maxsize=16)
