@@ -196,6 +196,13 @@ class TestNames:
         assert der.name(attributes) == expected.public_bytes()
         assert der.name([]) == x509.Name([]).public_bytes()
 
+    @pytest.mark.parametrize("size", [1, 64, 118, 119, 120, 125, 126, 127, 128, 200, 300])
+    def test_long_values_take_the_long_form(self, size: int) -> None:
+        """Values around the sizes where a length leaves the short form: the same bytes."""
+        attributes = [(NameOID.ORGANIZATION_NAME, "o" * size), (NameOID.LOCALITY_NAME, "l")]
+        expected = x509.Name([x509.NameAttribute(oid, value) for oid, value in attributes])
+        assert der.name(attributes) == expected.public_bytes()
+
     def test_attributes_of_another_string_type_are_refused(self) -> None:
         """cryptography writes countryName as a PrintableString; encoding it here would differ."""
         with pytest.raises(ValueError, match="UTF8String"):

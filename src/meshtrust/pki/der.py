@@ -56,9 +56,9 @@ def tlv(tag: int, body: bytes) -> bytes:
     """One value: its tag, its length in the shortest form, its contents."""
     size = len(body)
     if size < 0x80:
-        return bytes((tag, size)) + body
+        return b"%c%c%b" % (tag, size, body)  # one step: faster than joining the header
     length = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(length))) + length + body
+    return b"%c%c%b%b" % (tag, 0x80 | len(length), length, body)
 
 
 def sequence(*parts: bytes) -> bytes:
@@ -98,6 +98,12 @@ def time(moment: dt.datetime) -> bytes:
     if utc.year < _UTC_TIME_BEFORE:
         return b"\x17\x0d%02d%02d%02d%02d%02d%02dZ" % (utc.year % 100, *clock)
     return b"\x18\x0f%04d%02d%02d%02d%02d%02dZ" % (utc.year, *clock)
+
+
+def validity(not_before: dt.datetime, not_after: dt.datetime) -> bytes:
+    """A certificate's Validity: SEQUENCE { notBefore, notAfter }, each as ``time`` writes it."""
+    start, end = time(not_before), time(not_after)
+    return b"\x30%c%b%b" % (len(start) + len(end), start, end)  # at most 34 octets
 
 
 @functools.lru_cache(maxsize=128)
@@ -290,14 +296,19 @@ def name(attributes: Sequence[tuple[x509.ObjectIdentifier, str]]) -> bytes:
     for oid, value in attributes:
         if oid not in _UTF8_ATTRIBUTES:
             raise ValueError(f"attribute {oid.dotted_string} is not encoded as a UTF8String")
-        rdns.append(tlv(SET, sequence(object_identifier(oid),
-                                      tlv(UTF8_STRING, value.encode("utf-8")))))
+        identifier, text = object_identifier(oid), value.encode("utf-8")
+        size = len(identifier) + 2 + len(text)  # of the SEQUENCE { type, value }
+        if size < 0x7E:  # every length in the short form: the RDN in one step
+            rdns.append(b"\x31%c\x30%c%b\x0c%c%b" % (size + 2, size, identifier, len(text),
+                                                      text))
+        else:
+            rdns.append(tlv(SET, sequence(identifier, tlv(UTF8_STRING, text))))
     return sequence(*rdns)
 
 
 def dns_names(names: Sequence[str]) -> bytes:
     """GeneralNames of DNS names only, each already checked to be one (ASCII)."""
-    return sequence(*(tlv(_DNS_NAME, name.encode("ascii")) for name in names))
+    return sequence(*[tlv(_DNS_NAME, name.encode("ascii")) for name in names])
 
 
 def general_names(names: Sequence[x509.GeneralName]) -> bytes:
