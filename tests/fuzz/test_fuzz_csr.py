@@ -245,7 +245,7 @@ class TestPlainAttributes:
             attributes.append(attrs)
         tally = fuzzkit.Tally()
 
-        @fuzzkit.scaled(5_000)
+        @fuzzkit.FUZZ
         @given(data=fuzzkit.examples())
         def example(data: bytes) -> None:
             pick = fuzzkit.Picker(data)
