@@ -26,7 +26,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 SEQUENCE = 0x30
 SET = 0x31
@@ -180,10 +180,11 @@ def request_parts(info: bytes) -> tuple[bytes, bytes, bytes] | None:
 
 
 NO_ATTRIBUTES = b"\xa0\x00"
-# An extensionRequest attribute (PKCS #9, RFC 2985 5.4.2) up to its SET of values, and a
-# subjectAltName extension up to its critical flag or value.
-_EXTENSION_REQUEST_OID = b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x09\x0e"
-_SUBJECT_ALT_NAME_OID = b"\x06\x03\x55\x1d\x11"
+# The types of an extensionRequest attribute (PKCS #9, RFC 2985 5.4.2) and of a
+# subjectAltName extension, as DER; their lengths fix the offsets read below.
+_EXTENSION_REQUEST_OID = object_identifier(x509.ObjectIdentifier("1.2.840.113549.1.9.14"))
+_SUBJECT_ALT_NAME_OID = object_identifier(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+assert len(_EXTENSION_REQUEST_OID) == 11 and len(_SUBJECT_ALT_NAME_OID) == 5
 
 
 def requested_dns_names(attributes: bytes) -> tuple[str, ...] | None:
