@@ -101,9 +101,14 @@ def _seeds() -> tuple[Seed, ...]:
     return tuple(built)
 
 
+def _extension_values(request: csr.Request) -> dict[type[Any], Any]:
+    """The request's extensions as cryptography reads them, by type."""
+    return {type(e.value): e.value for e in request.csr.extensions}
+
+
 def client_request_allowed(request: csr.Request, cluster: str) -> bool:
     """What the relay client profile may issue for, decided from the CSR alone."""
-    value: dict[type[Any], Any] = {type(e.value): e.value for e in request.csr.extensions}
+    value = _extension_values(request)
     basic = value.get(x509.BasicConstraints)
     if basic is not None and basic.ca:
         return False
@@ -121,7 +126,7 @@ def client_request_allowed(request: csr.Request, cluster: str) -> bool:
 def read_as_cryptography_does(request: csr.Request) -> None:
     """What the request asks for, as ``csr.Request`` read it (from the DER for the plain
     forms), is what cryptography reads."""
-    value: dict[type[Any], Any] = {type(e.value): e.value for e in request.csr.extensions}
+    value = _extension_values(request)
     san = value.get(x509.SubjectAlternativeName)
     basic = value.get(x509.BasicConstraints)
     assert request.names == (tuple(san) if san is not None else ())
@@ -235,14 +240,12 @@ class TestPlainAttributes:
         read as cryptography reads it, whether from the DER or by cryptography."""
         infos = plain_requests()
         heads, attributes = [], []
-        for info in infos:
-            parts = der.request_parts(info)
-            assert parts is not None
-            attrs = parts[2]
-            assert der.requested_dns_names(attrs) is not None  # the seeds take the plain path
-            content = _content(info)
-            heads.append(content[:len(content) - len(attrs)])
-            attributes.append(attrs)
+        for info in infos:  # version, subject, key; then the attributes
+            tree = fuzzkit.parse_der(info)
+            assert tree is not None and tree.children is not None
+            heads.append(b"".join(child.dump() for child in tree.children[:3]))
+            attributes.append(tree.children[3].dump())
+            assert der.requested_dns_names(attributes[-1]) is not None  # the plain path
         tally = fuzzkit.Tally()
 
         @fuzzkit.FUZZ
@@ -267,11 +270,6 @@ class TestPlainAttributes:
         print(f"mutated attributes: {tally}")
         assert tally["read from the DER"] > 0 and tally["read by cryptography"] > 0
         assert tally["refused"] > 0
-
-
-def _content(value: bytes) -> bytes:
-    """The contents of one DER value, without its tag and length."""
-    return value[2 + (value[1] & 0x7F if value[1] & 0x80 else 0):]
 
 
 # -- generated requests ------------------------------------------------------------------------

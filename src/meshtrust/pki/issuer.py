@@ -383,7 +383,6 @@ def _sign(profile: Profile, subject: Subject, spki: bytes,
     return x509.load_der_x509_certificate(signed), signed
 
 
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _ProfileExtensions:
     basic_constraints: bytes
