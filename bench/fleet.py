@@ -74,6 +74,7 @@ HOST = "127.0.0.1"
 POLICY = "fleet"
 NAMESPACE = "gloo-mesh"
 SHOW_EVERY = 0.25  # seconds between two updates of the progress display
+ERROR_BUCKET = 30.0  # seconds per bucket of the errors' timeline in the JSON results
 
 
 def policy_document(ttl: str) -> dict[str, Any]:
@@ -377,6 +378,20 @@ def latency(tally: Tally, kind: str, start: float, end: float = float("inf")) ->
             "max_ms": round(max(values) * 1000, 1) if values else None}
 
 
+def error_figures(tally: Tally, start: float, end: float = float("inf")) -> dict[str, Any]:
+    """The errors after ``start``: how many of each kind, how long the failed calls had
+    run (a call the server never took in ends at its deadline), and how many came in
+    each ``ERROR_BUCKET`` seconds."""
+    counts = tally.prefixed("error:", start, end)
+    times = [t for k, t, _ in tally.events if k.startswith("error:") and start <= t <= end]
+    buckets = [0] * (int((max(times) - start) // ERROR_BUCKET) + 1 if times else 0)
+    for t in times:
+        buckets[int((t - start) // ERROR_BUCKET)] += 1
+    return {"errors": dict(counts),
+            "failed_call_ran": {k: latency(tally, k, start, end) for k in counts},
+            f"errors_per_{ERROR_BUCKET:.0f}s": buckets}
+
+
 # ----------------------------------------------------------------------------------------
 # The run
 
@@ -522,7 +537,7 @@ class Fleet:
             "bootstrap_call": latency(self.tally, "call:bootstrap", go),
             "intermediate_latency": latency(self.tally, "intermediate", go),
             "busy": dict(self.tally.prefixed("busy:", go)),
-            "errors": dict(self.tally.prefixed("error:", go)),
+            **error_figures(self.tally, go, end),
             "drops": self.tally.count("drop", go),
             "simulator_lag": latency(self.tally, "simlag", go, end),
             **(self.sampler.window(go, end) if self.sampler else {}),
@@ -593,7 +608,7 @@ class Fleet:
             "renew_call": latency(self.tally, "call:renew", began),
             "intermediate_latency": latency(self.tally, "intermediate", began),
             "busy": dict(self.tally.prefixed("busy:", began)),
-            "errors": dict(self.tally.prefixed("error:", began)),
+            **error_figures(self.tally, began, end),
             "drops": self.tally.count("drop", began),
             "rebootstraps": self.tally.count("call:bootstrap", began),
             "simulator_lag": latency(self.tally, "simlag", began, end),
@@ -755,6 +770,13 @@ def _lag_row(phase: dict[str, Any]) -> tuple[str, str, str]:
             f"{_ms(lag)} / {_ms(lag, 'max_ms')}", "")
 
 
+def _ran(phase: dict[str, Any]) -> str:
+    """How long the failed calls of the most frequent error kinds ran before they failed."""
+    kinds = sorted(phase["errors"].items(), key=lambda kv: -kv[1])[:3]
+    return ", ".join(f"{k.split(':', 1)[1]} {_ms(phase['failed_call_ran'][k], 'p50_ms')} / "
+                     f"{_ms(phase['failed_call_ran'][k], 'max_ms')}" for k, _ in kinds)
+
+
 def _sum(counter: dict[str, int]) -> str:
     total = sum(counter.values())
     if not total:
@@ -812,6 +834,8 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
         out.add_row("", "intermediates drained", _s(st.get("intermediates_drained_s")), "")
         errors = sum(st["errors"].values())
         out.add_row("", "errors", _sum(st["errors"]), _verdict(errors == 0, "0"))
+        if errors:
+            out.add_row("", "how long the failed calls ran, p50 / max", _ran(st), "")
         call = st["renew_call"].get("p99_ms")
         out.add_row("", "Renew call p50 / p99",
                     f"{_ms(st['renew_call'], 'p50_ms')} / {_ms(st['renew_call'])}",

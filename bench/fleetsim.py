@@ -8,7 +8,8 @@ answers Istio work items through the agent's own ``IstioCA`` (the key is made
 here, only a CSR is sent, ``cacerts`` is written to an in-memory store), reports
 its certificates with ``ReportStatus``, and renews over mTLS when told to. A
 busy server (RESOURCE_EXHAUSTED) is answered the way the agent answers it,
-with ``meshtrust.agent.backoff``.
+with ``meshtrust.agent.backoff``, and so is a failed call on a work item: the
+item ends, and is done again when the server sends it again.
 
 What it leaves out of the agent: the lease, the watcher and the on-disk store.
 Keys are P-256, made before the clock starts, so that the simulator costs
@@ -130,8 +131,14 @@ class SimAgent:
 
     # -- calls -------------------------------------------------------------------------------
 
-    async def _call(self, what: str, make: Any) -> Any:
-        """One unary call, again while the server is busy or failing; returns the reply."""
+    async def _call(self, what: str, make: Any, *, again_on_failure: bool = True) -> Any:
+        """One unary call, again while the server is busy; returns the reply.
+
+        A failure is tried again with backoff too, unless ``again_on_failure`` is False:
+        then it is raised, as the agent raises a failed call on a work item and does the
+        item again when the server sends it again.
+        An error's event holds how long the failed call ran.
+        """
         failure_backoff = 1.0
         while True:
             began = time.monotonic()
@@ -145,12 +152,14 @@ class SimAgent:
                     self.events.add(f"busy:{what}")
                     wait = backoff.delay(error, failure_backoff, self.rng)
                 else:
-                    self.events.add(f"error:{what}:{_code(exc)}")
+                    self.events.add(f"error:{what}:{_code(exc)}", time.monotonic() - began)
                     if _code(exc) not in self.reported_codes:
                         self.reported_codes.add(_code(exc))
                         logging.getLogger("fleetsim").warning(
                             "%s of %s: %s: %s (%s)", what, self.name, _code(exc),
                             exc.details(), exc.debug_error_string())
+                    if not again_on_failure:
+                        raise
                     wait = backoff.delay(error, failure_backoff, self.rng)
                     failure_backoff = backoff.next_backoff(error, failure_backoff, 30.0)
                 if self.stopping:
@@ -287,7 +296,7 @@ class SimAgent:
             except grpc.aio.AioRpcError as exc:
                 if self.stopping:
                     return
-                self.events.add(f"error:report:{_code(exc)}")
+                self.events.add(f"error:report:{_code(exc)}", time.monotonic() - began)
                 error = transport.translate(exc)
                 wait = min(backoff.delay(error, failure_backoff, self.rng), wait)
                 failure_backoff = backoff.next_backoff(error, failure_backoff, wait)
@@ -328,17 +337,24 @@ class SimAgent:
             trust_domain=spec.trust_domain or settings.DEFAULT_TRUST_DOMAIN,
             auto_restart_pods=spec.auto_restart_pods)
 
+        # As the agent's: a CSR is sent again while the server is busy, at the times it
+        # gives; any other failure ends the work item, which the server sends again (with
+        # the stream's next heartbeat), and the key made for it is used again then.
         async def sign(csr_pem: bytes) -> tuple[bytes, bytes]:
             ack = await self._call("intermediate", lambda: self._rpc("CompleteWork",
-                messages.WorkResult(id=item.id, csr=csr_pem, stage="csr")))
+                messages.WorkResult(id=item.id, csr=csr_pem, stage="csr")),
+                again_on_failure=False)
             return bytes(ack.certificate_chain), bytes(ack.root_bundle)
 
         try:
             outcome = await self.istio.handle(request, sign, None)
             await self._call("finished", lambda: self._rpc("CompleteWork",
                 messages.WorkResult(id=item.id, stage="finished" if outcome.ok else "failed",
-                                    error=outcome.message, restart_needed=True)))
-        except (grpc.aio.AioRpcError, errors.MeshTrustError) as exc:
+                                    error=outcome.message, restart_needed=True)),
+                again_on_failure=False)
+        except grpc.aio.AioRpcError:
+            return  # counted by _call
+        except errors.MeshTrustError as exc:
             if not self.stopping:
                 self.events.add(f"error:work-item:{type(exc).__name__}")
             return
