@@ -380,8 +380,8 @@ def latency(tally: Tally, kind: str, start: float, end: float = float("inf")) ->
 
 def error_figures(tally: Tally, start: float, end: float = float("inf")) -> dict[str, Any]:
     """The errors after ``start``: how many of each kind, how long the failed calls had
-    run (a call the server never took in ends at its deadline), and how many came in
-    each ``ERROR_BUCKET`` seconds."""
+    run (gRPC's backlog refuses a call within a second; one the server did not take in
+    ends at its deadline), and how many came in each ``ERROR_BUCKET`` seconds."""
     counts = tally.prefixed("error:", start, end)
     times = [t for k, t, _ in tally.events if k.startswith("error:") and start <= t <= end]
     buckets = [0] * (int((max(times) - start) // ERROR_BUCKET) + 1 if times else 0)
