@@ -154,7 +154,7 @@ class TestTurns:
             began = time.monotonic()
             relay._turns.update({name: began + delay for name, delay in turns.items()})
             task = asyncio.create_task(relay.hand_out_idle(every=0.05))
-            await asyncio.sleep(0.12)  # a few ticks; while c-1 is ahead they move no more
+            await asyncio.sleep(0.12)  # a tick or two; the first turn is still ahead
             task.cancel()
             return {name: turn - began for name, turn in relay._turns.items()}, woken
 
@@ -162,7 +162,7 @@ class TestTurns:
         turns, woken = asyncio.run(scenario(3, far))
         assert woken == {"c-2", "c-3"}
         assert turns["c-1"] == 0.5  # sooner than its place, one issuance from now
-        assert 2.0 < turns["c-2"] < 2.45 and turns["c-3"] == pytest.approx(turns["c-2"] + 1)
+        assert 2.0 < turns["c-2"] < 2.2 and turns["c-3"] == pytest.approx(turns["c-2"] + 1)
         assert turns["c-4"] == 300.0  # past what the server spares
         turns, woken = asyncio.run(scenario(0, far))
         assert woken == set() and turns == far

@@ -297,8 +297,7 @@ class Admission:
         _expire(self._callers, now - PACE_SECONDS)
         if self._callers or self.waiting or self._told(now):
             return 0
-        issued = int(seconds / self._pace) if self._pace > 0 else self.limit
-        return max(0, min(self.limit - self._in_flight, issued))
+        return max(0, min(self.limit - self._in_flight, int(seconds / self._pace)))
 
     def _share_left(self, now: float) -> float:
         """The share of the issuance rate that callers' own calls left over the last
