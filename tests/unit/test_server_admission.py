@@ -373,45 +373,6 @@ class TestAdmission:
         now[0] += 10.0  # (the two issuances took no time: the rate moved)
         assert control.schedule() == pytest.approx(control.seconds_per_issuance)
 
-    def test_idle_slots_go_to_work_handed_out_only_while_callers_stay_away(self) -> None:
-        """Booked turns may be brought forward (``spare``) only while no caller issued in
-        the last PACE_SECONDS, none waits and none told to come back is still to come; at
-        most the free slots, and as many as the server issues in the time asked about."""
-        now = [0.0]
-        control = admission.Admission(admission.Options(limit=4, queue=0, target=10.0),
-                                      monotonic=lambda: now[0])
-        pace = control.seconds_per_issuance  # the first estimate: 0.25 s / 4
-        assert control.spare(0.5) == 4  # the free slots (0.5 s would issue eight)
-        assert control.spare(2 * pace) == 2  # as many as it issues in the time
-
-        async def scenario() -> None:
-            async with control.slot():  # a caller's own issuance
-                now[0] += 0.01
-            assert control.spare(0.5) == 0
-            now[0] += admission.PACE_SECONDS + 0.01
-            assert control.spare(0.5) == 4
-            async with control.slot(handed_out=True):  # the server's own work holds one
-                assert control.spare(0.5) == 3
-            assert control.spare(0.5) == 4
-            release = asyncio.Event()
-
-            async def work() -> None:  # the server's own, so that no caller issues
-                async with control.slot(handed_out=True):
-                    await release.wait()
-
-            holders = [asyncio.create_task(work()) for _ in range(4)]
-            await asyncio.sleep(0)
-            with pytest.raises(errors.RateLimited) as refused:  # told to come back
-                async with control.slot():
-                    pass
-            release.set()
-            await asyncio.gather(*holders)
-            assert control.spare(0.5) == 0  # the refused caller is still to come back
-            now[0] += refused.value.retry_after + 0.01
-            assert control.spare(0.5) == 4
-
-        run(scenario())
-
     def test_options_are_checked(self) -> None:
         """A limit below one is a caller's mistake."""
         with pytest.raises(ValueError, match="limit must be at least 1"):

@@ -4,10 +4,7 @@ work streams of many clusters."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
-
-import pytest
 
 from meshtrust import clock, metrics
 from meshtrust.authority import istio
@@ -129,40 +126,3 @@ class TestTurns:
         assert relay._work_due("c-1")
         assert relay._work_due("c-2")
         assert schedule.booked == 2
-
-    def test_idle_slots_bring_turns_forward_one_issuance_apart(self) -> None:
-        """Turns booked far apart (during a burst) come sooner once callers leave the
-        server idle: of the earliest turns ahead, as many as the server has to spare, each
-        is moved to its place one issuance apart from now (unless it is sooner already),
-        and its stream is woken; turns past what the server spares stay."""
-        class Idle:
-            seconds_per_issuance = 1.0
-
-            def __init__(self, spare: int) -> None:
-                self.slots = spare
-
-            def spare(self, seconds: float) -> int:
-                return self.slots
-
-        async def scenario(spare: int, turns: dict[str, float]
-                           ) -> tuple[dict[str, float], set[str]]:
-            authority: Any = None
-            relay = service.RelayService(authority, clock.SystemClock(), metrics.Metrics(),
-                                         admission_control=Idle(spare))  # type: ignore[arg-type]
-            woken: set[str] = set()
-            relay.kick = woken.add  # type: ignore[method-assign,assignment]
-            began = time.monotonic()
-            relay._turns.update({name: began + delay for name, delay in turns.items()})
-            task = asyncio.create_task(relay.hand_out_idle(every=0.05))
-            await asyncio.sleep(0.12)  # a tick or two; the first turn is still ahead
-            task.cancel()
-            return {name: turn - began for name, turn in relay._turns.items()}, woken
-
-        far = {"c-1": 0.5, "c-2": 100.0, "c-3": 200.0, "c-4": 300.0}
-        turns, woken = asyncio.run(scenario(3, far))
-        assert woken == {"c-2", "c-3"}
-        assert turns["c-1"] == 0.5  # sooner than its place, one issuance from now
-        assert 2.0 < turns["c-2"] < 2.2 and turns["c-3"] == pytest.approx(turns["c-2"] + 1)
-        assert turns["c-4"] == 300.0  # past what the server spares
-        turns, woken = asyncio.run(scenario(0, far))
-        assert woken == set() and turns == far

@@ -283,22 +283,6 @@ class Admission:
         return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0,
                           eager=1 / self._share_left(now))
 
-    def spare(self, seconds: float) -> int:
-        """How many turns of work handed out may be brought forward for the next ``seconds``.
-
-        Turns are booked once, at the rate and share of that moment: booked while a fleet
-        bootstraps, they lie far apart, and the server would idle while they come. Once
-        no caller has issued for ``PACE_SECONDS``, none waits and none told to come back
-        is still to come, the free slots go to work handed out, at most as many as the
-        server issues in ``seconds``. While callers keep coming (a storm's renewals),
-        nothing is brought forward: their calls come first.
-        """
-        now = self._now()
-        _expire(self._callers, now - PACE_SECONDS)
-        if self._callers or self.waiting or self._told(now):
-            return 0
-        return max(0, min(self.limit - self._in_flight, int(seconds / self._pace)))
-
     def _share_left(self, now: float) -> float:
         """The share of the issuance rate that callers' own calls left over the last
         ``PACE_SECONDS`` (at least ``_LEAST_SHARE``): the rate work handed out can go at.

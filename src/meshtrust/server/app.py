@@ -163,7 +163,6 @@ class Server:
         self._tasks.append(asyncio.create_task(self.leadership.run_apart(
             lambda: open_store(self.config.store))))
         self._tasks.append(asyncio.create_task(self._watch_lag()))
-        self._tasks.append(asyncio.create_task(self.relay_service.hand_out_idle()))
         # What writes on a timer runs on the leader only; every replica serves.
         self._tasks.append(asyncio.create_task(self.leadership.while_leading(
             self._reconcile_trust, self._prune_audit, self._sweep_replicas)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 
 INSECURE_CLUSTER_HEADER = "x-meshtrust-cluster"
 WAKE_SLICE = 256  # work streams woken in one turn of the event loop (RelayService.kick_many)
-IDLE_EVERY = 0.5  # seconds between two looks for idle slots to hand work out in (hand_out_idle)
 
 
 def _response(issued: relay.Issued) -> messages.CertificateResponse:
@@ -252,30 +250,6 @@ class RelayService(transport.services.RelayServicer):
             return False
         del self._turns[cluster]
         return True
-
-    async def hand_out_idle(self, every: float = IDLE_EVERY) -> None:
-        """Bring booked turns forward while callers leave the server idle.
-
-        A turn is booked once (``_work_due``), at the rate and share of that moment; after
-        a fleet's bootstraps the server would otherwise wait out turns booked minutes
-        apart. Every ``every`` seconds, as many of the earliest turns ahead as
-        ``Admission.spare`` allows are moved to one issuance apart from now, at the rate
-        the server issues, unless they are sooner already, and their streams are woken to
-        wait for the new time. Runs until cancelled.
-        """
-        while True:
-            await asyncio.sleep(every)
-            count = self._admission.spare(every) if self._turns else 0
-            if not count:
-                continue
-            now = time.monotonic()
-            step = self._admission.seconds_per_issuance
-            ahead = [(turn, cluster) for cluster, turn in self._turns.items() if turn > now]
-            for place, (turn, cluster) in enumerate(heapq.nsmallest(count, ahead), start=1):
-                sooner = now + place * step
-                if sooner < turn:
-                    self._turns[cluster] = sooner
-                    self.kick(cluster)
 
     async def _renewal_wanted(self, cluster: str) -> bool:
         if self._relay_rotation is None:
