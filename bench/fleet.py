@@ -382,10 +382,11 @@ def error_figures(tally: Tally, start: float, end: float = float("inf")) -> dict
     """The errors after ``start``: how many of each kind, how long the failed calls had
     run (gRPC's backlog refuses a call within a second; one the server did not take in
     ends at its deadline), and how many came in each ``ERROR_BUCKET`` seconds."""
-    counts = tally.prefixed("error:", start, end)
-    times = [t for k, t, _ in tally.events if k.startswith("error:") and start <= t <= end]
-    buckets = [0] * (int((max(times) - start) // ERROR_BUCKET) + 1 if times else 0)
-    for t in times:
+    errors = [(k, t) for k, t, _ in tally.events if k.startswith("error:") and start <= t <= end]
+    counts = collections.Counter(k for k, _ in errors)
+    buckets = [0] * (int((max(t for _, t in errors) - start) // ERROR_BUCKET) + 1
+                     if errors else 0)
+    for _, t in errors:
         buckets[int((t - start) // ERROR_BUCKET)] += 1
     return {"errors": dict(counts),
             "failed_call_ran": {k: latency(tally, k, start, end) for k in counts},
