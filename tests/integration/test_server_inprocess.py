@@ -26,10 +26,10 @@ from meshtrust import clock as clock_module
 from meshtrust import errors, rpc
 from meshtrust.agent import identity as agent_identity
 from meshtrust.authority import enrollment, istio, registry
-from meshtrust.pki import keys
+from meshtrust.pki import csr, issuer, keys
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
-from meshtrust.server import admission, app, config, service
+from meshtrust.server import app, config, service
 from meshtrust.store import base, open_store
 
 
@@ -172,10 +172,18 @@ class TestOverload:
                    for r in caplog.records)
 
 
-async def _handed_out(tmp: Path, count: int) -> tuple[list[float], list[int]]:
-    """When each of ``count`` clusters' work streams got its intermediate, after one policy
-    made work for all of them at once (seconds from the first), and how many heartbeats
-    each stream had before it."""
+def _intermediate_csr(cluster: str) -> bytes:
+    """The CSR an agent sends for its Istio intermediate (``agent.istio``)."""
+    key = keys.generate_key(keys.KeyType.parse("ecdsa-p256"))
+    return csr.dump_csr(csr.build_csr(
+        key, common_name="Intermediate CA", organization="Istio", locality=cluster, ca=True,
+        names=[issuer.ISTIOD_DNS, "spiffe://cluster.local/ns/istio-system/sa/istiod"]))
+
+
+async def _handed_out(tmp: Path, count: int) -> list[list[str]]:
+    """Which of ``count`` clusters' work streams had their intermediate, after one policy
+    made work for all of them at once and after each of the first ones in turn sent its
+    CSR back: the clusters handed work, at the start and after each CSR signed."""
     clock = clock_module.SystemClock()
     async with _serving(tmp, insecure=True, max_issuances=1,
                         reconcile_interval=0.2) as (cfg, store):
@@ -184,52 +192,69 @@ async def _handed_out(tmp: Path, count: int) -> tuple[list[float], list[int]]:
         for name in names:
             await clusters.register(name)
         channel = transport.insecure_channel(cfg.listen)
-        received: dict[str, float] = {}
+        relay = transport.relay_stub(channel)
+        handed: dict[str, str] = {}  # cluster -> its work item
         beats = {name: 0 for name in names}
-        connected = asyncio.Event()
+        connected, arrived = asyncio.Event(), asyncio.Event()
+
+        def metadata(name: str) -> Any:
+            return ((service.INSECURE_CLUSTER_HEADER, name),)
 
         async def hold(name: str) -> None:
-            stream = transport.relay_stub(channel).Work(
-                messages.WorkSubscribe(replica="test"),
-                metadata=((service.INSECURE_CLUSTER_HEADER, name),))
+            stream = relay.Work(messages.WorkSubscribe(replica="test"),
+                                metadata=metadata(name))
             async for item in stream:
                 if item.WhichOneof("kind") == "issue_intermediate":
-                    received[name] = time.monotonic()
-                    stream.cancel()
-                    return
+                    handed.setdefault(name, item.id)
+                    arrived.set()
+                    continue
                 beats[name] += 1
                 if all(beats.values()):
                     connected.set()
 
+        async def settled() -> list[str]:
+            """The clusters handed work, once no more came for half a second."""
+            while True:
+                arrived.clear()
+                try:
+                    async with asyncio.timeout(0.5):
+                        await arrived.wait()
+                except TimeoutError:
+                    return sorted(handed)
+
+        streams = [asyncio.create_task(hold(name)) for name in names]
         try:
-            streams = [asyncio.create_task(hold(name)) for name in names]
             async with asyncio.timeout(10):
                 await connected.wait()  # every stream had its first heartbeat: no work yet
             await istio.IstioAuthority(store, clock, clusters).apply(im.policy())
-            async with asyncio.timeout(30):
-                await asyncio.gather(*streams)
+            async with asyncio.timeout(10):
+                while not handed:
+                    await asyncio.sleep(0.05)
+            seen = [await settled()]
+            for name in list(seen[0]):
+                await relay.CompleteWork(messages.WorkResult(
+                    id=handed[name], stage="csr", csr=_intermediate_csr(name)),
+                    metadata=metadata(name), timeout=10)
+                seen.append(await settled())
+            return seen
         finally:
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
             await channel.close()
-    first = min(received.values())
-    return sorted(at - first for at in received.values()), list(beats.values())
 
 
 class TestWorkHandOut:
-    def test_work_for_many_clusters_at_once_is_handed_out_in_turn(
-            self, tmp_path: Path) -> None:
+    def test_work_goes_out_as_its_csrs_come_back(self, tmp_path: Path) -> None:
         """A policy that makes work for every cluster at once does not send every cluster
         its intermediate in the same instant, which would bring every CSR back together:
-        each stream waits its turn in the issuance schedule, one issuance apart (at the
-        first estimate of 0.25 s per issuance, one at a time). Woken for the new work
-        before its turn, a stream sends no heartbeat: the policy wakes every stream at
-        once."""
-        spacing = admission.FIRST_ESTIMATE
-        times, beats = asyncio.run(_handed_out(tmp_path, 8))
-        assert beats == [1] * 8
-        assert len(times) == 8
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        assert min(gaps) > spacing / 2, times
-        assert times[-1] < 8 * spacing + 5, times
+        with one issuance at a time, two clusters are handed their work
+        (``service.HANDED_OUT_PER_SLOT``), and each CSR signed hands out the next
+        cluster's."""
+        room = service.HANDED_OUT_PER_SLOT
+        seen = asyncio.run(_handed_out(tmp_path, 8))
+        assert [len(names) for names in seen] == [room, room + 1, room + 2], seen
+        assert all(set(a) < set(b) for a, b in zip(seen, seen[1:], strict=False)), seen
 
 
 class TestOpenFiles:

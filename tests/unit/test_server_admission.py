@@ -90,7 +90,8 @@ class TestAdmission:
         callers. With issuances taking about 0.25 s and 0.6 s to wait, two calls can
         wait ahead of a third."""
         async def scenario() -> None:
-            control = admission.Admission(admission.Options(limit=1, max_wait=0.6))
+            control = admission.Admission(admission.Options(limit=1, max_wait=0.6,
+                                                            handed_out_wait=0.6))
             release = asyncio.Event()
             order: list[int] = []
             holder = asyncio.create_task(hold(control, release))
@@ -293,85 +294,64 @@ class TestAdmission:
         assert control.seconds_per_issuance == pytest.approx(0.01)
         run(alone(50))
         assert control.seconds_per_issuance == pytest.approx(0.01)
-        now[0] += admission.PACE_SECONDS  # (no caller's issuance takes a share meanwhile)
-        turns = [control.schedule() for _ in range(100)]
-        assert turns[-1] == pytest.approx(100 * 0.01)
+        assert control._turn(99, 1.0) == pytest.approx(100 * 0.01)
         now[0] += 60.0
         run(together(1))  # the first busy round after the quiet spell counts as one round
         assert control.seconds_per_issuance == pytest.approx(0.01, rel=0.01)
 
-    def test_work_handed_out_goes_at_the_rate_callers_leave(self) -> None:
-        """Callers come first and are not booked, so work handed out is booked at the
-        share of the rate their issuances of the last PACE_SECONDS left: callers at the
-        whole rate leave it the least share (a tenth), none leave it all, callers at 30%
-        leave 70%. Issuances of handed-out work take no share."""
-        now = [0.0]
-        control = admission.Admission(admission.Options(limit=8, target=10.0),
-                                      monotonic=lambda: now[0])
+    def test_work_handed_out_waits_longer_than_a_caller(self) -> None:
+        """A call bringing back work the server handed out may wait ``handed_out_wait``
+        for a slot, where a caller is refused after ``max_wait``: the server hands out
+        only as much as it can take back, and the call takes the first free slot."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=1, max_wait=0.05,
+                                                            handed_out_wait=5.0))
+            release = asyncio.Event()
+            holder = asyncio.create_task(hold(control, release))
+            await asyncio.sleep(0)
 
-        async def together(count: int, handed_out: bool) -> None:
-            async def issue(release: asyncio.Event) -> None:
-                async with control.slot(handed_out=handed_out):
-                    await release.wait()
+            async def work() -> float:
+                async with control.slot(handed_out=True):
+                    return time.monotonic()
 
-            for _ in range(count):  # eight at a time, 80 ms each: 100 a second
-                release = asyncio.Event()
-                holders = [asyncio.create_task(issue(release)) for _ in range(8)]
-                await asyncio.sleep(0)
-                now[0] += 0.08
-                release.set()
-                await asyncio.gather(*holders)
-
-        async def callers(count: int, seconds: float) -> None:
-            for _ in range(count):
-                now[0] += seconds / count
+            waiting = asyncio.create_task(work())
+            await asyncio.sleep(0)
+            with pytest.raises(errors.RateLimited):
                 async with control.slot():
                     pass
+            await asyncio.sleep(0.2)
+            released = time.monotonic()
+            release.set()
+            assert await waiting >= released
+            await holder
+            assert control.refused == 1
 
-        run(together(200, handed_out=False))
-        assert control.seconds_per_issuance == pytest.approx(0.01)
-        assert control.schedule() == pytest.approx(0.01 / admission._LEAST_SHARE)
-        now[0] += admission.PACE_SECONDS
-        assert control.schedule() == pytest.approx(0.01)
-        run(together(200, handed_out=True))
-        assert control.schedule() == pytest.approx(0.01)
-        now[0] += 1.0
-        run(callers(300, admission.PACE_SECONDS))  # 30 a second, one at a time
-        assert control.seconds_per_issuance == pytest.approx(0.01)
-        assert control.schedule() == pytest.approx(0.01 / 0.7)
+        run(scenario())
 
-    def test_work_handed_out_takes_turns_after_refused_callers(self) -> None:
-        """Work the server hands out itself is booked one issuance apart at the measured
-        rate, after the callers told to come back, who are booked more eagerly; those
-        callers are not put off by it. Once the times pass, the next turn is one issuance
-        away again."""
-        now = [0.0]
-        control = admission.Admission(admission.Options(limit=2, queue=0),
-                                      monotonic=lambda: now[0])
-        turn = control.seconds_per_issuance
-        assert [control.schedule() for _ in range(3)] == pytest.approx(
-            [turn, 2 * turn, 3 * turn])
-
-        async def refused() -> float:
+    def test_refused_work_comes_back_after_the_calls_ahead_and_books_no_turn(self) -> None:
+        """A refused call bringing back work comes back once the calls ahead of it now are
+        served, one issuance apart; it books no turn among the callers told to come back,
+        who are booked more eagerly."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=2, queue=0))
+            turn = control.seconds_per_issuance
             release = asyncio.Event()
             holders = [asyncio.create_task(hold(control, release)) for _ in range(2)]
             await asyncio.sleep(0)
-            with pytest.raises(errors.RateLimited) as info:
-                async with control.slot():
+            with pytest.raises(errors.RateLimited) as work:
+                async with control.slot(handed_out=True):
                     pass
-            # Two in flight and this caller: the turns booked for work do not count.
-            assert info.value.retry_after == pytest.approx(3 * turn * admission._EAGER)
-            # Work booked now comes after the two in flight, the caller told to come
-            # back and the three turns booked before.
-            assert control.schedule() == pytest.approx(7 * turn)
+            assert work.value.retry_after == pytest.approx(3 * turn)
+            for told in (1, 2):  # two in flight, and the callers told before
+                with pytest.raises(errors.RateLimited) as caller:
+                    async with control.slot():
+                        pass
+                assert caller.value.retry_after == pytest.approx(
+                    (2 + told) * turn * admission._EAGER)
             release.set()
             await asyncio.gather(*holders)
-            return float(info.value.retry_after)
 
-        run(refused())
-        assert control.refused == 1
-        now[0] += 10.0  # (the two issuances took no time: the rate moved)
-        assert control.schedule() == pytest.approx(control.seconds_per_issuance)
+        run(scenario())
 
     def test_options_are_checked(self) -> None:
         """A limit below one is a caller's mistake."""

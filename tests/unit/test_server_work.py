@@ -79,50 +79,97 @@ class TestWakingStreams:
         asyncio.run(scenario())
 
 
-class _Schedule:
-    """An issuance schedule that books every turn ``delay`` seconds away, and counts them."""
+class TestHandOuts:
+    def _handouts(self, room: int = 2) -> tuple[work.HandOuts, list[float]]:
+        now = [0.0]
+        return work.HandOuts(lambda: room, hold=30.0, monotonic=lambda: now[0]), now
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.booked = 0
+    def test_work_goes_out_as_far_as_there_is_room_then_in_the_order_asked(self) -> None:
+        """Two clusters may have work on its way; the others wait, each once however often
+        its streams ask, and are handed theirs in the order they asked, one for each
+        cluster whose work came back."""
+        handouts, _ = self._handouts()
+        assert handouts.ask("c-1") == (True, [])
+        assert handouts.ask("c-2") == (True, [])
+        assert handouts.ask("c-3") == (False, [])
+        assert handouts.ask("c-4") == (False, [])
+        assert handouts.ask("c-3") == (False, [])  # its second stream
+        assert handouts.ask("c-1") == (True, [])  # on its way: may be sent again
+        assert (handouts.out, handouts.waiting) == (2, 2)
+        assert handouts.answered("c-2") == ["c-3"]
+        assert handouts.answered("c-2") == []  # came back once
+        assert handouts.ask("c-3") == (True, [])
+        assert handouts.answered("c-1") == ["c-4"]
+        assert (handouts.out, handouts.waiting) == (2, 0)
 
-    def schedule(self) -> float:
-        self.booked += 1
-        return self.delay
+    def test_work_not_answered_within_the_hold_leaves_room(self) -> None:
+        """An agent that never answers keeps its room for ``hold`` seconds; a CSR told to
+        come back later keeps it that much longer."""
+        handouts, now = self._handouts(room=1)
+        assert handouts.ask("c-1")[0]
+        assert not handouts.ask("c-2")[0]
+        now[0] = 29.0
+        assert not handouts.ask("c-2")[0]
+        now[0] = 30.0
+        assert handouts.ask("c-2") == (True, [])
+        handouts.deferred("c-2", 100.0)  # now + 100 + 30
+        handouts.deferred("c-9", 100.0)  # not on its way: nothing to keep
+        now[0] = 159.0
+        assert handouts.ask("c-3") == (False, [])
+        assert handouts.out == 1
+        now[0] = 160.0
+        assert handouts.ask("c-4") == (False, ["c-3"])
+        assert handouts.ask("c-2") == (False, [])  # its room went: it waits again
+
+    def test_a_cluster_without_streams_leaves_the_line_and_its_room(self) -> None:
+        handouts, _ = self._handouts(room=1)
+        assert handouts.ask("c-1")[0]
+        assert not handouts.ask("c-2")[0]
+        assert not handouts.ask("c-3")[0]
+        assert handouts.forget("c-2") == []
+        assert handouts.forget("c-1") == ["c-3"]
+
+    def test_the_room_follows_the_server(self) -> None:
+        """The room is asked each time: a server that lowers its limit hands out less."""
+        room = [1]
+        handouts = work.HandOuts(lambda: room[0], hold=30.0)
+        assert handouts.ask("c-1")[0]
+        assert not handouts.ask("c-2")[0]
+        room[0] = 3
+        assert handouts.ask("c-3") == (True, ["c-2"])
 
 
-class TestTurns:
-    def _relay(self, schedule: _Schedule, *pending: str) -> service.RelayService:
-        authority: Any = None  # booking turns asks nothing of the authority
+class _Limit:
+    """Admission control as the hand-outs see it: its limit."""
+
+    limit = 1
+
+
+class TestStreamsHandOut:
+    def _relay(self, *pending: str) -> service.RelayService:
+        authority: Any = None  # handing out asks nothing of the authority
         relay = service.RelayService(authority, clock.SystemClock(), metrics.Metrics(),
-                                     admission_control=schedule)  # type: ignore[arg-type]
+                                     admission_control=_Limit())  # type: ignore[arg-type]
         relay.work.fill([_item(name, istio.State.PENDING) for name in pending])
+        for name in pending:
+            relay._streams[name] = {service._Stream()}
         return relay
 
-    def test_a_cluster_books_one_turn_whichever_of_its_streams_looks(self) -> None:
-        """An agent that renews its certificate opens a second stream before it closes the
-        first: the new stream waits for the turn the first one booked, and books no other
-        (one booked per stream put every renewing cluster at the end of the schedule, and
-        left its first turn booked for nothing)."""
-        schedule = _Schedule(60.0)
-        relay = self._relay(schedule, "c-1", "c-2")
-        assert not relay._work_due("c-1")
-        assert not relay._work_due("c-1")  # the second stream of c-1
-        assert schedule.booked == 1
-        assert not relay._work_due("c-2")
-        assert schedule.booked == 2
-
-    def test_a_turn_that_came_is_used_once_and_work_handed_out_books_none(self) -> None:
-        """Once its turn has come the cluster is handed its work; work already handed out
-        (not PENDING) goes again at once, without a turn."""
-        schedule = _Schedule(0.0)
-        relay = self._relay(schedule, "c-1")
-        assert relay._work_due("c-1")
-        assert schedule.booked == 1
-        schedule.delay = 60.0
-        assert not relay._work_due("c-1")  # still PENDING: a new turn, far away
-        assert schedule.booked == 2
-        relay.work.note(_event(_item("c-1", istio.State.REQUESTED, 2)))
-        assert relay._work_due("c-1")
-        assert relay._work_due("c-2")
-        assert schedule.booked == 2
+    def test_new_work_goes_out_as_the_store_says_work_came_back(self) -> None:
+        """Streams of clusters with new work hand it out as there is room; work already
+        handed out goes again at once. Once the store says a cluster's intermediate was
+        signed (whichever replica signed it) the next cluster's stream is woken, and its
+        work is due; the same cluster's work handed out (REQUESTED) keeps its room."""
+        room = service.HANDED_OUT_PER_SLOT
+        names = [f"c-{i}" for i in range(room + 1)]
+        relay = self._relay(*names)
+        assert [relay._work_due(name) for name in names] == [True] * room + [False]
+        last = names[-1]
+        relay.work_changed(_event(_item(names[0], istio.State.REQUESTED, 2)))
+        assert relay._work_due(names[0])  # handed out: sent again at once
+        assert not relay._work_due(last)
+        woken = next(iter(relay._streams[last])).wake
+        assert not woken.is_set()
+        relay.work_changed(_event(_item(names[0], istio.State.ISSUED, 3)))
+        assert woken.is_set()
+        assert relay._work_due(last)

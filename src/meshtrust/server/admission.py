@@ -35,12 +35,15 @@ after the queue and after the callers already told to come back who have not
 yet. A burst of ten thousand callers comes back as an even stream the server
 can serve, instead of ten thousand calls each second; the schedule follows the
 rate as it changes, and no caller is told to wait more than ``max_retry``. Agents wait the
-time they are given, with a little jitter (``agent.backoff``). Work the server hands out
-itself, an intermediate for a cluster to make a key for, takes its turn in a schedule
-of its own (``schedule``), after the callers told to come back and without putting them
-off, so that a policy applied to the whole fleet brings its CSRs back at the rate the
-server signs them (at the share of that rate the callers leave, where refused callers are
-booked twice as eagerly: see ``schedule``).
+time they are given, with a little jitter (``agent.backoff``).
+
+Work the server hands out itself, an intermediate for a cluster to make a key for, is
+not booked here: the server hands out only as much as it can take back at once
+(``work.HandOuts``), and the calls that bring it back wait behind every caller's own
+call, up to ``handed_out_wait`` seconds. Being few, they may wait longer than callers:
+a waiting call costs memory only, and each of them takes the first slot the callers
+leave free, so the server signs intermediates whenever it has room and never puts a
+caller off for them.
 """
 
 from __future__ import annotations
@@ -69,9 +72,6 @@ _FLOOR = 0.25  # the limit never falls below this share of Options.limit
 _EAGER = 0.5
 REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
 PACE_SECONDS = 10.0  # the schedule's rate is that of about this many seconds of issuances
-# Work the server hands out gets at least this share of the rate, however many callers
-# come meanwhile (see ``Admission.schedule``).
-_LEAST_SHARE = 0.1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +83,8 @@ class Options:
     # Callers that may wait for a slot; None: as many as can be served within max_wait.
     queue: int | None = None
     max_wait: float = 1.0  # seconds a caller waits for a slot before it is refused
+    # Seconds a call completing work the server handed out may wait (``slot``).
+    handed_out_wait: float = 10.0
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
     # Past it a caller is told again, at the rate known by then. Not less than the time
     # the server needs for what is asked of it: ten thousand callers at ten issuances a
@@ -96,8 +98,10 @@ class Options:
             raise ValueError("limit must be at least 1")
         if self.queue is not None and self.queue < 0:
             raise ValueError("queue must be 0 or more")
-        if self.target <= 0 or self.max_wait < 0 or not 0 < self.min_retry <= self.max_retry:
-            raise ValueError("target must be > 0, max_wait >= 0 and 0 < min_retry <= max_retry")
+        if self.target <= 0 or min(self.max_wait, self.handed_out_wait) < 0 or not (
+                0 < self.min_retry <= self.max_retry):
+            raise ValueError("target must be > 0, max_wait and handed_out_wait >= 0 and "
+                             "0 < min_retry <= max_retry")
 
 
 class Admission:
@@ -126,10 +130,6 @@ class Admission:
         self._paced_at = monotonic()  # when the last one ended
         # When refused callers were told to come back, those still to come, in order.
         self._slots: collections.deque[float] = collections.deque()
-        # When work the server hands out itself goes out, those still to go, in order.
-        self._handouts: collections.deque[float] = collections.deque()
-        # When callers' own issuances ended, over the last PACE_SECONDS.
-        self._callers: collections.deque[float] = collections.deque()
         self.admitted = 0
         self.refused = 0
         self._refused_since_report = 0
@@ -160,21 +160,19 @@ class Admission:
         """Hold one of the slots for the block; RateLimited if none comes in time.
 
         ``remaining``: seconds to the caller's deadline, if it has one. ``handed_out``:
-        the call completes work the server handed out itself (``schedule``), and waits
-        behind every caller's own call, as its turn in the schedule comes after theirs.
-        A renewal is its caller's deadline; an intermediate the server asked for can
-        come a little later, and in a storm the callers waited behind these for slots.
+        the call completes work the server handed out itself (``work.HandOuts``), and
+        waits behind every caller's own call, up to ``handed_out_wait`` seconds rather
+        than ``max_wait``. A renewal is its caller's deadline; an intermediate the server
+        asked for can come a little later, and in a storm the callers waited behind these
+        for slots.
         """
-        await self._acquire(self._patience(remaining), int(handed_out))
+        rank = int(handed_out)
+        await self._acquire(self._patience(remaining, rank), rank)
         started = self._now()
         try:
             yield
         finally:
-            ended = self._now()
-            self._finished(ended - started)
-            if not handed_out:
-                self._callers.append(ended)
-                _expire(self._callers, ended - PACE_SECONDS)
+            self._finished(self._now() - started)
             self._release()
 
     def _finished(self, elapsed: float) -> None:
@@ -204,11 +202,13 @@ class Admission:
         else:
             self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
 
-    def _patience(self, remaining: float | None) -> float:
-        """How long a caller may wait: max_wait, less if its issuance would end too late."""
+    def _patience(self, remaining: float | None, rank: int) -> float:
+        """How long a call may wait: max_wait (handed_out_wait for work handed out), less if
+        its issuance would end too late."""
+        wait = self.options.handed_out_wait if rank else self.options.max_wait
         if remaining is None:
-            return self.options.max_wait
-        return max(0.0, min(self.options.max_wait, remaining - self._duration))
+            return wait
+        return max(0.0, min(wait, remaining - self._duration))
 
     async def _acquire(self, patience: float, rank: int) -> None:
         if self._in_flight < self.limit and not self.waiting:
@@ -216,7 +216,7 @@ class Admission:
             self.admitted += 1
             return
         if not self._may_wait(patience, rank):
-            raise self._refuse()
+            raise self._refuse(rank)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queues[rank].append(waiter)
         self._queued[rank] += 1
@@ -228,7 +228,7 @@ class Admission:
                 self.admitted += 1  # the slot was handed over as the time ran out: keep it
                 return
             self._forget(waiter, rank)
-            raise self._refuse() from None
+            raise self._refuse(rank) from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._release()  # handed a slot, but the call is gone: pass it on
@@ -264,62 +264,34 @@ class Admission:
                     self._in_flight += 1
                     waiter.set_result(None)
 
-    def schedule(self) -> float:
-        """Seconds until work the server hands out itself should go out; books its turn.
-
-        Work the server starts (an Istio intermediate, which brings a CSR back) takes
-        turns at the rate the server issues instead of going out all at once: a policy
-        change over ten thousand clusters would otherwise bring ten thousand CSRs
-        within a second, more than the server can even refuse before their deadlines.
-        It yields to callers: its turns come after the callers told to come back, and
-        theirs are not put off by it (the server can always hand out its work later).
-        Its turns are one issuance apart at the rate that callers leave it
-        (``_share_left``), not sooner as for refused callers: a CSR that comes back early
-        is refused and comes back again, and in a storm those refusals are calls the
-        event loop must take in beside the renewals (docs/benchmarks.md).
-        """
-        now = self._now()
-        _expire(self._handouts, now)
-        return self._book(self._handouts, now, len(self._handouts) + self._told(now), 0.0,
-                          eager=1 / self._share_left(now))
-
-    def _share_left(self, now: float) -> float:
-        """The share of the issuance rate that callers' own calls left over the last
-        ``PACE_SECONDS`` (at least ``_LEAST_SHARE``): the rate work handed out can go at.
-
-        Callers come first (``slot``) and are not booked by the schedule: in a storm
-        ten thousand renewals take a third of the rate. Work booked at the whole rate
-        meanwhile came back faster than it was served, waited its ``max_wait`` behind
-        the renewals, and was refused: 8,500 refusals for 10,000 intermediates, each a
-        call more for the busy event loop to take in.
-        """
-        _expire(self._callers, now - PACE_SECONDS)
-        used = len(self._callers) / PACE_SECONDS * self.seconds_per_issuance
-        return max(_LEAST_SHARE, 1.0 - used)
-
     def _told(self, now: float) -> int:
         """Callers told to come back who have not yet."""
         _expire(self._slots, now)
         return len(self._slots)
 
-    def _book(self, slots: collections.deque[float], now: float, booked: int,
-              at_least: float, eager: float) -> float:
-        """Book the next turn in ``slots`` after ``booked`` others, ``eager`` times as far
-        apart as the measured rate says; return the seconds until it (bounded)."""
-        # Callers in the queue go first, then those booked before; this one after them,
-        # all at the rate the server issues now (so the schedule follows the rate, rather
+    def _turn(self, booked: int, eager: float) -> float:
+        """Seconds until a turn after the calls in flight, those waiting and ``booked``
+        others, ``eager`` times as far apart as the measured rate says (bounded)."""
+        # All at the rate the server issues now (so the schedule follows the rate, rather
         # than the rate of when the others were booked).
         ahead = self._in_flight + self.waiting + booked + 1
-        delay = min(max(ahead * self.seconds_per_issuance * eager, at_least),
-                    self.options.max_retry)
-        slots.append(max(now + delay, slots[-1] if slots else 0.0))
-        return delay
+        return min(max(ahead * self.seconds_per_issuance * eager, self.options.min_retry),
+                   self.options.max_retry)
 
-    def _refuse(self) -> errors.RateLimited:
-        """The error for a caller who gets no slot, with its own time to come back."""
+    def _refuse(self, rank: int = 0) -> errors.RateLimited:
+        """The error for a call that gets no slot, with its time to come back.
+
+        A caller gets its own turn, booked after the callers told before it. Work handed
+        out comes back once the calls ahead of it now are served, without a turn: such
+        calls are as few as the work the server has on its way (``work.HandOuts``), and
+        one refused has waited up to ``handed_out_wait`` behind the callers, booked too.
+        """
         now = self._now()
-        retry = self._book(self._slots, now, self._told(now), self.options.min_retry,
-                           eager=_EAGER)
+        if rank:
+            retry = self._turn(0, 1.0)
+        else:
+            retry = self._turn(self._told(now), _EAGER)
+            self._slots.append(max(now + retry, self._slots[-1] if self._slots else 0.0))
         self.refused += 1
         self._refused_since_report += 1
         if now - self._reported >= REPORT_EVERY:

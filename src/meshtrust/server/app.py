@@ -256,14 +256,13 @@ class Server:
 
         The leader's reconcile, another replica's signature, an agent's report on
         another replica: every replica sees the write. It keeps the index of which
-        clusters have work, and wakes a cluster's streams when an intermediate of
-        it becomes PENDING (new work); after a gap it lists them all and wakes the streams
-        of every cluster with work.
+        clusters have work, wakes a cluster's streams when an intermediate of it becomes
+        PENDING (new work), and hands out the next cluster's work when one's was signed
+        (``service.RelayService.work_changed``); after a gap it lists them all and wakes
+        the streams of every cluster with work.
         """
         async def changed(event: base.WatchEvent) -> None:
-            cluster = self.relay_service.work.note(event)
-            if cluster:
-                self.relay_service.kick(cluster)
+            self.relay_service.work_changed(event)
 
         async def everyone() -> None:
             self.relay_service.work.fill(await self.store.list_resources(

@@ -22,12 +22,15 @@ from meshtrust.authority import relay_rotation as relay_rotation_module
 from meshtrust.rpc import transport
 from meshtrust.rpc.transport import messages
 from meshtrust.server import admission, authn, work
-from meshtrust.store import manifest
+from meshtrust.store import base, manifest
 
 log = logging.getLogger(__name__)
 
 INSECURE_CLUSTER_HEADER = "x-meshtrust-cluster"
 WAKE_SLICE = 256  # work streams woken in one turn of the event loop (RelayService.kick_many)
+# Clusters with work on its way, per issuance the server runs at once: while some CSRs are
+# being signed, as many more are on their way to their slots (``work.HandOuts``).
+HANDED_OUT_PER_SLOT = 2
 
 
 def _response(issued: relay.Issued) -> messages.CertificateResponse:
@@ -98,13 +101,14 @@ class RelayService(transport.services.RelayServicer):
         self._insecure = insecure
         self._heartbeat = heartbeat
         self._streams: dict[str, set[_Stream]] = {}
-        # When each cluster may be handed its new work (monotonic time), once booked in the
-        # issuance schedule: per cluster, not per stream, as an agent that renews its
-        # certificate opens a new stream, which must not book its work a second turn.
-        self._turns: dict[str, float] = {}
-        # Which clusters have Istio work, followed from the store (server.app); a
+        # Which clusters have Istio work, followed from the store (``work_changed``); a
         # cluster without any is not looked up on each heartbeat.
         self.work = work.WorkIndex()
+        # Which clusters may be handed their new work: per cluster, not per stream, as an
+        # agent that renews its certificate opens a second stream before it closes the
+        # first. A stream that heard nothing back in a heartbeat sends its work again.
+        self.handouts = work.HandOuts(lambda: HANDED_OUT_PER_SLOT * self._admission.limit,
+                                      hold=heartbeat)
 
     async def _cluster(self, context: Any, request: Any, *, registered: bool = True) -> str:
         """The calling cluster, from its verified certificate (or the header when insecure).
@@ -202,9 +206,6 @@ class RelayService(transport.services.RelayServicer):
                         server_time_unix=int(self._clock.now().timestamp()),
                         renew_client=await self._renewal_wanted(cluster)))
                 wait = beat + self._heartbeat - now
-                turn = self._turns.get(cluster)
-                if turn is not None:
-                    wait = max(0.0, min(wait, turn - now))
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
                     async with asyncio.timeout(wait):
@@ -222,7 +223,7 @@ class RelayService(transport.services.RelayServicer):
                           len(streams))
             else:
                 self._streams.pop(cluster, None)
-                self._turns.pop(cluster, None)
+                self._kick_each(self.handouts.forget(cluster))
                 self._meters.connected.set(len(self._streams))
                 try:
                     await registry.disconnect(cluster, self.replica)
@@ -234,22 +235,29 @@ class RelayService(transport.services.RelayServicer):
     def _work_due(self, cluster: str) -> bool:
         """Whether to send ``cluster`` its work now, on a stream that looks for it.
 
-        Work already handed out is sent again at once; new work waits for its turn in
-        the issuance schedule (``admission.Admission.schedule``), booked the first time
-        one of the cluster's streams finds it, so that work for the whole fleet comes
-        back as CSRs at the rate the server signs them, not all in the same second.
+        Work already handed out is sent again at once; new work waits for room among
+        the work on its way (``work.HandOuts``), so that work for the whole fleet comes
+        back as CSRs as fast as the server signs them, not all in the same second. The
+        stream is woken when its turn comes.
         """
         if not self.work.has_new_work(cluster):
-            self._turns.pop(cluster, None)
             return True
-        now = time.monotonic()
-        turn = self._turns.get(cluster)
-        if turn is None:
-            turn = self._turns[cluster] = now + self._admission.schedule()
-        if now < turn:
-            return False
-        del self._turns[cluster]
-        return True
+        due, turns = self.handouts.ask(cluster)
+        self._kick_each(turns)
+        return due
+
+    def work_changed(self, event: base.WatchEvent) -> None:
+        """Follow one change to an intermediate, whoever made it (``server.app``): wake
+        the streams of a cluster with new work, and once a cluster's work came back
+        signed (or ended otherwise), hand out the next."""
+        woken = self.work.note(event)
+        if woken:
+            self.kick(woken)
+        cluster = event.object.labels.get("cluster") if isinstance(
+            event.object, base.Resource) else None
+        if cluster and not self.work.has_new_work(cluster) and not self.work.awaits_csr(
+                cluster):
+            self._kick_each(self.handouts.answered(cluster))
 
     async def _renewal_wanted(self, cluster: str) -> bool:
         if self._relay_rotation is None:
@@ -271,6 +279,10 @@ class RelayService(transport.services.RelayServicer):
             policy=w.policy, key_type=w.key_type, trust_domain=w.trust_domain,
             org=w.organization, form=w.form, auto_restart_pods=w.auto_restart_pods))
             for w in work]
+
+    def _kick_each(self, clusters: Iterable[str]) -> None:
+        for cluster in clusters:
+            self.kick(cluster)
 
     def drop(self, cluster: str) -> None:
         """End the open work streams of ``cluster`` (it was deregistered)."""
@@ -341,6 +353,7 @@ class RelayService(transport.services.RelayServicer):
                     f": {request.error}" if request.error else "")
             return messages.WorkAck()
         except errors.RateLimited as exc:
+            self.handouts.deferred(cluster, exc.retry_after)
             log.debug("work %s of cluster %s deferred: %s", request.id, cluster, exc)
             await transport.abort(context, exc)
             raise AssertionError("unreachable") from exc
