@@ -328,6 +328,41 @@ class TestAdmission:
 
         run(scenario())
 
+    def test_work_handed_out_holds_at_most_its_share_of_the_slots(self) -> None:
+        """With a limit of 4 and half of it for work handed out, two such calls run and a
+        third waits while slots are free, which a caller takes at once; the third runs
+        when one of the first two ends, not when the caller does."""
+        async def scenario() -> None:
+            control = admission.Admission(admission.Options(limit=4, handed_out_share=0.5))
+            assert control.work_limit == 2
+            releases = [asyncio.Event() for _ in range(3)]
+            started: list[int] = []
+
+            async def work(index: int) -> None:
+                async with control.slot(handed_out=True):
+                    started.append(index)
+                    await releases[index].wait()
+
+            tasks = [asyncio.create_task(work(index)) for index in range(3)]
+            await asyncio.sleep(0)
+            assert started == [0, 1] and control.waiting == 1
+            caller_release = asyncio.Event()
+            caller = asyncio.create_task(hold(control, caller_release))
+            await asyncio.sleep(0)
+            assert control.in_flight == 3 and control.waiting == 1
+            caller_release.set()
+            await caller
+            assert started == [0, 1]
+            releases[0].set()
+            await asyncio.sleep(0.01)
+            assert started == [0, 1, 2]
+            for release in releases:
+                release.set()
+            await asyncio.gather(*tasks)
+            assert control.in_flight == 0 and control.waiting == 0
+
+        run(scenario())
+
     def test_refused_work_comes_back_after_the_calls_ahead_and_books_no_turn(self) -> None:
         """A refused call bringing back work comes back once the calls ahead of it now are
         served, one issuance apart; it books no turn among the callers told to come back,
@@ -357,6 +392,8 @@ class TestAdmission:
         """A limit below one is a caller's mistake."""
         with pytest.raises(ValueError, match="limit must be at least 1"):
             admission.Options(limit=0)
+        with pytest.raises(ValueError, match="handed_out_share"):
+            admission.Options(handed_out_share=0)
 
 
 class TestBackoff:

@@ -43,7 +43,9 @@ not booked here: the server hands out only as much as it can take back at once
 call, up to ``handed_out_wait`` seconds. Being few, they may wait longer than callers:
 a waiting call costs memory only, and each of them takes the first slot the callers
 leave free, so the server signs intermediates whenever it has room and never puts a
-caller off for them.
+caller off for them. They hold at most ``handed_out_share`` of the slots at once
+(``work_limit``): a caller's issuance shares the CPU with the others in flight, and
+beside a whole limit of intermediates it would take that many times longer.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class Options:
     max_wait: float = 1.0  # seconds a caller waits for a slot before it is refused
     # Seconds a call completing work the server handed out may wait (``slot``).
     handed_out_wait: float = 10.0
+    # The share of the limit such calls may hold at once: the rest is kept for callers,
+    # whose issuances would otherwise share the CPU with a whole limit of intermediates.
+    handed_out_share: float = 0.25
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
     # Past it a caller is told again, at the rate known by then. Not less than the time
     # the server needs for what is asked of it: ten thousand callers at ten issuances a
@@ -98,6 +103,8 @@ class Options:
             raise ValueError("limit must be at least 1")
         if self.queue is not None and self.queue < 0:
             raise ValueError("queue must be 0 or more")
+        if not 0 < self.handed_out_share <= 1:
+            raise ValueError("handed_out_share must be more than 0 and at most 1")
         if self.target <= 0 or min(self.max_wait, self.handed_out_wait) < 0 or not (
                 0 < self.min_retry <= self.max_retry):
             raise ValueError("target must be > 0, max_wait and handed_out_wait >= 0 and "
@@ -112,6 +119,7 @@ class Admission:
         self.options = options or Options()
         self._now = monotonic
         self._in_flight = 0
+        self._work = 0  # of them, calls completing work handed out
         self._limit = float(self.options.limit)  # the current limit, 1 to options.limit
         self._lowered = -float("inf")  # when the limit was last lowered
         # Calls waiting for a slot, first come first served within each queue: callers'
@@ -149,6 +157,11 @@ class Admission:
         return max(1, int(self._limit))
 
     @property
+    def work_limit(self) -> int:
+        """How many of them may complete work the server handed out (``handed_out_share``)."""
+        return max(1, int(self._limit * self.options.handed_out_share))
+
+    @property
     def seconds_per_issuance(self) -> float:
         """How long one issuance takes at the limit, divided by the limit: 1 / throughput,
         as the schedule books the callers it refuses (``PACE_SECONDS``)."""
@@ -173,7 +186,7 @@ class Admission:
             yield
         finally:
             self._finished(self._now() - started)
-            self._release()
+            self._release(rank)
 
     def _finished(self, elapsed: float) -> None:
         now = self._now()
@@ -185,7 +198,7 @@ class Admission:
         # out what was measured before it, and one slow issuance at the start of a burst
         # does not send every caller away): the issuances a stall ends together count as
         # one.
-        busy = self._in_flight >= self.limit or self.waiting > 0
+        busy = self._in_flight >= self.limit or self._queued[0] > 0
         self._been_busy = self._been_busy or busy
         if busy or not self._been_busy:
             self._paced += 1
@@ -211,8 +224,8 @@ class Admission:
         return max(0.0, min(wait, remaining - self._duration))
 
     async def _acquire(self, patience: float, rank: int) -> None:
-        if self._in_flight < self.limit and not self.waiting:
-            self._in_flight += 1
+        if self._free(rank) and not any(self._queued[:rank + 1]):
+            self._take(rank)
             self.admitted += 1
             return
         if not self._may_wait(patience, rank):
@@ -231,7 +244,7 @@ class Admission:
             raise self._refuse(rank) from None
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot, but the call is gone: pass it on
+                self._release(rank)  # handed a slot, but the call is gone: pass it on
             self._forget(waiter, rank)
             raise
         self.admitted += 1
@@ -244,7 +257,8 @@ class Admission:
         if self.options.queue is not None:
             return self.waiting < self.options.queue
         ahead = sum(self._queued[:rank + 1])
-        return (ahead + 1) * self._duration / self.limit <= patience
+        slots = self.work_limit if rank else self.limit
+        return (ahead + 1) * self._duration / slots <= patience
 
     def _forget(self, waiter: asyncio.Future[None], rank: int) -> None:
         """A waiter gives up: it no longer counts, and ``_release`` passes it over."""
@@ -252,16 +266,26 @@ class Admission:
             self._queued[rank] -= 1
         waiter.cancel()
 
-    def _release(self) -> None:
-        """Free a slot, and hand free slots to the calls that have waited longest, callers'
-        own first."""
+    def _free(self, rank: int) -> bool:
+        """Whether a call of ``rank`` may take a slot: one is free, and work handed out
+        holds fewer than its share."""
+        return self._in_flight < self.limit and (not rank or self._work < self.work_limit)
+
+    def _take(self, rank: int) -> None:
+        self._in_flight += 1
+        self._work += rank
+
+    def _release(self, rank: int) -> None:
+        """Free a slot of ``rank``, and hand free slots to the calls that have waited
+        longest, callers' own first."""
         self._in_flight -= 1
-        for rank, waiters in enumerate(self._queues):
-            while waiters and self._in_flight < self.limit:
+        self._work -= rank
+        for queued, waiters in enumerate(self._queues):
+            while waiters and self._free(queued):
                 waiter = waiters.popleft()
                 if not waiter.done():
-                    self._queued[rank] -= 1
-                    self._in_flight += 1
+                    self._queued[queued] -= 1
+                    self._take(queued)
                     waiter.set_result(None)
 
     def _told(self, now: float) -> int:

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 INSECURE_CLUSTER_HEADER = "x-meshtrust-cluster"
 WAKE_SLICE = 256  # work streams woken in one turn of the event loop (RelayService.kick_many)
-# Clusters with work on its way, per issuance the server runs at once: while some CSRs are
-# being signed, as many more are on their way to their slots (``work.HandOuts``).
+# Clusters with work on its way, per slot such work may hold (``Admission.work_limit``):
+# while some CSRs are being signed, as many more are on their way (``work.HandOuts``).
 HANDED_OUT_PER_SLOT = 2
 
 
@@ -107,7 +107,7 @@ class RelayService(transport.services.RelayServicer):
         # Which clusters may be handed their new work: per cluster, not per stream, as an
         # agent that renews its certificate opens a second stream before it closes the
         # first. A stream that heard nothing back in a heartbeat sends its work again.
-        self.handouts = work.HandOuts(lambda: HANDED_OUT_PER_SLOT * self._admission.limit,
+        self.handouts = work.HandOuts(lambda: HANDED_OUT_PER_SLOT * self._admission.work_limit,
                                       hold=heartbeat)
 
     async def _cluster(self, context: Any, request: Any, *, registered: bool = True) -> str:
