@@ -96,10 +96,10 @@ class TestHandOuts:
         assert handouts.ask("c-3") == (False, [])  # its second stream
         assert handouts.ask("c-1") == (True, [])  # on its way: may be sent again
         assert (handouts.out, handouts.waiting) == (2, 2)
-        assert handouts.answered("c-2") == ["c-3"]
-        assert handouts.answered("c-2") == []  # came back once
+        assert handouts.done("c-2") == ["c-3"]
+        assert handouts.done("c-2") == []  # came back once
         assert handouts.ask("c-3") == (True, [])
-        assert handouts.answered("c-1") == ["c-4"]
+        assert handouts.done("c-1") == ["c-4"]
         assert (handouts.out, handouts.waiting) == (2, 0)
 
     def test_work_not_answered_within_the_hold_leaves_room(self) -> None:
@@ -121,13 +121,16 @@ class TestHandOuts:
         assert handouts.ask("c-4") == (False, ["c-3"])
         assert handouts.ask("c-2") == (False, [])  # its room went: it waits again
 
-    def test_a_cluster_without_streams_leaves_the_line_and_its_room(self) -> None:
+    def test_a_cluster_done_leaves_the_line_and_its_room(self) -> None:
+        """A cluster whose work was withdrawn, or whose streams ended, while it waited
+        leaves the line: the next one gets the room, not a cluster with nothing to do."""
         handouts, _ = self._handouts(room=1)
         assert handouts.ask("c-1")[0]
         assert not handouts.ask("c-2")[0]
         assert not handouts.ask("c-3")[0]
-        assert handouts.forget("c-2") == []
-        assert handouts.forget("c-1") == ["c-3"]
+        assert handouts.done("c-2") == []
+        assert handouts.done("c-1") == ["c-3"]
+        assert handouts.waiting == 0
 
     def test_the_room_follows_the_server(self) -> None:
         """The room is asked each time: a server that lowers its limit hands out less."""
@@ -173,3 +176,18 @@ class TestStreamsHandOut:
         relay.work_changed(_event(_item(names[0], istio.State.ISSUED, 3)))
         assert woken.is_set()
         assert relay._work_due(last)
+
+    def test_work_withdrawn_while_waiting_leaves_the_line(self) -> None:
+        """A cluster whose new work is deleted (its policy went) while it waits takes no
+        turn: the next cluster in line gets the room the first one frees."""
+        room = service.HANDED_OUT_PER_SLOT
+        names = [f"c-{i}" for i in range(room + 2)]
+        relay = self._relay(*names)
+        assert [relay._work_due(name) for name in names] == [True] * room + [False] * 2
+        assert relay.handouts.waiting == 2
+        relay.work_changed(_event(_item(names[room], istio.State.PENDING, 2),
+                                  base.EventType.DELETED))
+        assert relay.handouts.waiting == 1
+        relay.work_changed(_event(_item(names[0], istio.State.ISSUED, 3)))
+        assert next(iter(relay._streams[names[-1]])).wake.is_set()
+        assert not next(iter(relay._streams[names[room]])).wake.is_set()

@@ -223,7 +223,7 @@ class RelayService(transport.services.RelayServicer):
                           len(streams))
             else:
                 self._streams.pop(cluster, None)
-                self._kick_each(self.handouts.forget(cluster))
+                self._kick_each(self.handouts.done(cluster))
                 self._meters.connected.set(len(self._streams))
                 try:
                     await registry.disconnect(cluster, self.replica)
@@ -248,8 +248,8 @@ class RelayService(transport.services.RelayServicer):
 
     def work_changed(self, event: base.WatchEvent) -> None:
         """Follow one change to an intermediate, whoever made it (``server.app``): wake
-        the streams of a cluster with new work, and once a cluster's work came back
-        signed (or ended otherwise), hand out the next."""
+        the streams of a cluster with new work, and once a cluster has none waiting or on
+        its way (its CSR signed, its work withdrawn), hand out the next."""
         woken = self.work.note(event)
         if woken:
             self.kick(woken)
@@ -257,7 +257,7 @@ class RelayService(transport.services.RelayServicer):
             event.object, base.Resource) else None
         if cluster and not self.work.has_new_work(cluster) and not self.work.awaits_csr(
                 cluster):
-            self._kick_each(self.handouts.answered(cluster))
+            self._kick_each(self.handouts.done(cluster))
 
     async def _renewal_wanted(self, cluster: str) -> bool:
         if self._relay_rotation is None:

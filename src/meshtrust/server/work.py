@@ -94,10 +94,10 @@ class HandOuts:
     goes out too slowly once the callers that took the rate are gone, or too fast while
     they come (the calls queued in gRPC, not yet taken in, are seen by no one). So work
     goes out as its CSRs come back: a cluster handed its work counts as on its way until
-    its intermediate is signed (``answered``, followed from the store, whichever replica
-    signed it), its CSR is told to come back later (``deferred``), its streams end
-    (``forget``), or ``hold`` seconds pass with none of these (an agent that never
-    answers keeps no room).
+    it is ``done`` (its intermediate signed, as followed from the store whichever replica
+    signed it, its work withdrawn, or its streams ended) or ``hold`` seconds pass (an
+    agent that never answers keeps no room); a CSR told to come back later
+    (``deferred``) keeps its place that much longer.
     """
 
     def __init__(self, room: Callable[[], int], *, hold: float,
@@ -130,21 +130,18 @@ class HandOuts:
             return True, turns
         return False, turns
 
-    def answered(self, cluster: str) -> list[str]:
-        """The work of ``cluster`` came back; return the clusters whose turn came."""
-        if self._out.pop(cluster, None) is None:
-            return []
-        return self._turns()
-
     def deferred(self, cluster: str, seconds: float) -> None:
         """The CSR of ``cluster`` was told to come back in ``seconds``: still on its way."""
         if cluster in self._out:
             self._out[cluster] = max(self._out[cluster], self._now() + seconds + self._hold)
 
-    def forget(self, cluster: str) -> list[str]:
-        """``cluster`` has no stream left; return the clusters whose turn came."""
+    def done(self, cluster: str) -> list[str]:
+        """``cluster`` has no work waiting or on its way (its intermediate was signed, its
+        work withdrawn, its streams ended); return the clusters whose turn came."""
         self._waiting.pop(cluster, None)
-        return self.answered(cluster)
+        if self._out.pop(cluster, None) is None:
+            return []
+        return self._turns()
 
     def _turns(self) -> list[str]:
         """Hand the room there is to the clusters that asked first; return them."""
