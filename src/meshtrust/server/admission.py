@@ -306,9 +306,9 @@ class Admission:
         """The error for a call that gets no slot, with its time to come back.
 
         A caller gets its own turn, booked after the callers told before it. Work handed
-        out comes back once the calls ahead of it now are served, without a turn: such
+        out comes back once the calls ahead of it now are served, and books no turn: such
         calls are as few as the work the server has on its way (``work.HandOuts``), and
-        one refused has waited up to ``handed_out_wait`` behind the callers, booked too.
+        one refused has most likely waited its ``handed_out_wait`` already.
         """
         now = self._now()
         if rank:

@@ -106,7 +106,8 @@ class RelayService(transport.services.RelayServicer):
         self.work = work.WorkIndex()
         # Which clusters may be handed their new work: per cluster, not per stream, as an
         # agent that renews its certificate opens a second stream before it closes the
-        # first. A stream that heard nothing back in a heartbeat sends its work again.
+        # first. Work not answered within a heartbeat gives up its room: the stream sends
+        # it again then anyway.
         self.handouts = work.HandOuts(lambda: HANDED_OUT_PER_SLOT * self._admission.work_limit,
                                       hold=heartbeat)
 

@@ -23,7 +23,7 @@ from meshtrust.store import base
 
 _PENDING = istio.State.PENDING.value
 _REQUESTED = istio.State.REQUESTED.value
-_OUTSTANDING = frozenset({_PENDING, istio.State.REQUESTED.value, istio.State.ISSUED.value})
+_OUTSTANDING = frozenset({_PENDING, _REQUESTED, istio.State.ISSUED.value})
 
 
 class WorkIndex:
