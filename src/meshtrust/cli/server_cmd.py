@@ -58,9 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="how often trust policies are checked for renewals (default 5s)")
     parser.add_argument("--max-issuances", metavar="N",
                         help="certificates signed at once (bootstraps, renewals, Istio "
-                             "intermediates); callers past that wait their turn (see "
-                             "--max-issuance-wait) or get RESOURCE_EXHAUSTED with a time to "
-                             "retry (default 32)")
+                             "intermediates, which may hold a quarter of them); callers past "
+                             "that wait their turn (see --max-issuance-wait) or get "
+                             "RESOURCE_EXHAUSTED with a time to retry (default 32)")
     parser.add_argument("--max-issuance-wait", metavar="DURATION",
                         help="how long a caller past --max-issuances may wait for its turn "
                              "before it is told when to retry; 0 refuses at once (default 1s)")
