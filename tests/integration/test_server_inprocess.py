@@ -180,10 +180,11 @@ def _intermediate_csr(cluster: str) -> bytes:
         names=[issuer.ISTIOD_DNS, "spiffe://cluster.local/ns/istio-system/sa/istiod"]))
 
 
-async def _handed_out(tmp: Path, count: int) -> list[list[str]]:
+async def _handed_out(tmp: Path, count: int, room: int) -> list[list[str]]:
     """Which of ``count`` clusters' work streams had their intermediate, after one policy
-    made work for all of them at once and after each of the first ones in turn sent its
-    CSR back: the clusters handed work, at the start and after each CSR signed."""
+    made work for all of them at once (``room`` of them expected) and after each of those
+    in turn sent its CSR back: the clusters handed work, at the start and after each CSR
+    signed."""
     clock = clock_module.SystemClock()
     async with _serving(tmp, insecure=True, max_issuances=1,
                         reconcile_interval=0.2) as (cfg, store):
@@ -212,30 +213,27 @@ async def _handed_out(tmp: Path, count: int) -> list[list[str]]:
                 if all(beats.values()):
                     connected.set()
 
-        async def settled() -> list[str]:
-            """The clusters handed work, once no more came for half a second."""
-            while True:
-                arrived.clear()
-                try:
-                    async with asyncio.timeout(0.5):
-                        await arrived.wait()
-                except TimeoutError:
-                    return sorted(handed)
+        async def settled(expected: int) -> list[str]:
+            """The clusters handed work once ``expected`` were, and no more came for half a
+            second after."""
+            async with asyncio.timeout(10):
+                while len(handed) < expected:
+                    arrived.clear()
+                    await arrived.wait()
+            await asyncio.sleep(0.5)
+            return sorted(handed)
 
         streams = [asyncio.create_task(hold(name)) for name in names]
         try:
             async with asyncio.timeout(10):
                 await connected.wait()  # every stream had its first heartbeat: no work yet
             await istio.IstioAuthority(store, clock, clusters).apply(im.policy())
-            async with asyncio.timeout(10):
-                while not handed:
-                    await asyncio.sleep(0.05)
-            seen = [await settled()]
+            seen = [await settled(room)]
             for name in list(seen[0]):
                 await relay.CompleteWork(messages.WorkResult(
                     id=handed[name], stage="csr", csr=_intermediate_csr(name)),
                     metadata=metadata(name), timeout=10)
-                seen.append(await settled())
+                seen.append(await settled(len(seen[-1]) + 1))
             return seen
         finally:
             for task in streams:
@@ -252,7 +250,7 @@ class TestWorkHandOut:
         (``service.HANDED_OUT_PER_SLOT``), and each CSR signed hands out the next
         cluster's."""
         room = service.HANDED_OUT_PER_SLOT
-        seen = asyncio.run(_handed_out(tmp_path, 8))
+        seen = asyncio.run(_handed_out(tmp_path, 8, room))
         assert [len(names) for names in seen] == [room, room + 1, room + 2], seen
         assert all(set(a) < set(b) for a, b in zip(seen, seen[1:], strict=False)), seen
 
