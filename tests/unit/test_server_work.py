@@ -143,9 +143,9 @@ class TestHandOuts:
 
 
 class _Limit:
-    """Admission control as the hand-outs see it: its limit."""
+    """Admission control as the hand-outs see it: the slots work may hold."""
 
-    limit = 1
+    work_limit = 1
 
 
 class TestStreamsHandOut:

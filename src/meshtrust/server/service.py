@@ -28,11 +28,8 @@ log = logging.getLogger(__name__)
 
 INSECURE_CLUSTER_HEADER = "x-meshtrust-cluster"
 WAKE_SLICE = 256  # work streams woken in one turn of the event loop (RelayService.kick_many)
-# Clusters with work on its way, per issuance the server runs at once (``work.HandOuts``):
-# a few CSRs are being signed (``Admission.work_limit``), the others are on their way or
-# wait for a slot. Fewer would leave the server idle while work crosses the network: 100
-# clusters' intermediates took half as long again with 16 on their way as with the turns
-# booked before (docs/benchmarks.md).
+# Clusters with work on its way, per slot such work may hold (``Admission.work_limit``):
+# while some CSRs are being signed, as many more are on their way (``work.HandOuts``).
 HANDED_OUT_PER_SLOT = 2
 
 
@@ -111,7 +108,7 @@ class RelayService(transport.services.RelayServicer):
         # agent that renews its certificate opens a second stream before it closes the
         # first. Work not answered within a heartbeat gives up its room: the stream sends
         # it again then anyway.
-        self.handouts = work.HandOuts(lambda: HANDED_OUT_PER_SLOT * self._admission.limit,
+        self.handouts = work.HandOuts(lambda: HANDED_OUT_PER_SLOT * self._admission.work_limit,
                                       hold=heartbeat)
 
     async def _cluster(self, context: Any, request: Any, *, registered: bool = True) -> str:
