@@ -120,11 +120,10 @@ class HandOuts:
     def ask(self, cluster: str) -> tuple[bool, list[str]]:
         """Whether ``cluster`` may be handed its new work now, and the other clusters
         whose turn came meanwhile (to be woken). A cluster that may not waits its turn."""
-        if cluster in self._out and self._out[cluster] > self._now():
+        if self._out.get(cluster, 0.0) > self._now():
             return True, []
-        self._out.pop(cluster, None)
         self._waiting.setdefault(cluster, None)
-        turns = self._turns()
+        turns = self._turns()  # drops this cluster's own room too, if its hold passed
         if cluster in turns:
             turns.remove(cluster)
             return True, turns
