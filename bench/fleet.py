@@ -378,6 +378,32 @@ def latency(tally: Tally, kind: str, start: float, end: float = float("inf")) ->
             "max_ms": round(max(values) * 1000, 1) if values else None}
 
 
+def latency_per_bucket(tally: Tally, kind: str, start: float,
+                       end: float = float("inf")) -> list[dict[str, Any]]:
+    """``latency`` of the ``kind`` events that ended in each ``ERROR_BUCKET`` seconds after
+    ``start``, with how many took over 2 s: whether a tail is spread or comes at once."""
+    buckets: list[list[float]] = []
+    for t, v in tally.since(kind, start, end):
+        index = int((t - start) // ERROR_BUCKET)
+        buckets.extend([] for _ in range(index + 1 - len(buckets)))
+        buckets[index].append(v)
+    figures = []
+    for values in buckets:
+        p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
+        figures.append({"n": len(values), "p50_ms": round(p50 * 1000) if p50 is not None else None,
+                        "p99_ms": round(p99 * 1000) if p99 is not None else None,
+                        "over_2s": sum(1 for v in values if v > 2.0)})
+    return figures
+
+
+def collections_figures(tally: Tally, start: float, end: float = float("inf")) -> dict[str, Any]:
+    """The simulators' own garbage collections from ``start``: each one stopped a
+    worker's event loop, and so is part of what its agents measured meanwhile."""
+    took = [v for _, v in tally.since("simgc", start, end)]
+    return {"n": len(took), "seconds": round(sum(took), 2),
+            "longest_ms": round(max(took) * 1000, 1) if took else None}
+
+
 def error_figures(tally: Tally, start: float, end: float = float("inf")) -> dict[str, Any]:
     """The errors after ``start``: how many of each kind, how long the failed calls had
     run (gRPC's backlog refuses a call within a second; one the server did not take in
@@ -541,6 +567,7 @@ class Fleet:
             **error_figures(self.tally, go, end),
             "drops": self.tally.count("drop", go),
             "simulator_lag": latency(self.tally, "simlag", go, end),
+            "simulator_gc": collections_figures(self.tally, go, end),
             **(self.sampler.window(go, end) if self.sampler else {}),
         }
 
@@ -607,12 +634,15 @@ class Fleet:
             "renewed": self.tally.count("renewed", began),
             "renew_end_to_end": latency(self.tally, "renewed", began),
             "renew_call": latency(self.tally, "call:renew", began),
+            f"renew_call_per_{ERROR_BUCKET:.0f}s": latency_per_bucket(self.tally, "call:renew",
+                                                                     began, end),
             "intermediate_latency": latency(self.tally, "intermediate", began),
             "busy": dict(self.tally.prefixed("busy:", began)),
             **error_figures(self.tally, began, end),
             "drops": self.tally.count("drop", began),
             "rebootstraps": self.tally.count("call:bootstrap", began),
             "simulator_lag": latency(self.tally, "simlag", began, end),
+            "simulator_gc": collections_figures(self.tally, began, end),
             **self.sampler.window(began, end),
         }
 
@@ -767,8 +797,10 @@ def _ms(block: dict[str, Any], key: str = "p99_ms") -> str:
 def _lag_row(phase: dict[str, Any]) -> tuple[str, str, str]:
     """How late the simulators' own event loops ran: part of every latency they measure."""
     lag = phase.get("simulator_lag") or {}
+    collected = phase.get("simulator_gc") or {}
     return ("simulator event loop late p99 / max (in the latencies above)",
-            f"{_ms(lag)} / {_ms(lag, 'max_ms')}", "")
+            f"{_ms(lag)} / {_ms(lag, 'max_ms')}",
+            f"its GC: {collected.get('seconds', 0)} s, longest {_ms(collected, 'longest_ms')}")
 
 
 def _ran(phase: dict[str, Any]) -> str:
