@@ -363,40 +363,6 @@ class TestAdmission:
 
         run(scenario())
 
-    def test_work_handed_out_yields_while_callers_are_slow(self) -> None:
-        """While callers' issuances take longer than ``callers_target``, work handed out
-        holds less than its share, in proportion and down to one slot; its own slow
-        issuances do not count, and once no caller has been served for a while it holds
-        its whole share again."""
-        now = [0.0]
-        control = admission.Admission(
-            admission.Options(limit=8, handed_out_share=0.5, callers_target=0.2),
-            monotonic=lambda: now[0])
-
-        async def issue(seconds: float, *, handed_out: bool = False) -> None:
-            async with control.slot(handed_out=handed_out):
-                now[0] += seconds
-
-        async def scenario() -> None:
-            assert control.work_limit == 4
-            for _ in range(50):
-                await issue(0.9, handed_out=True)
-            assert control.work_limit == 4  # the server's own work: not a caller's wait
-            for _ in range(50):
-                await issue(0.1)
-            assert control.work_limit == 4  # callers within their target
-            for _ in range(50):
-                await issue(0.4)
-            assert control._callers_duration == pytest.approx(0.4, abs=0.01)
-            assert control.work_limit == 2  # half the share: twice the target
-            for _ in range(50):
-                await issue(0.9)
-            assert control.work_limit == 1  # never less than one
-            now[0] += admission.CALLERS_RECENT
-            assert control.work_limit == 4  # no caller lately: the whole share
-
-        run(scenario())
-
     def test_refused_work_comes_back_after_the_calls_ahead_and_books_no_turn(self) -> None:
         """A refused call bringing back work comes back once the calls ahead of it now are
         served, one issuance apart; it books no turn among the callers told to come back,
@@ -428,8 +394,6 @@ class TestAdmission:
             admission.Options(limit=0)
         with pytest.raises(ValueError, match="handed_out_share"):
             admission.Options(handed_out_share=0)
-        with pytest.raises(ValueError, match="callers_target"):
-            admission.Options(callers_target=0)
 
 
 class TestBackoff:

@@ -58,8 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="how often trust policies are checked for renewals (default 5s)")
     parser.add_argument("--max-issuances", metavar="N",
                         help="certificates signed at once (bootstraps, renewals, Istio "
-                             "intermediates, which may hold a quarter of them, less while "
-                             "callers' issuances are slow); callers past "
+                             "intermediates, which may hold a quarter of them); callers past "
                              "that wait their turn (see --max-issuance-wait) or get "
                              "RESOURCE_EXHAUSTED with a time to retry (default 32)")
     parser.add_argument("--max-issuance-wait", metavar="DURATION",

@@ -45,10 +45,7 @@ a waiting call costs memory only, and each of them takes the first slot the call
 leave free, so the server signs intermediates whenever it has room and never puts a
 caller off for them. They hold at most ``handed_out_share`` of the slots at once
 (``work_limit``): a caller's issuance shares the CPU with the others in flight, and
-beside a whole limit of intermediates it would take that many times longer. And while
-the callers' own issuances take longer than ``callers_target`` (a slower machine, a
-storm of renewals), that share shrinks in proportion, down to one slot: the server's
-own work can wait, a caller's deadline cannot.
+beside a whole limit of intermediates it would take that many times longer.
 """
 
 from __future__ import annotations
@@ -76,9 +73,6 @@ _FLOOR = 0.25  # the limit never falls below this share of Options.limit
 # too low; a caller that comes too early waits in the queue or is told again (cheaply).
 _EAGER = 0.5
 REPORT_EVERY = 10.0  # seconds between two log lines about refused calls
-# Work handed out yields to callers only while some are being served: after this many
-# seconds without a caller's issuance, their last durations say nothing of now.
-CALLERS_RECENT = 10.0
 PACE_SECONDS = 10.0  # the schedule's rate is that of about this many seconds of issuances
 
 
@@ -96,9 +90,6 @@ class Options:
     # The share of the limit such calls may hold at once: the rest is kept for callers,
     # whose issuances would otherwise share the CPU with a whole limit of intermediates.
     handed_out_share: float = 0.25
-    # Seconds a caller's issuance should take (the moving average). While they take
-    # longer, work handed out holds that much less than its share (at least one slot).
-    callers_target: float = 0.2
     min_retry: float = 0.05  # bounds of the retry time given to a refused caller (seconds)
     # Past it a caller is told again, at the rate known by then. Not less than the time
     # the server needs for what is asked of it: ten thousand callers at ten issuances a
@@ -114,8 +105,6 @@ class Options:
             raise ValueError("queue must be 0 or more")
         if not 0 < self.handed_out_share <= 1:
             raise ValueError("handed_out_share must be more than 0 and at most 1")
-        if self.callers_target <= 0:
-            raise ValueError("callers_target must be more than 0")
         if self.target <= 0 or min(self.max_wait, self.handed_out_wait) < 0 or not (
                 0 < self.min_retry <= self.max_retry):
             raise ValueError("target must be > 0, max_wait and handed_out_wait >= 0 and "
@@ -140,10 +129,6 @@ class Admission:
             collections.deque(), collections.deque())
         self._queued = [0, 0]
         self._duration = FIRST_ESTIMATE
-        # Callers' issuances alone: how long they take (moving average), and when the
-        # last one ended.
-        self._callers_duration = 0.0
-        self._callers_at = -float("inf")
         # Seconds per issuance at the limit, as the schedule books them: the average of
         # the issuances so far that ended with the server at its limit, then of about the
         # last PACE_SECONDS of them.
@@ -173,13 +158,8 @@ class Admission:
 
     @property
     def work_limit(self) -> int:
-        """How many of them may complete work the server handed out: ``handed_out_share``
-        of the limit, less while callers' issuances take longer than ``callers_target``."""
-        share = self._limit * self.options.handed_out_share
-        if (self._callers_duration > self.options.callers_target
-                and self._now() - self._callers_at < CALLERS_RECENT):
-            share *= self.options.callers_target / self._callers_duration
-        return max(1, int(share))
+        """How many of them may complete work the server handed out (``handed_out_share``)."""
+        return max(1, int(self._limit * self.options.handed_out_share))
 
     @property
     def seconds_per_issuance(self) -> float:
@@ -205,14 +185,11 @@ class Admission:
         try:
             yield
         finally:
-            self._finished(self._now() - started, rank)
+            self._finished(self._now() - started)
             self._release(rank)
 
-    def _finished(self, elapsed: float, rank: int) -> None:
+    def _finished(self, elapsed: float) -> None:
         now = self._now()
-        if not rank:
-            self._callers_duration += _SMOOTHING * (elapsed - self._callers_duration)
-            self._callers_at = now
         # At the limit, the limit divided by an issuance's time is how many the server
         # completes per second. Below it, an issuance that had the server to itself would
         # book the next burst many times sooner than it can be served, so once the server
