@@ -494,9 +494,6 @@ async def _run(spec: WorkerSpec, queue: Any, commands: Any) -> None:
             if spec.handshakes and len(agents) >= 2:
                 background.append(asyncio.create_task(handshakes(agents, events, rng)))
         elif command[0] == "storm":
-            # What converging made (the agents' connections and streams) lives on: left
-            # out of the storm's collections, which then walk only what the storm makes.
-            gc.freeze()
             for agent in agents:
                 task = asyncio.create_task(agent.renew(command[1]))
                 agent.tasks.add(task)
