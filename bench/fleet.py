@@ -62,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -378,17 +379,23 @@ def latency(tally: Tally, kind: str, start: float, end: float = float("inf")) ->
             "max_ms": round(max(values) * 1000, 1) if values else None}
 
 
+def _by_bucket(timed: Iterable[tuple[float, float]], start: float) -> list[list[float]]:
+    """The values of ``(time, value)`` pairs, in one list per ``ERROR_BUCKET`` seconds after
+    ``start``, up to the last pair's."""
+    buckets: list[list[float]] = []
+    for t, v in timed:
+        index = int((t - start) // ERROR_BUCKET)
+        buckets.extend([] for _ in range(index + 1 - len(buckets)))
+        buckets[index].append(v)
+    return buckets
+
+
 def latency_per_bucket(tally: Tally, kind: str, start: float,
                        end: float = float("inf")) -> list[dict[str, Any]]:
     """``latency`` of the ``kind`` events that ended in each ``ERROR_BUCKET`` seconds after
     ``start``, with how many took over 2 s: whether a tail is spread or comes at once."""
-    buckets: list[list[float]] = []
-    for t, v in tally.since(kind, start, end):
-        index = int((t - start) // ERROR_BUCKET)
-        buckets.extend([] for _ in range(index + 1 - len(buckets)))
-        buckets[index].append(v)
     figures = []
-    for values in buckets:
+    for values in _by_bucket(tally.since(kind, start, end), start):
         p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
         figures.append({"n": len(values), "p50_ms": round(p50 * 1000) if p50 is not None else None,
                         "p99_ms": round(p99 * 1000) if p99 is not None else None,
@@ -410,10 +417,7 @@ def error_figures(tally: Tally, start: float, end: float = float("inf")) -> dict
     ends at its deadline), and how many came in each ``ERROR_BUCKET`` seconds."""
     errors = [(k, t) for k, t, _ in tally.events if k.startswith("error:") and start <= t <= end]
     counts = collections.Counter(k for k, _ in errors)
-    buckets = [0] * (int((max(t for _, t in errors) - start) // ERROR_BUCKET) + 1
-                     if errors else 0)
-    for _, t in errors:
-        buckets[int((t - start) // ERROR_BUCKET)] += 1
+    buckets = [len(b) for b in _by_bucket(((t, 0.0) for _, t in errors), start)]
     return {"errors": dict(counts),
             "failed_call_ran": {k: latency(tally, k, start, end) for k in counts},
             f"errors_per_{ERROR_BUCKET:.0f}s": buckets}
