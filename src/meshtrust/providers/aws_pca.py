@@ -184,7 +184,8 @@ class AwsPca:
                  backoff_base: float = 0.2, backoff_cap: float = 5.0,
                  waiter_delay: float = 3.0, waiter_max_attempts: int = 60,
                  clock: clock_module.Clock | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.region = region
@@ -194,6 +195,7 @@ class AwsPca:
         self._waiter = {"Delay": waiter_delay, "MaxAttempts": waiter_max_attempts}
         self._clock = clock or clock_module.SystemClock()
         self._sleep = sleep
+        self._monotonic = monotonic  # the rate limits' clock, which ``sleep`` waits on
         self._random = random.Random()
         self._lock = threading.Lock()
         self._buckets: dict[str, TokenBucket] = {}
@@ -403,7 +405,8 @@ class AwsPca:
         with self._lock:
             bucket = self._buckets.get(arn)
             if bucket is None:
-                bucket = self._buckets[arn] = TokenBucket(self._rate, sleep=self._sleep)
+                bucket = self._buckets[arn] = TokenBucket(self._rate, sleep=self._sleep,
+                                                          monotonic=self._monotonic)
         bucket.acquire()
 
     def _call(self, operation: str, arn: str | None, call: Callable[[], _T]) -> _T:
