@@ -33,6 +33,11 @@ root`` does) while every worker runs mTLS handshakes between workloads of two
 of its clusters, issued from their current ``cacerts``, back to back. Reports
 the time to ``DONE`` and the failed handshakes.
 
+``--ceiling``: the same agents against ``bench/fleetceiling.py`` instead of the
+server: the relay protocol with the same gRPC options, mutual TLS and signing code,
+and nothing else (no store, tokens, admission control or schedule). What it reaches
+is the most this machine allows with one gRPC mutual-TLS connection per cluster.
+
 Run from the repository root (``.venv/bin/pip install -e '.[bench]'`` for
 psutil and matplotlib; without psutil /proc is read, without matplotlib
 ``--plot`` is refused):
@@ -40,6 +45,7 @@ psutil and matplotlib; without psutil /proc is read, without matplotlib
     .venv/bin/python bench/fleet.py --clusters 1000
     .venv/bin/python bench/fleet.py --clusters 10000 --storm --plot fleet.png
     .venv/bin/python bench/fleet.py --clusters 100 --root-rotation
+    .venv/bin/python bench/fleet.py --clusters 10000 --storm --ceiling --timeout 900
 """
 
 from __future__ import annotations
@@ -190,12 +196,17 @@ class ServerProcess:
 
     def _start_one(self, index: int, listen: str, bootstrap: str) -> dict[str, int]:
         ready = self.workdir / f"server-{index}.ready"
-        command = [sys.executable, "-m", "meshtrust", "server", "--store", self.store,
-                   "--listen", listen, "--bootstrap-listen", bootstrap,
-                   "--ready-file", str(ready), "--key-type", self.args.key_type,
-                   "--log-level", self.args.server_log_level, *self.args.server_arg]
-        if self.args.max_issuances:
-            command += ["--max-issuances", str(self.args.max_issuances)]
+        common = ["--store", self.store, "--listen", listen, "--bootstrap-listen", bootstrap,
+                  "--ready-file", str(ready)]
+        if self.args.ceiling:
+            command = [sys.executable, str(Path(__file__).with_name("fleetceiling.py")),
+                       *common]
+        else:
+            command = [sys.executable, "-m", "meshtrust", "server", *common,
+                       "--key-type", self.args.key_type,
+                       "--log-level", self.args.server_log_level, *self.args.server_arg]
+            if self.args.max_issuances:
+                command += ["--max-issuances", str(self.args.max_issuances)]
         with self.log.open("ab") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
@@ -213,6 +224,10 @@ class ServerProcess:
     @property
     def pids(self) -> list[int]:
         return [proc.pid for proc in self.procs]
+
+    def signal(self, signum: int) -> None:
+        for proc in self.procs:
+            proc.send_signal(signum)
 
     def exited(self) -> bool:
         return any(proc.poll() is not None for proc in self.procs)
@@ -611,7 +626,10 @@ class Fleet:
         reissued = progress.add_task("storm: intermediates re-issued", total=n)
         status = progress.add_task("", total=None)
         self.broadcast("storm", self.args.storm_spread)
-        asyncio.run(apply_policy(self.server.store, "721h"))  # a new lifetime: all re-issue
+        if self.args.ceiling:
+            self.server.signal(signal.SIGUSR1)  # its way of sending every cluster new work
+        else:
+            asyncio.run(apply_policy(self.server.store, "721h"))  # a new lifetime: all re-issue
         spies = self._profile(began)
 
         def update() -> None:
@@ -825,8 +843,10 @@ def _sum(counter: dict[str, int]) -> str:
 def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
     from rich.table import Table
 
+    served = ("the ceiling (bench/fleetceiling.py), not meshtrust server" if args.ceiling
+              else "meshtrust server")
     out = Table(title=f"meshtrust fleet: {args.clusters:,} simulated clusters, "
-                      f"{args.workers} worker processes")
+                      f"{args.workers} worker processes, against {served}")
     out.add_column("phase")
     out.add_column("measure")
     out.add_column("value", justify="right")
@@ -993,6 +1013,11 @@ def main() -> int:
     parser.add_argument("--servers", type=int, default=1,
                         help="server processes: replicas on the one store and the same ports "
                              "(RSS and CPU are their sums; --profile samples the first)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="run the agents against bench/fleetceiling.py instead of "
+                             "meshtrust server: the same protocol, TLS and signing, nothing "
+                             "else (no store, admission control or schedule), to measure what "
+                             "this machine allows at best")
     parser.add_argument("--max-issuances", type=int, default=0,
                         help="the server's --max-issuances (default: the server's default)")
     parser.add_argument("--server-arg", action="append", default=[],
@@ -1013,6 +1038,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.clusters < 2 or args.workers < 1 or args.servers < 1:
         parser.error("--clusters must be at least 2, --workers and --servers at least 1")
+    if args.ceiling and args.root_rotation:
+        parser.error("--ceiling serves no trust policy, so it cannot rotate a root")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
