@@ -38,6 +38,9 @@ server: the relay protocol with the same gRPC options, mutual TLS and signing co
 and nothing else (no store, tokens, admission control or schedule). What it reaches
 is the most this machine allows with one gRPC mutual-TLS connection per cluster.
 
+``--no-policy``: no trust policy, so no Istio work: the clusters only bootstrap and
+hold their relay streams, which is what the converge target counts.
+
 Run from the repository root (``.venv/bin/pip install -e '.[bench]'`` for
 psutil and matplotlib; without psutil /proc is read, without matplotlib
 ``--plot`` is refused):
@@ -97,9 +100,10 @@ def policy_document(ttl: str) -> dict[str, Any]:
 # The management store, through the authority API
 
 
-async def prepare(store_url: str, count: int, key_type: str, parallel: int = 512
-                  ) -> tuple[list[fleetsim.ClusterSpec], bytes]:
-    """The relay PKI, ``count`` clusters with a token each, and the trust policy."""
+async def prepare(store_url: str, count: int, key_type: str, *, policy: bool = True,
+                  parallel: int = 512) -> tuple[list[fleetsim.ClusterSpec], bytes]:
+    """The relay PKI, ``count`` clusters with a token each, and (with ``policy``) the
+    trust policy."""
     from meshtrust import clock as clock_module
     from meshtrust.authority import istio, registry, relay_pki
     from meshtrust.pki import keys
@@ -120,7 +124,8 @@ async def prepare(store_url: str, count: int, key_type: str, parallel: int = 512
 
         width = max(5, len(str(count - 1)))
         made = await asyncio.gather(*(enroll(f"c-{i:0{width}d}") for i in range(count)))
-        await istio.IstioAuthority(store, clock, clusters).apply(policy_document("720h"))
+        if policy:
+            await istio.IstioAuthority(store, clock, clusters).apply(policy_document("720h"))
         return list(made), await relay_pki.trust_bundle(store)
     finally:
         await store.close()
@@ -200,7 +205,7 @@ class ServerProcess:
                   "--ready-file", str(ready)]
         if self.args.ceiling:
             command = [sys.executable, str(Path(__file__).with_name("fleetceiling.py")),
-                       *common]
+                       *common, *(["--no-work"] if self.args.no_policy else [])]
         else:
             command = [sys.executable, "-m", "meshtrust", "server", *common,
                        "--key-type", self.args.key_type,
@@ -318,6 +323,7 @@ class Sampler(threading.Thread):
         machine = (inside[-1].machine_cpu - inside[0].machine_cpu) / span
         return {"peak_rss_mib": max(s.rss for s in inside) / 2**20,
                 "end_rss_mib": inside[-1].rss / 2**20,
+                "server_cpu_s": server * span, "worker_cpu_s": workers * span,
                 "server_cores": server, "worker_cores": workers,
                 "other_cores": max(0.0, machine - server - workers)}
 
@@ -511,7 +517,8 @@ class Fleet:
         _say(f"preparing the management store: relay PKI, {args.clusters:,} clusters with a "
              "token each, the trust policy")
         began = time.monotonic()
-        clusters, trust = asyncio.run(prepare(self.server.store, args.clusters, args.key_type))
+        clusters, trust = asyncio.run(prepare(self.server.store, args.clusters, args.key_type,
+                                              policy=not args.no_policy))
         self.result["prepare_s"] = round(time.monotonic() - began, 2)
         _say(f"  done in {self.result['prepare_s']} s; starting the server")
         ports = self.server.start()
@@ -547,7 +554,8 @@ class Fleet:
         n = self.args.clusters
         bars = {kind: progress.add_task(label, total=n) for kind, label in (
             ("bootstrapped", "bootstrapped"), ("connected", "relay stream open"),
-            ("intermediate", "Istio intermediate"))}
+            ("intermediate", "Istio intermediate"))
+            if kind != "intermediate" or not self.args.no_policy}
         status = progress.add_task("", total=None)
         go = time.monotonic() + 0.5
         self.marks["go"] = go
@@ -623,10 +631,13 @@ class Fleet:
         self.marks["storm"] = began
         self.tally.mark(began)
         renewed = progress.add_task("storm: client certificates renewed", total=n)
-        reissued = progress.add_task("storm: intermediates re-issued", total=n)
+        reissued = progress.add_task("storm: intermediates re-issued",
+                                     total=0 if self.args.no_policy else n)
         status = progress.add_task("", total=None)
         self.broadcast("storm", self.args.storm_spread)
-        if self.args.ceiling:
+        if self.args.no_policy:
+            pass
+        elif self.args.ceiling:
             self.server.signal(signal.SIGUSR1)  # its way of sending every cluster new work
         else:
             asyncio.run(apply_policy(self.server.store, "721h"))  # a new lifetime: all re-issue
@@ -640,8 +651,9 @@ class Fleet:
             progress.update(status, description=f"{self.server_text()}; told to wait {busy}, "
                                                 f"errors {failed}")
 
+        intermediates = 0 if self.args.no_policy else n
         done = self.wait(lambda: (self.tally.count("renewed", began) >= n
-                                  and self.tally.count("intermediate", began) >= n),
+                                  and self.tally.count("intermediate", began) >= intermediates),
                          self.args.timeout, progress, update)
         end = time.monotonic()
         self._finish_profile(spies, "storm")
@@ -863,12 +875,16 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
         out.add_row("converge", "all bootstrapped", _s(c.get("all_bootstrapped_s")), "")
         out.add_row("", "all holding a relay stream", _s(streams),
                     _verdict(streams is not None and streams <= 60, "<= 60 s"))
-        out.add_row("", "all with an Istio intermediate", _s(c.get("all_intermediate_s")), "")
+        out.add_row("", "all with an Istio intermediate",
+                    "no policy" if args.no_policy else _s(c.get("all_intermediate_s")), "")
         out.add_row("", "server peak RSS", f"{rss:,.0f} MiB",
                     _verdict(0 < rss <= 1024, "<= 1024 MiB"))
         out.add_row("", "cores: server / simulators / other processes",
                     f"{c.get('server_cores', 0):.2f} / {c.get('worker_cores', 0):.2f} / "
                     f"{c.get('other_cores', 0):.2f}", "")
+        out.add_row("", "CPU per cluster: server / simulators",
+                    f"{1000 * c.get('server_cpu_s', 0) / args.clusters:.1f} ms / "
+                    f"{1000 * c.get('worker_cpu_s', 0) / args.clusters:.1f} ms", "")
         out.add_row("", "bootstrap p50 / p99 (end to end)",
                     f"{_ms(c['bootstrap_latency'], 'p50_ms')} / {_ms(c['bootstrap_latency'])}", "")
         out.add_row("", "bootstrap call p50 / p99",
@@ -1018,6 +1034,9 @@ def main() -> int:
                              "meshtrust server: the same protocol, TLS and signing, nothing "
                              "else (no store, admission control or schedule), to measure what "
                              "this machine allows at best")
+    parser.add_argument("--no-policy", action="store_true",
+                        help="apply no trust policy: the clusters bootstrap and hold their "
+                             "relay streams, and get no Istio intermediate")
     parser.add_argument("--max-issuances", type=int, default=0,
                         help="the server's --max-issuances (default: the server's default)")
     parser.add_argument("--server-arg", action="append", default=[],
@@ -1038,8 +1057,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.clusters < 2 or args.workers < 1 or args.servers < 1:
         parser.error("--clusters must be at least 2, --workers and --servers at least 1")
-    if args.ceiling and args.root_rotation:
-        parser.error("--ceiling serves no trust policy, so it cannot rotate a root")
+    if args.root_rotation and (args.ceiling or args.no_policy):
+        parser.error("--root-rotation needs the trust policy of meshtrust server: not with "
+                     "--ceiling or --no-policy")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -8,8 +8,10 @@ tokens, no registry, no audit log, no admission control and no schedule.
 
 * ``Bootstrap``: the CSR is signed as the cluster's relay client certificate (the
   token is not looked at).
-* ``Work``: one Istio work item per stream, then a heartbeat every 30 s; SIGUSR1 sends
-  every stream a new work item (as a changed policy does).
+* ``Work``: the cluster's Istio work item, sent again every 30 s until the cluster
+  reports it finished, a heartbeat every 30 s after that; SIGUSR1 gives every cluster
+  a new work item and sends it at once (as a changed policy does). With
+  ``--no-work``, heartbeats only until then (``bench/fleet.py --no-policy``).
 * ``CompleteWork``: the CSR is signed as the cluster's Istio intermediate, under a root
   made when the process starts; the outcome is acknowledged.
 * ``ReportStatus``: acknowledged. ``Renew``: signed as ``Bootstrap``.
@@ -57,7 +59,7 @@ def _now() -> dt.datetime:
 
 
 class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServicer):
-    def __init__(self, relay_ca: issuer.CA, trust: bytes) -> None:
+    def __init__(self, relay_ca: issuer.CA, trust: bytes, *, work: bool = True) -> None:
         self._relay = local.LocalProvider(relay_ca)
         self._trust = trust
         root = issuer.new_root(keys.KeyType.EC_P256, profiles.ISTIO_ROOT, _now(),
@@ -65,7 +67,8 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
         self._istio = local.LocalProvider(root)
         self._istio_root = bundle.dump_certificate(root.certificate)
         self._changed = asyncio.Event()  # set (and replaced) when there is new work
-        self._generation = 0
+        self._generation = 0 if work else -1  # -1: no work until SIGUSR1
+        self._finished: dict[str, int] = {}  # cluster -> the last generation it finished
 
     async def _client_certificate(self, cluster: str, csr_pem: bytes
                                   ) -> messages.CertificateResponse:
@@ -99,13 +102,14 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
         changed.set()
 
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
-        cluster, sent = self._cluster(context), -1
+        # As the server: the work item until the cluster reports it finished, sent again
+        # with each heartbeat (an agent whose call on it failed waits for it).
+        cluster = self._cluster(context)
         while True:
             changed = self._changed
-            if sent != self._generation:
-                sent = self._generation
+            if self._finished.get(cluster, -1) < self._generation:
                 yield messages.WorkItem(
-                    id=f"ceiling-{cluster}-{sent}",
+                    id=f"ceiling-{cluster}-{self._generation}",
                     issue_intermediate=messages.IssueIntermediate(
                         policy="fleet", key_type="ecdsa-p256", org="Istio", form="cacerts",
                         trust_domain=settings.DEFAULT_TRUST_DOMAIN, auto_restart_pods=False))
@@ -118,6 +122,9 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
         if request.stage not in ("", "csr"):
+            if request.stage == "finished":
+                cluster, generation = self._cluster(context), int(request.id.rsplit("-", 1)[1])
+                self._finished[cluster] = max(generation, self._finished.get(cluster, -1))
             return messages.WorkAck()
         signed = await self._istio.sign(providers.SignRequest(
             request=csr.load_csr(request.csr), profile=profiles.ISTIO_INTERMEDIATE,
@@ -136,7 +143,7 @@ async def serve(args: argparse.Namespace) -> None:
         trust = await relay_pki.trust_bundle(store)
     finally:
         await store.close()
-    ceiling = Ceiling(relay_ca, trust)
+    ceiling = Ceiling(relay_ca, trust, work=not args.no_work)
     server = transport.new_server([(transport.MAX_CONNECTIONS, server_app.connection_quota(
         server_app.raise_open_file_limit()))])
     transport.add_services(server, ceiling, ceiling)
@@ -167,6 +174,8 @@ def main() -> None:
                         help="the bootstrap's server-authenticated TLS address")
     parser.add_argument("--ready-file", required=True,
                         help="where to write the bound ports once serving")
+    parser.add_argument("--no-work", action="store_true",
+                        help="no Istio work item until SIGUSR1: heartbeats only")
     args = parser.parse_args()
     with server_app.collecting_less(server_config.DEFAULT_GC_THRESHOLD):
         asyncio.run(serve(args))
