@@ -904,7 +904,8 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
     st = result.get("storm")
     if st:
         out.add_row("storm", "renewals drained", _s(st.get("renewals_drained_s")), "")
-        out.add_row("", "intermediates drained", _s(st.get("intermediates_drained_s")), "")
+        out.add_row("", "intermediates drained", "no policy" if args.no_policy
+                    else _s(st.get("intermediates_drained_s")), "")
         errors = sum(st["errors"].values())
         out.add_row("", "errors", _sum(st["errors"]), _verdict(errors == 0, "0"))
         if errors:
