@@ -35,8 +35,10 @@ the time to ``DONE`` and the failed handshakes.
 
 ``--ceiling``: the same agents against ``bench/fleetceiling.py`` instead of the
 server: the relay protocol with the same gRPC options, mutual TLS and signing code,
-and nothing else (no store, tokens, admission control or schedule). What it reaches
-is the most this machine allows with one gRPC mutual-TLS connection per cluster.
+and nothing else (no store, tokens, admission control or schedule). With
+``--no-policy``, what it reaches is the most a server on Python's gRPC reaches on this
+machine; with intermediates, thousands of clusters overflow its gRPC backlog, as it
+has no admission control.
 
 ``--no-policy``: no trust policy, so no Istio work: the clusters only bootstrap and
 hold their relay streams, which is what the converge target counts.
@@ -515,7 +517,7 @@ class Fleet:
     def setup(self) -> None:
         args = self.args
         _say(f"preparing the management store: relay PKI, {args.clusters:,} clusters with a "
-             "token each, the trust policy")
+             f"token each{'' if args.no_policy else ', the trust policy'}")
         began = time.monotonic()
         clusters, trust = asyncio.run(prepare(self.server.store, args.clusters, args.key_type,
                                               policy=not args.no_policy))
@@ -635,11 +637,9 @@ class Fleet:
                                      total=0 if self.args.no_policy else n)
         status = progress.add_task("", total=None)
         self.broadcast("storm", self.args.storm_spread)
-        if self.args.no_policy:
-            pass
-        elif self.args.ceiling:
+        if self.args.ceiling and not self.args.no_policy:
             self.server.signal(signal.SIGUSR1)  # its way of sending every cluster new work
-        else:
+        elif not self.args.no_policy:
             asyncio.run(apply_policy(self.server.store, "721h"))  # a new lifetime: all re-issue
         spies = self._profile(began)
 
@@ -1058,6 +1058,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.clusters < 2 or args.workers < 1 or args.servers < 1:
         parser.error("--clusters must be at least 2, --workers and --servers at least 1")
+    if args.ceiling and (args.max_issuances or args.server_arg):
+        parser.error("--max-issuances and --server-arg are settings of meshtrust server, "
+                     "which --ceiling does not run")
     if args.root_rotation and (args.ceiling or args.no_policy):
         parser.error("--root-rotation needs the trust policy of meshtrust server: not with "
                      "--ceiling or --no-policy")
