@@ -633,8 +633,8 @@ class Fleet:
         self.marks["storm"] = began
         self.tally.mark(began)
         renewed = progress.add_task("storm: client certificates renewed", total=n)
-        reissued = progress.add_task("storm: intermediates re-issued",
-                                     total=0 if self.args.no_policy else n)
+        intermediates = 0 if self.args.no_policy else n
+        reissued = progress.add_task("storm: intermediates re-issued", total=intermediates)
         status = progress.add_task("", total=None)
         self.broadcast("storm", self.args.storm_spread)
         if self.args.ceiling and not self.args.no_policy:
@@ -651,7 +651,6 @@ class Fleet:
             progress.update(status, description=f"{self.server_text()}; told to wait {busy}, "
                                                 f"errors {failed}")
 
-        intermediates = 0 if self.args.no_policy else n
         done = self.wait(lambda: (self.tally.count("renewed", began) >= n
                                   and self.tally.count("intermediate", began) >= intermediates),
                          self.args.timeout, progress, update)

@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from meshtrust import settings
+from meshtrust import clock, settings
 from meshtrust.authority import relay_pki
 from meshtrust.pki import bundle, csr, issuer, keys, profiles
 from meshtrust.providers import base as providers
@@ -50,19 +50,16 @@ from meshtrust.server import app as server_app
 from meshtrust.server import config as server_config
 from meshtrust.store import open_store
 
-HEARTBEAT = 30.0  # seconds, the server's default
+HEARTBEAT = server_config.ServerConfig.heartbeat  # seconds, the server's default
 INTERMEDIATE_LIFETIME = dt.timedelta(hours=720)  # the fleet benchmark's policy
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+CLOCK = clock.SystemClock()
 
 
 class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServicer):
     def __init__(self, relay_ca: issuer.CA, trust: bytes, *, work: bool = True) -> None:
         self._relay = local.LocalProvider(relay_ca)
         self._trust = trust
-        root = issuer.new_root(keys.KeyType.EC_P256, profiles.ISTIO_ROOT, _now(),
+        root = issuer.new_root(keys.KeyType.EC_P256, profiles.ISTIO_ROOT, CLOCK.now(),
                                subject=issuer.Subject(organization="Istio"))
         self._istio = local.LocalProvider(root)
         self._istio_root = bundle.dump_certificate(root.certificate)
@@ -75,7 +72,7 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
         signed = await self._relay.sign(providers.SignRequest(
             request=csr.load_csr(csr_pem), profile=profiles.RELAY_CLIENT,
             lifetime=profiles.RELAY_CLIENT.default_lifetime,
-            subject=issuer.Subject(cluster=cluster), idempotency_key=""), _now())
+            subject=issuer.Subject(cluster=cluster), idempotency_key=""), CLOCK.now())
         return messages.CertificateResponse(
             certificate_chain=signed.pem(root=False), ca_bundle=self._trust,
             serial=f"{signed.certificate.serial_number:x}",
@@ -93,7 +90,7 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
         return await self._client_certificate(self._cluster(context), request.csr)
 
     async def ReportStatus(self, request: Any, context: Any) -> messages.StatusAck:
-        return messages.StatusAck(server_time_unix=int(_now().timestamp()))
+        return messages.StatusAck(server_time_unix=int(CLOCK.now().timestamp()))
 
     def new_work(self) -> None:
         """Send every stream a new work item (the policy changed)."""
@@ -115,7 +112,7 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
                         trust_domain=settings.DEFAULT_TRUST_DOMAIN, auto_restart_pods=False))
             else:
                 yield messages.WorkItem(heartbeat=messages.Heartbeat(
-                    server_time_unix=int(_now().timestamp())))
+                    server_time_unix=int(CLOCK.now().timestamp())))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HEARTBEAT):
                     await changed.wait()
@@ -130,7 +127,7 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
             request=csr.load_csr(request.csr), profile=profiles.ISTIO_INTERMEDIATE,
             lifetime=INTERMEDIATE_LIFETIME, subject=issuer.Subject(
                 cluster=self._cluster(context), trust_domain=settings.DEFAULT_TRUST_DOMAIN,
-                organization="Istio"), idempotency_key=""), _now())
+                organization="Istio"), idempotency_key=""), CLOCK.now())
         return messages.WorkAck(certificate_chain=signed.pem(root=True),
                                 root_bundle=self._istio_root)
 
