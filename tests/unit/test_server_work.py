@@ -4,12 +4,18 @@ work streams of many clusters."""
 from __future__ import annotations
 
 import asyncio
+import collections
+from collections.abc import AsyncIterator
 from typing import Any
 
-from meshtrust import clock, metrics
-from meshtrust.authority import istio
+import pytest
+
+from meshtrust import clock, metrics, rpc, settings
+from meshtrust.authority import istio, registry, relay
+from meshtrust.rpc.transport import messages
 from meshtrust.server import service, work
 from meshtrust.store import base
+from meshtrust.testing import FakeClock, MemoryStore
 
 
 def _item(cluster: str, state: istio.State, version: int = 1) -> base.Resource:
@@ -22,6 +28,94 @@ def _item(cluster: str, state: istio.State, version: int = 1) -> base.Resource:
 def _event(item: base.Resource, kind: base.EventType = base.EventType.MODIFIED
            ) -> base.WatchEvent:
     return base.WatchEvent(type=kind, object=item, resource_version=item.resource_version)
+
+
+Metadatum = collections.namedtuple("Metadatum", ["key", "value"])
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Context:
+    """A call from the agent of ``cluster``, named by header (an insecure server)."""
+
+    def __init__(self, cluster: str) -> None:
+        self._metadata = (Metadatum(service.INSECURE_CLUSTER_HEADER, cluster),)
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+    def invocation_metadata(self) -> tuple[Metadatum, ...]:
+        return self._metadata
+
+    async def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> None:
+        raise _Refused(f"{code}: {details}")
+
+
+class TestStreamRecords:
+    """Which work streams record the connection in the registry."""
+
+    @staticmethod
+    def _run(scenario: Any) -> None:
+        async def main() -> None:
+            store_clock = FakeClock()
+            store = MemoryStore(clock=store_clock)
+            reg = registry.Registry(store, store_clock)
+            await reg.register("c1")
+            relay_service = service.RelayService(
+                relay.RelayAuthority(store, store_clock, reg), store_clock, metrics.Metrics(),
+                insecure=True)
+            try:
+                await scenario(store, store_clock, reg, relay_service)
+            finally:
+                await store.close()
+        asyncio.run(main())
+
+    @staticmethod
+    async def _open(relay_service: service.RelayService) -> AsyncIterator[Any]:
+        stream = relay_service.Work(messages.WorkSubscribe(
+            protocol_version=rpc.PROTOCOL_VERSION, replica="agent"), _Context("c1"))
+        first = await anext(stream)
+        assert first.HasField("heartbeat")
+        return stream
+
+    def test_a_stream_moved_to_a_renewed_connection_writes_nothing(self) -> None:
+        """The first stream records the connection; a second one of the same cluster (the
+        agent moved it to its renewed certificate's connection) neither reads nor writes
+        the record; the last one to end records the disconnection."""
+        async def scenario(store: MemoryStore, now: FakeClock, reg: registry.Registry,
+                           relay_service: service.RelayService) -> None:
+            first = await self._open(relay_service)
+            now.advance(60)  # a connection recorded again would say when
+            record = await store.get_resource(registry.CLUSTER_KIND, settings.RELAY_NAMESPACE, "c1")
+            assert record.status["connections"] == {"server": record.status["lastSeen"]}
+            second = await self._open(relay_service)
+            again = await store.get_resource(registry.CLUSTER_KIND, settings.RELAY_NAMESPACE, "c1")
+            assert again.resource_version == record.resource_version
+            await first.aclose()
+            assert (await reg.get("c1")).connected
+            await second.aclose()
+            assert not (await reg.get("c1")).connected
+            assert relay_service.connected == []
+        self._run(scenario)
+
+    def test_a_stream_after_deregistration_is_refused(self) -> None:
+        """Once the cluster is deregistered its open streams are gone, so a stream that
+        comes after them asks the registry again, and is refused."""
+        async def scenario(store: MemoryStore, now: FakeClock, reg: registry.Registry,
+                           relay_service: service.RelayService) -> None:
+            first = await self._open(relay_service)
+            await reg.deregister("c1")
+            relay_service.drop("c1")
+            with pytest.raises(_Refused, match="not registered"):
+                await self._open(relay_service)
+            with pytest.raises(_Refused, match="deregistered"):
+                await anext(first)
+        self._run(scenario)
 
 
 class TestWorkIndex:

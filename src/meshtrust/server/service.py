@@ -182,13 +182,20 @@ class RelayService(transport.services.RelayServicer):
         cluster = await self._cluster(context, request, registered=False)
         registry = self._authority.registry
         stream = _Stream()
-        self._streams.setdefault(cluster, set()).add(stream)
+        streams = self._streams.setdefault(cluster, set())
+        # A stream that moves to the agent's renewed connection finds its old one open: this
+        # replica's hold on the cluster is recorded already, and a renewal storm would
+        # otherwise read and write every cluster's record once more. A stream whose cluster
+        # was deregistered is gone: one that comes after it is recorded, and so refused.
+        recorded = any(s.recorded and not s.gone.is_set() for s in streams)
+        streams.add(stream)
         self._meters.connected.set(len(self._streams))
         connected = False
         try:
             try:
-                await registry.connect(cluster, self.replica)
-                connected = True
+                if not recorded:
+                    await registry.connect(cluster, self.replica)
+                connected = stream.recorded = True
             except errors.MeshTrustError as exc:  # not registered; the store is unavailable
                 await self._refuse(context, exc)
             log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
@@ -366,10 +373,12 @@ class RelayService(transport.services.RelayServicer):
 
 @dataclasses.dataclass(eq=False)
 class _Stream:
-    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it."""
+    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it;
+    ``recorded`` once the registry holds this replica's connection to its cluster."""
 
     gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    recorded: bool = False
 
 
 def _check_version(request: Any) -> None:
