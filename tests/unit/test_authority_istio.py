@@ -225,6 +225,18 @@ class TestIssuance:
             assert await auth.work_for("cluster-1") == []
         run(scenario)
 
+    def test_a_round_given_the_clusters_names_takes_them_as_the_fleet(self) -> None:
+        """A caller that follows the registry (the server) passes its names: the round
+        brings those in line and removes the intermediates of the others."""
+        async def scenario(auth: istio.IstioAuthority, store: MemoryStore,
+                           clock: FakeClock) -> None:
+            await auth.apply(policy())
+            await auth.reconcile()
+            await auth.reconcile(clusters={"cluster-2", "cluster-3"})
+            names = {r.name for r in await store.list_resources(istio.ISSUED_KIND)}
+            assert names == {"mesh.cluster-2", "mesh.cluster-3"}
+        run(scenario)
+
     def test_missing_secret_ref_fails_the_policy(self) -> None:
         """A secretRef to a missing secret marks the policy FAILED with what to do."""
         async def scenario(auth: istio.IstioAuthority, store: MemoryStore,

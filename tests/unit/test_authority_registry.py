@@ -142,6 +142,34 @@ class TestClusters:
         run(scenario)
 
 
+class TestMembers:
+    def test_names_follow_the_watch_from_a_list(self) -> None:
+        """Filled from a list, the names change when a cluster is registered or
+        deregistered, not on a status report; changes from before the list (the watch
+        starts earlier) are left out; until filled there are no names to follow."""
+        async def scenario(w: World) -> None:
+            members = registry.Members()
+            history = w.store.watch(registry.CLUSTER_KIND, since=0)
+            first = await anext(history)  # c1 registered: before any list
+            assert members.names is None and not members.note(first)
+            await w.registry.deregister("c2")
+            await w.registry.register("c2")  # listed as registered anew
+            members.fill(await w.registry.list())
+            assert members.names == {"c1", "c2"}
+            await w.registry.register("c3")
+            await w.registry.reported("c2", agent={"version": "1"})
+            await w.registry.deregister("c1")
+            await w.registry.deregister("c3")
+            changes = [(event.type.value, event.object.name, members.note(event))
+                       for event in [await anext(history) for _ in range(7)]]
+            assert changes == [("ADDED", "c2", False), ("DELETED", "c2", False),
+                               ("ADDED", "c2", False), ("ADDED", "c3", True),
+                               ("MODIFIED", "c2", False), ("DELETED", "c1", True),
+                               ("DELETED", "c3", True)]
+            assert members.names == {"c2"}
+        run(scenario)
+
+
 class TestTokens:
     def test_only_the_hash_of_a_token_is_stored(self) -> None:
         """The store holds the token's SHA-256, never the token or its secret part."""

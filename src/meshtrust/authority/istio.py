@@ -19,7 +19,7 @@ import enum
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from cryptography import x509
@@ -283,25 +283,29 @@ class IstioAuthority:
 
     # -- reconcile --------------------------------------------------------------------------
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, clusters: Collection[str] | None = None) -> None:
         """Bring every IssuedCertificate in line with the policies, clusters and the clock.
 
         The intermediates are read in one list, and up to ``RECONCILE_PARALLEL``
         clusters are brought in line at once, so that their writes share commits; the
         event loop gets a turn after each cluster, so that a round over a fleet of
         thousands, most of them already in line, does not hold every call meanwhile.
+        ``clusters``: the registered clusters' names, from a caller that follows them
+        (``registry.Members``); without them the registry is listed, if a policy needs it.
         """
-        clusters = {c.name for c in await self._registry.list()}
         existing = {item.name: item for item in
                     await self._store.list_resources(ISSUED_KIND, namespace=self._ns)}
+        policies = await self.policies()
+        if clusters is None and policies:
+            clusters = {c.name for c in await self._registry.list()}
         wanted: set[str] = set()
-        for resource, policy in await self.policies():
+        for resource, policy in policies:
             try:
                 current = await self.signer(policy)
             except errors.MeshTrustError as exc:
                 await self._policy_status(resource, {"state": "FAILED", "message": str(exc)})
                 continue
-            selected = sorted(c for c in clusters if policy.selects(c))
+            selected = sorted(c for c in clusters or () if policy.selects(c))
             # How many, not which: the list would make every read of the policy (each
             # signature, each work lookup) cost as much as the fleet is large.
             await self._policy_status(resource, {

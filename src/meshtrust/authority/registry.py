@@ -80,6 +80,41 @@ class Cluster:
                    connected=bool(status.get("connected")), record=resource)
 
 
+class Members:
+    """The names of the registered clusters, kept in memory from the store's watch.
+
+    A round over the fleet that needs only the names (which clusters a policy
+    selects) would otherwise parse ten thousand cluster records for them each time.
+    ``fill`` starts again from a full list; ``note`` follows one change. A change no
+    newer than what is known of a name (the watch goes on from before the list) is
+    left out, so the names are never taken back to an older state. Until filled,
+    ``names`` is None: ask the store.
+    """
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] | None = None  # name -> the newest change seen
+
+    @property
+    def names(self) -> frozenset[str] | None:
+        return None if self._versions is None else frozenset(self._versions)
+
+    def fill(self, clusters: Collection[Cluster]) -> None:
+        self._versions = {c.name: c.record.resource_version if c.record else 0
+                          for c in clusters}
+
+    def note(self, event: base.WatchEvent) -> bool:
+        """Follow one change to a cluster record; return whether the names changed."""
+        versions = self._versions
+        name = event.object.name
+        if versions is None or event.resource_version <= versions.get(name, -1):
+            return False
+        if event.type is base.EventType.DELETED:
+            return versions.pop(name, None) is not None
+        added = name not in versions
+        versions[name] = event.resource_version
+        return added
+
+
 def _held_by(status: dict[str, Any]) -> dict[str, str]:
     """The server replicas holding one of the cluster's work streams, with since when."""
     found = status.get("connections")

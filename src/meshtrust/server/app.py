@@ -284,19 +284,25 @@ class Server:
         """
         changed = asyncio.Event()
         changed.set()
+        members = registry_module.Members()
 
         async def wake(_event: base.WatchEvent | None = None) -> None:
             changed.set()
 
         async def wake_on_membership(event: base.WatchEvent) -> None:
-            if event.type is not base.EventType.MODIFIED:  # not a status report
+            if members.note(event):  # a cluster came or went: not a status report
                 changed.set()
+
+        async def list_members() -> None:
+            members.fill(await self.registry.list())
+            changed.set()
 
         followers = [asyncio.create_task(follow.follow(self.store, kind, wake, resync=wake))
                      for kind in (trust_policy.POLICY_KIND, istio.ISSUED_KIND,
                                   root_rotation.ROTATION_KIND)]
         followers.append(asyncio.create_task(follow.follow(
-            self.store, registry_module.CLUSTER_KIND, wake_on_membership, resync=wake)))
+            self.store, registry_module.CLUSTER_KIND, wake_on_membership,
+            resync=list_members)))
         took = 0.0  # seconds the last round took
         try:
             while True:
@@ -318,7 +324,7 @@ class Server:
                                                how="renewed")
                     await self._rotate_relay_root()
                     await self.rotations.advance()
-                    await self.istio.reconcile()
+                    await self.istio.reconcile(members.names)
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
                     log.exception("reconciling the trust policies failed; retrying")
                     await asyncio.sleep(1)
