@@ -328,7 +328,7 @@ class Server:
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
                     log.exception("reconciling the trust policies failed; retrying")
                     await asyncio.sleep(1)
-                # A round reads every cluster: with a large fleet, rounds back to back on
+                # A round reads every intermediate: with a large fleet, rounds back to back on
                 # every intermediate's change would leave little time to serve. Rest a
                 # multiple of the round's duration (changes meanwhile make one round).
                 took = asyncio.get_running_loop().time() - began
