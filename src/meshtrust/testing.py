@@ -86,8 +86,8 @@ class MemoryStore:
     async def create(self, obj: base.ObjectT) -> base.ObjectT:
         return self._stored(obj, change.Write.create(obj))
 
-    async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return self._stored(obj, change.Write.update(obj))
+    async def update(self, obj: base.ObjectT, *, with_status: bool = False) -> base.ObjectT:
+        return self._stored(obj, change.Write.update(obj, with_status=with_status))
 
     async def update_status(self, resource: base.Resource) -> base.Resource:
         return self._stored(resource, change.Write.update_status(resource))

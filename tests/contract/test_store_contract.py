@@ -284,6 +284,28 @@ class TestGeneration:
             assert await s.get_resource("RootTrustPolicy", "gloo-mesh", "default") == spec
         backend.run(scenario)
 
+    def test_spec_and_status_in_one_write(self, backend: Backend) -> None:
+        """update with_status writes both in one compare-and-swap: one event, one
+        revision, and a stale read writes neither; a secret has no status to write."""
+        async def scenario(s: base.Store) -> None:
+            made = await s.create(policy())
+            events = s.watch("RootTrustPolicy", since=made.resource_version)
+            both = await s.update(dataclasses.replace(
+                made, spec={"n": 2}, status={"state": "PENDING"}), with_status=True)
+            assert (both.generation, both.spec, both.status) == (
+                2, {"n": 2}, {"state": "PENDING"})
+            assert both.resource_version == made.resource_version + 1
+            event = await anext(events)
+            assert (event.type, event.object) == (base.EventType.MODIFIED, both)
+            with pytest.raises(errors.Conflict):
+                await s.update(dataclasses.replace(made, spec={"n": 3},
+                                                   status={"state": "FAILED"}),
+                               with_status=True)
+            assert await s.get_resource("RootTrustPolicy", "gloo-mesh", "default") == both
+            with pytest.raises(TypeError, match="only a Resource has a status"):
+                await s.update(await s.create(secret()), with_status=True)
+        backend.run(scenario)
+
 
 class TestLabelSelector:
     def test_all_labels_must_match(self, backend: Backend) -> None:

@@ -356,25 +356,27 @@ class IstioAuthority:
                 else:
                     current = await self._store.get_resource(ISSUED_KIND, self._ns, name)
             except errors.NotFound:
+                # Spec and state in one write: no reader sees a spec without its round.
                 try:
-                    made = await self._store.create(base.Resource(
+                    await self._store.create(base.Resource(
                         api_version=ISSUED_API, kind=ISSUED_KIND, namespace=self._ns,
                         name=name, labels={"cluster": cluster, "policy": policy.name},
-                        spec=spec))
-                    await self._set_state(made, State.PENDING, round_=1,
-                                          specDigest=_spec_digest(made.spec))
+                        spec=spec, status=self._state({}, State.PENDING, round_=1,
+                                                      specDigest=_spec_digest(spec))))
                     return
                 except errors.AlreadyExists:
                     continue
             try:
                 if current.spec != spec:
-                    updated = await self._store.update(dataclasses.replace(current, spec=spec))
-                    await self._set_state(updated, State.PENDING,
-                                          round_=int(updated.status.get("round", 0)) + 1,
-                                          specDigest=_spec_digest(updated.spec))
+                    await self._store.update(dataclasses.replace(
+                        current, spec=spec, status=self._state(
+                            current.status, State.PENDING,
+                            round_=int(current.status.get("round", 0)) + 1,
+                            specDigest=_spec_digest(spec))), with_status=True)
                 elif _interrupted(current):
-                    # The spec was written, then whoever wrote it died before the state:
-                    # the state still describes an intermediate of the spec before.
+                    # The spec was written, then whoever wrote it died before the state (a
+                    # server before spec and state were written together): the state still
+                    # describes an intermediate of the spec before.
                     await self._set_state(current, State.PENDING,
                                           round_=int(current.status.get("round", 0)) + 1,
                                           specDigest=_spec_digest(current.spec),
@@ -409,13 +411,19 @@ class IstioAuthority:
         renew_at = manifest.read_time(resource.status.get("renewAt"))
         return renew_at is not None and self._clock.now() >= renew_at
 
+    def _state(self, status: Mapping[str, Any], state: State, *,
+               round_: int | None = None, **extra: Any) -> dict[str, Any]:
+        """``status`` moved to ``state`` now (in round ``round_`` if given)."""
+        moved = {**status, "state": state.value, "message": "",
+                 "updated": manifest.dump_time(self._clock.now()), **extra}
+        if round_ is not None:
+            moved["round"] = round_
+        return moved
+
     async def _set_state(self, resource: base.Resource, state: State, *,
                          round_: int | None = None, **extra: Any) -> base.Resource:
-        status = {**resource.status, "state": state.value, "message": "",
-                  "updated": manifest.dump_time(self._clock.now()), **extra}
-        if round_ is not None:
-            status["round"] = round_
-        return await self._store.update_status(dataclasses.replace(resource, status=status))
+        return await self._store.update_status(dataclasses.replace(
+            resource, status=self._state(resource.status, state, round_=round_, **extra)))
 
     # -- the relay side ---------------------------------------------------------------------
 

@@ -91,8 +91,9 @@ class Backend(abc.ABC):
     async def create(self, obj: base.ObjectT) -> base.ObjectT:
         return change.stored(obj, await self._submit(change.Write.create(obj)))
 
-    async def update(self, obj: base.ObjectT) -> base.ObjectT:
-        return change.stored(obj, await self._submit(change.Write.update(obj)))
+    async def update(self, obj: base.ObjectT, *, with_status: bool = False) -> base.ObjectT:
+        return change.stored(obj, await self._submit(change.Write.update(
+            obj, with_status=with_status)))
 
     async def update_status(self, resource: base.Resource) -> base.Resource:
         return change.stored(resource, await self._submit(change.Write.update_status(resource)))

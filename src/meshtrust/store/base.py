@@ -339,11 +339,12 @@ class Store(Protocol):
         """Store a new object; raise ``errors.AlreadyExists`` if the name is taken."""
         ...
 
-    async def update(self, obj: ObjectT) -> ObjectT:
+    async def update(self, obj: ObjectT, *, with_status: bool = False) -> ObjectT:
         """Replace an object read at ``obj.resource_version``.
 
         For a resource this writes labels, annotations and spec (bumping
-        ``generation`` when the spec changes) and keeps the stored status.
+        ``generation`` when the spec changes) and keeps the stored status; with
+        ``with_status`` it writes the status too, in the same compare-and-swap.
         Raise ``errors.NotFound`` or ``errors.Conflict``.
         """
         ...

@@ -24,6 +24,7 @@ class Action(enum.Enum):
     CREATE = "create"
     UPDATE = "update"
     UPDATE_STATUS = "update_status"
+    UPDATE_WITH_STATUS = "update_with_status"
     DELETE = "delete"
 
 
@@ -42,9 +43,11 @@ class Write:
         return cls(action=Action.CREATE, key=key_of(obj), obj=obj)
 
     @classmethod
-    def update(cls, obj: base.Object) -> Write:
-        return cls(action=Action.UPDATE, key=key_of(obj), obj=obj,
-                   expected=_read_version(obj, "update"))
+    def update(cls, obj: base.Object, *, with_status: bool = False) -> Write:
+        if with_status and not isinstance(obj, base.Resource):
+            raise TypeError(f"only a Resource has a status, got {type(obj).__name__}")
+        return cls(action=Action.UPDATE_WITH_STATUS if with_status else Action.UPDATE,
+                   key=key_of(obj), obj=obj, expected=_read_version(obj, "update"))
 
     @classmethod
     def update_status(cls, obj: base.Resource) -> Write:
@@ -139,6 +142,7 @@ def _next_resource(action: Action, obj: base.Resource, current: base.Resource,
         return dataclasses.replace(current, status=obj.status, resource_version=revision,
                                    updated=now)
     generation = current.generation + (1 if obj.spec != current.spec else 0)
-    return dataclasses.replace(obj, status=current.status, generation=generation,
+    status = obj.status if action is Action.UPDATE_WITH_STATUS else current.status
+    return dataclasses.replace(obj, status=status, generation=generation,
                                resource_version=revision, created=current.created,
                                updated=now)
