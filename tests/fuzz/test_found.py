@@ -8,14 +8,12 @@ stay fixed whatever the fuzzers' strategies become.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import datetime as dt
 import warnings
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 import fuzzkit
 import fuzzworld
+from servicercontext import Context, Metadatum
 from meshtrust import errors, metrics
 from meshtrust.authority import backup, registry, relay_pki, signers, trust_policy
 from meshtrust.cli import trust_cmd
@@ -226,24 +225,6 @@ class TestPolicyYAML:
             trust_cmd._documents(path)
 
 
-Metadatum = collections.namedtuple("Metadatum", ["key", "value"])
-
-
-class _Context:
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {}
-
-    def peer(self) -> str:
-        return "ipv4:10.0.0.7:40000"
-
-    def invocation_metadata(self) -> tuple[Metadatum, ...]:
-        return (Metadatum(service.INSECURE_CLUSTER_HEADER, "c1"),)
-
-    async def abort(self, code: grpc.StatusCode, details: str = "",
-                    trailing_metadata: Any = ()) -> None:
-        raise AssertionError(f"aborted: {code} {details}")
-
-
 class TestReportStatus:
     def test_times_past_year_9999(self, made: fuzzworld.Template) -> None:
         """A report of times no date can hold is recorded with those times unknown."""
@@ -254,7 +235,8 @@ class TestReportStatus:
             report = messages.StatusReport(protocol_version=1, certificates=[
                 messages.HeldCertificate(kind="relay-client", not_after_unix=2**63 - 1,
                                          renew_at_unix=-2**63)])
-            await relay.ReportStatus(report, _Context())
+            await relay.ReportStatus(report, Context(metadata=[
+                Metadatum(service.INSECURE_CLUSTER_HEADER, "c1")]))
             resource = await world.store.get_resource("KubernetesCluster", "gloo-mesh", "c1")
             return dict(resource.status["certificates"][0])
         held = asyncio.run(scenario())

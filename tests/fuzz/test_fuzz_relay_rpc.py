@@ -12,7 +12,6 @@ own cluster and key; and nothing is issued to a caller that was not entitled.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,49 +24,14 @@ from hypothesis import given
 
 import fuzzkit
 import fuzzworld
+from servicercontext import Aborted, Context, Metadatum
 from meshtrust import metrics
 from meshtrust.authority import signers
 from meshtrust.pki import bundle, csr
 from meshtrust.rpc.transport import messages
 from meshtrust.server import authn, service
 
-Metadatum = collections.namedtuple("Metadatum", ["key", "value"])
 PEERS = ("c1", "c2", fuzzworld.GONE, None, "insecure")
-
-
-class Aborted(Exception):
-    """The servicer ended the call with ``code`` and ``details``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code = code
-        self.details = details
-
-
-class Context:
-    """What a servicer reads of a call: its verified peer certificate, address, metadata
-    and deadline."""
-
-    def __init__(self, *, certificate: bytes | None = None,
-                 metadata: Sequence[Metadatum] = ()) -> None:
-        self._certificate = certificate
-        self._metadata = tuple(metadata)
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {"x509_pem_cert": [self._certificate]} if self._certificate else {}
-
-    def peer(self) -> str:
-        return "ipv4:10.0.0.7:40000"
-
-    def invocation_metadata(self) -> tuple[Metadatum, ...]:
-        return self._metadata
-
-    def time_remaining(self) -> float | None:
-        return 15.0  # the agent's call deadline
-
-    async def abort(self, code: grpc.StatusCode, details: str = "",
-                    trailing_metadata: Any = ()) -> None:
-        raise Aborted(code, details)
 
 
 @dataclasses.dataclass

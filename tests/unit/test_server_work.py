@@ -4,7 +4,6 @@ work streams of many clusters."""
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from meshtrust.rpc.transport import messages
 from meshtrust.server import service, work
 from meshtrust.store import base
 from meshtrust.testing import FakeClock, MemoryStore
+from servicercontext import Aborted, Context, Metadatum
 
 
 def _item(cluster: str, state: istio.State, version: int = 1) -> base.Resource:
@@ -28,32 +28,6 @@ def _item(cluster: str, state: istio.State, version: int = 1) -> base.Resource:
 def _event(item: base.Resource, kind: base.EventType = base.EventType.MODIFIED
            ) -> base.WatchEvent:
     return base.WatchEvent(type=kind, object=item, resource_version=item.resource_version)
-
-
-Metadatum = collections.namedtuple("Metadatum", ["key", "value"])
-
-
-class _Refused(Exception):
-    pass
-
-
-class _Context:
-    """A call from the agent of ``cluster``, named by header (an insecure server)."""
-
-    def __init__(self, cluster: str) -> None:
-        self._metadata = (Metadatum(service.INSECURE_CLUSTER_HEADER, cluster),)
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {}
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:40000"
-
-    def invocation_metadata(self) -> tuple[Metadatum, ...]:
-        return self._metadata
-
-    async def abort(self, code: Any, details: str = "", trailing_metadata: Any = ()) -> None:
-        raise _Refused(f"{code}: {details}")
 
 
 class TestStreamRecords:
@@ -78,7 +52,8 @@ class TestStreamRecords:
     @staticmethod
     async def _open(relay_service: service.RelayService) -> AsyncIterator[Any]:
         stream = relay_service.Work(messages.WorkSubscribe(
-            protocol_version=rpc.PROTOCOL_VERSION, replica="agent"), _Context("c1"))
+            protocol_version=rpc.PROTOCOL_VERSION, replica="agent"),
+            Context(metadata=[Metadatum(service.INSECURE_CLUSTER_HEADER, "c1")]))
         first = await anext(stream)
         assert first.HasField("heartbeat")
         return stream
@@ -111,9 +86,9 @@ class TestStreamRecords:
             first = await self._open(relay_service)
             await reg.deregister("c1")
             relay_service.drop("c1")
-            with pytest.raises(_Refused, match="not registered"):
+            with pytest.raises(Aborted, match="not registered"):
                 await self._open(relay_service)
-            with pytest.raises(_Refused, match="deregistered"):
+            with pytest.raises(Aborted, match="deregistered"):
                 await anext(first)
         self._run(scenario)
 
