@@ -4,7 +4,9 @@ What it runs:
 
 * A real ``meshtrust server`` process on 127.0.0.1 with a fresh SQLite
   management store in a temporary directory, its default settings but for
-  what the flags below say.
+  what the flags below say. ``--store postgres`` puts the store in a throwaway
+  PostgreSQL server instead (Debian's packages, ``fsync=on``, as the tests start
+  it), the HA deployment's store: with ``--servers N`` the replicas share it.
 * Before the clock starts, through the authority API, in bulk: the relay PKI,
   N registered clusters with one single-use bootstrap token each, and a
   ``RootTrustPolicy`` that selects every cluster (generated P-256 root, P-256
@@ -51,6 +53,7 @@ psutil and matplotlib; without psutil /proc is read, without matplotlib
     .venv/bin/python bench/fleet.py --clusters 10000 --storm --plot fleet.png
     .venv/bin/python bench/fleet.py --clusters 100 --root-rotation
     .venv/bin/python bench/fleet.py --clusters 10000 --storm --ceiling --timeout 900
+    .venv/bin/python bench/fleet.py --clusters 10000 --storm --store postgres --servers 2
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ import fleetsim
 import relay
 
 from meshtrust.agent import config as agent_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import pgserver  # noqa: E402  (the tests' throwaway PostgreSQL server)
 
 HOST = "127.0.0.1"
 POLICY = "fleet"
@@ -185,9 +191,9 @@ class ServerProcess:
     over them); the first starts alone, so it is the one that generates the relay PKI.
     """
 
-    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+    def __init__(self, workdir: Path, args: argparse.Namespace, store: str) -> None:
         self.workdir = workdir
-        self.store = f"sqlite:///{workdir / 'mgmt.db'}"
+        self.store = store
         self.log = workdir / "server.log"
         self.args = args
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -451,10 +457,10 @@ def error_figures(tally: Tally, start: float, end: float = float("inf")) -> dict
 
 
 class Fleet:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, store: str) -> None:
         self.args = args
         self.workdir = workdir
-        self.server = ServerProcess(workdir, args)
+        self.server = ServerProcess(workdir, args, store)
         self.context = mp.get_context("spawn")
         self.events: Any = self.context.Queue()
         self.commands: list[Any] = []
@@ -854,8 +860,9 @@ def _sum(counter: dict[str, int]) -> str:
 def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
     from rich.table import Table
 
+    replicas = f"{args.servers} replicas of " if args.servers > 1 else ""
     served = ("the ceiling (bench/fleetceiling.py), not meshtrust server" if args.ceiling
-              else "meshtrust server")
+              else f"{replicas}meshtrust server on {args.store}")
     out = Table(title=f"meshtrust fleet: {args.clusters:,} simulated clusters, "
                       f"{args.workers} worker processes, against {served}")
     out.add_column("phase")
@@ -1026,6 +1033,9 @@ def main() -> int:
     parser.add_argument("--channels", type=int, choices=[1, 2], default=1,
                         help="connections per agent: 1 as the agent (the work stream and the "
                              "calls share it) or 2 (one for each, as the agent had before)")
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite",
+                        help="the management store: the embedded SQLite file (default) or "
+                             "a throwaway PostgreSQL server started for the run")
     parser.add_argument("--servers", type=int, default=1,
                         help="server processes: replicas on the one store and the same ports "
                              "(RSS and CPU are their sums; --profile samples the first)")
@@ -1060,6 +1070,8 @@ def main() -> int:
     if args.ceiling and (args.max_issuances or args.server_arg):
         parser.error("--max-issuances and --server-arg are settings of meshtrust server, "
                      "which --ceiling does not run")
+    if args.ceiling and args.store != "sqlite":
+        parser.error("--ceiling runs no store: not with --store")
     if args.root_rotation and (args.ceiling or args.no_policy):
         parser.error("--root-rotation needs the trust policy of meshtrust server: not with "
                      "--ceiling or --no-policy")
@@ -1077,12 +1089,6 @@ def main() -> int:
         TimeElapsedColumn
 
     console = Console(stderr=True)
-    workdir = Path(tempfile.mkdtemp(prefix="meshtrust-fleet-"))
-    fleet = Fleet(args, workdir)
-    result = fleet.result
-    result.update({"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                   "machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                  for k, v in vars(args).items()}})
     if args.quiet_wait > 0:
         deadline = time.monotonic() + args.quiet_wait
         while time.monotonic() < deadline:
@@ -1090,6 +1096,19 @@ def main() -> int:
             time.sleep(1.0)
             if _machine_busy() - before < 0.2:
                 break
+    workdir = Path(tempfile.mkdtemp(prefix="meshtrust-fleet-"))
+    database: pgserver.Server | None = None
+    if args.store == "postgres":
+        database = pgserver.Server(durable=True)
+        database.start()
+        store = database.create_database("fleet")
+    else:
+        store = f"sqlite:///{workdir / 'mgmt.db'}"
+    fleet = Fleet(args, workdir, store)
+    result = fleet.result
+    result.update({"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                   "machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items()}})
     try:
         fleet.setup()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -1116,6 +1135,8 @@ def main() -> int:
                                 "warnings": sum(" WARNING " in line for line in log),
                                 "errors": len(failures), "first_errors": failures[:5],
                                 "garbage_collection": collected[-1] if collected else None}
+        if database is not None:
+            database.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
