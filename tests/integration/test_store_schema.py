@@ -92,7 +92,7 @@ class TestPostgresSchema:
             await conn.execute("SELECT setval('meshtrust_revision', 1)")
 
     def test_v1_migrates(self, postgres_url: str) -> None:
-        """A database written at schema 1 opens at schema 2 and keeps its objects."""
+        """A database written at schema 1 opens at the current schema and keeps its objects."""
         asyncio.run(self._v1(postgres_url))
         asyncio.run(_read_back(postgres_url))
         with psycopg.connect(postgres_url) as conn:
@@ -106,5 +106,5 @@ class TestPostgresSchema:
         asyncio.run(self._v1(postgres_url))
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute("UPDATE meshtrust_meta SET value = 5 WHERE key = 'schema_version'")
-        with pytest.raises(errors.SchemaError, match=r"\(schema 5 > 2\); upgrade meshtrust"):
+        with pytest.raises(errors.SchemaError, match=r"\(schema 5 > 3\); upgrade meshtrust"):
             asyncio.run(store.open_store(postgres_url))

@@ -1,15 +1,28 @@
 """The highly available store: several server replicas on one PostgreSQL database.
 
-Each write is one transaction: it takes a transaction-level advisory lock,
-reads the current row, applies the write rules, takes the next revision from
-the ``meshtrust_revision`` sequence and updates the row with
-``WHERE resource_version = <the one read>``. The advisory lock is what keeps
-the change log gap-free for watchers: with a bare sequence, a transaction that
-drew revision 10 could commit after one that drew 11, and a watcher that had
-read 11 would never see 10. Holding the lock from ``nextval`` to commit makes
-commit order equal revision order. A write ends with ``pg_notify``; watchers
-``LISTEN`` on a connection of their own and read the ``meshtrust_changes``
-table when woken, polling as well in case a notification is lost.
+A write is two round trips. The first reads the current row, without a lock,
+and the write rules (``store.change``) make the new record of it here. The
+second calls ``meshtrust_write``, a function in the database, which does the
+rest in one transaction: it takes a transaction-level advisory lock, checks that
+the row is still at the version read (or still absent, for a create), takes the
+next revision from the ``meshtrust_revision`` sequence, writes the row and its
+change, and notifies. If the row moved in between, the function writes nothing
+and the write ends ``Conflict`` (``AlreadyExists`` for a create), as if it had
+read the newer row; only a delete without a version reads again and retries.
+
+The advisory lock is what keeps the change log gap-free for watchers: with a
+bare sequence, a transaction that drew revision 10 could commit after one that
+drew 11, and a watcher that had read 11 would never see 10. Holding the lock
+from ``nextval`` to commit makes commit order equal revision order. It is held
+inside the database only: a writer whose event loop is busy with other work
+keeps no other replica waiting (with the lock taken from Python, a busy
+server's every write held it for several turns of its loop, and a fleet's
+writes queued behind it). The record's ``resourceVersion`` is the one thing the
+function fills in: the record is sent as the text before and after it.
+
+Watchers ``LISTEN`` on a connection of their own and read the
+``meshtrust_changes`` table when woken (one statement, so one snapshot of the
+log and its compaction), polling as well in case a notification is lost.
 
 Commits are durable as far as the server's ``synchronous_commit`` makes them
 (on, by default). This is the only module that imports ``psycopg``.
@@ -19,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import secrets
 import select
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -30,6 +45,8 @@ from meshtrust import clock as clock_module
 from meshtrust import errors
 from meshtrust.store import backend, base, change, feed, manifest
 
+CHANNEL = "meshtrust_changes"
+_LOCK = 0x6D657368  # "mesh": the advisory lock every writer takes
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: objects, their change log, and the revision sequence.
     (
@@ -51,12 +68,52 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX meshtrust_objects_labels ON meshtrust_objects USING gin (labels)",
         "CREATE INDEX meshtrust_changes_by_kind ON meshtrust_changes (kind, revision)",
     ),
+    # 3: a write's checks, revision, row, change and notification in one call (see above).
+    (f"""
+CREATE FUNCTION meshtrust_write(p_type text, p_kind text, p_namespace text, p_name text,
+                                p_old bigint, p_labels jsonb, p_head text, p_tail text,
+                                p_history bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    rev bigint;
+    record text;
+BEGIN
+    PERFORM pg_advisory_xact_lock({_LOCK});
+    PERFORM 1 FROM meshtrust_objects
+        WHERE kind = p_kind AND namespace = p_namespace AND name = p_name
+          AND (p_type = 'ADDED' OR resource_version = p_old);
+    IF FOUND = (p_type = 'ADDED') THEN
+        RETURN NULL;  -- created meanwhile, or no longer at p_old: nothing written
+    END IF;
+    rev := nextval('meshtrust_revision');
+    record := p_head || rev::text || p_tail;
+    IF p_type = 'ADDED' THEN
+        INSERT INTO meshtrust_objects (kind, namespace, name, resource_version, labels, body)
+            VALUES (p_kind, p_namespace, p_name, rev, p_labels, record);
+    ELSIF p_type = 'DELETED' THEN
+        DELETE FROM meshtrust_objects
+            WHERE kind = p_kind AND namespace = p_namespace AND name = p_name;
+    ELSE
+        UPDATE meshtrust_objects SET resource_version = rev, labels = p_labels, body = record
+            WHERE kind = p_kind AND namespace = p_namespace AND name = p_name;
+    END IF;
+    INSERT INTO meshtrust_changes (revision, type, kind, namespace, body)
+        VALUES (rev, p_type, p_kind, p_namespace, record);
+    PERFORM pg_notify('{CHANNEL}', rev::text);
+    IF p_history > 0 AND rev > p_history THEN
+        DELETE FROM meshtrust_changes WHERE revision <= rev - p_history;
+        UPDATE meshtrust_meta SET value = greatest(value, rev - p_history)
+            WHERE key = 'compacted';
+    END IF;
+    RETURN rev;
+END
+$$""",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 DEFAULT_HISTORY = 10_000
-CHANNEL = "meshtrust_changes"
-_LOCK = 0x6D657368  # "mesh": the advisory lock every writer takes
 _POOL = 4
+_ATTEMPTS = 5  # reads of a row that keeps moving before a write gives up (Conflict)
+_STAND_INS = 10**18  # stand-in revisions are 19-digit numbers, never drawn in practice
 _Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
@@ -109,6 +166,18 @@ async def migrate(conn: _Connection, name: str,
             "INSERT INTO meshtrust_meta (key, value) VALUES ('schema_version', %s)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (len(migrations),))
     return version
+
+
+def _revised(event: base.WatchEvent, revision: int) -> base.WatchEvent:
+    """``event`` with the revision the database drew in place of the stand-in."""
+    obj = event.object
+    if isinstance(obj, base.Resource):
+        # Its spec and status were checked and copied when the write made it, and are
+        # passed on with it alone: no need to check and copy them again.
+        obj = dataclasses.replace(obj, resource_version=revision, parsed=True)
+    else:
+        obj = dataclasses.replace(obj, resource_version=revision)
+    return base.WatchEvent(type=event.type, object=obj, resource_version=revision)
 
 
 class PostgresStore(backend.Backend):
@@ -227,86 +296,64 @@ class PostgresStore(backend.Backend):
 
     async def _read_changes(self, after: int, kind: str, namespace: str | None,
                             limit: int) -> tuple[list[base.WatchEvent], int]:
-        async with self._connection() as conn, conn.transaction():
-            row = await (await conn.execute(
-                "SELECT (SELECT value FROM meshtrust_meta WHERE key = 'compacted'),"
-                " (SELECT coalesce(max(revision), 0) FROM meshtrust_changes)")).fetchone()
-            assert row is not None
-            compacted, head = int(row[0]), max(int(row[0]), int(row[1]))
-            if after < compacted:
-                raise feed.too_old(after, compacted + 1)
-            sql = ("SELECT revision, type, body FROM meshtrust_changes"
-                   " WHERE kind = %s AND revision > %s AND revision <= %s")
-            params: list[Any] = [kind, after, head]
-            if namespace is not None:
-                sql += " AND namespace = %s"
-                params.append(namespace)
-            cursor = await conn.execute(sql + " ORDER BY revision LIMIT %s",
-                                        params + [limit])
-            rows = await cursor.fetchall()
-        events = await backend.load_events(rows, source=self._name)
-        examined = events[-1].resource_version if len(rows) == limit else head
+        # One statement, so one snapshot: the compaction mark, the head and the entries
+        # agree (and it is one round trip).
+        where = " AND namespace = %s" if namespace is not None else ""
+        rows = await self._query(
+            "WITH log AS (SELECT"
+            " (SELECT value FROM meshtrust_meta WHERE key = 'compacted') AS compacted,"
+            " (SELECT coalesce(max(revision), 0) FROM meshtrust_changes) AS head)"
+            " SELECT log.compacted, log.head, entry.revision, entry.type, entry.body"
+            " FROM log LEFT JOIN LATERAL (SELECT revision, type, body FROM meshtrust_changes"
+            " WHERE kind = %s AND revision > %s AND revision <= log.head" + where +
+            " ORDER BY revision LIMIT %s) AS entry ON true ORDER BY entry.revision",
+            [kind, after, *([namespace] if namespace is not None else []), limit])
+        compacted = int(rows[0][0])
+        head = max(compacted, int(rows[0][1]))
+        if after < compacted:
+            raise feed.too_old(after, compacted + 1)
+        entries = [row[2:] for row in rows if row[2] is not None]
+        events = await backend.load_events(entries, source=self._name)
+        examined = events[-1].resource_version if len(entries) == limit else head
         return events, examined
 
     async def _submit(self, write: change.Write) -> base.WatchEvent:
         kind, namespace, name = write.key
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
-            row = await (await conn.execute(
-                "SELECT body FROM meshtrust_objects"
-                " WHERE kind = %s AND namespace = %s AND name = %s", write.key)).fetchone()
-            current = (manifest.load_json(row[0], source=f"{self._name} "
-                                          f"{change.describe(write.key)}") if row else None)
-            change.check(write, current)
-            next_row = await (await conn.execute("SELECT nextval('meshtrust_revision')")).fetchone()
-            assert next_row is not None
-            event = change.apply(write, current, int(next_row[0]), self._clock.now())
-            obj, body = event.object, manifest.dump_json(event.object)
-            if event.type is base.EventType.ADDED:
-                await conn.execute(
-                    "INSERT INTO meshtrust_objects"
-                    " (kind, namespace, name, resource_version, labels, body)"
-                    " VALUES (%s, %s, %s, %s, %s::jsonb, %s)",
-                    (kind, namespace, name, obj.resource_version, json.dumps(dict(obj.labels)),
-                     body))
-            else:
-                assert current is not None
-                await self._swap(conn, write.key, current.resource_version, event, body)
-            await conn.execute(
-                "INSERT INTO meshtrust_changes (revision, type, kind, namespace, body)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (event.resource_version, event.type.value, kind, namespace, body))
-            await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(event.resource_version)))
+        for _ in range(_ATTEMPTS):
+            current = None
+            if write.action is not change.Action.CREATE:
+                rows = await self._query("SELECT body FROM meshtrust_objects"
+                                         " WHERE kind = %s AND namespace = %s AND name = %s",
+                                         write.key)
+                if rows:
+                    current = manifest.load_json(
+                        rows[0][0], source=f"{self._name} {change.describe(write.key)}")
+            # The record as it will be stored but for its revision, which the database
+            # draws: a random stand-in marks where it goes.
+            stand_in = secrets.randbelow(_STAND_INS) + _STAND_INS
+            event = change.apply(write, current, stand_in, self._clock.now())
+            field = '"resourceVersion":"'
+            head, mark, tail = manifest.dump_json(event.object).partition(
+                f'{field}{stand_in}"')
+            assert mark, "a record names its resourceVersion"
             self._writes += 1
-            if self._writes % max(1, min(256, self._history // 8)) == 0:
-                await self._compact(conn, event.resource_version)
-        self._feed.notify()
-        return event
-
-    @staticmethod
-    async def _swap(conn: _Connection, key: change.Key, old: int, event: base.WatchEvent,
-                    body: str) -> None:
-        """The compare-and-swap itself: touch the row only if it is still at ``old``."""
-        if event.type is base.EventType.DELETED:
-            cursor = await conn.execute(
-                "DELETE FROM meshtrust_objects WHERE kind = %s AND namespace = %s AND name = %s"
-                " AND resource_version = %s", (*key, old))
-        else:
-            cursor = await conn.execute(
-                "UPDATE meshtrust_objects SET resource_version = %s, labels = %s::jsonb,"
-                " body = %s WHERE kind = %s AND namespace = %s AND name = %s"
-                " AND resource_version = %s",
-                (event.resource_version, json.dumps(dict(event.object.labels)), body, *key, old))
-        if cursor.rowcount != 1:
-            raise errors.Conflict(f"{change.describe(key)} changed during the write; "
-                                  "read it again and retry")
-
-    async def _compact(self, conn: _Connection, head: int) -> None:
-        floor = head - self._history
-        if floor > 0:
-            await conn.execute("DELETE FROM meshtrust_changes WHERE revision <= %s", (floor,))
-            await conn.execute("UPDATE meshtrust_meta SET value = greatest(value, %s)"
-                               " WHERE key = 'compacted'", (floor,))
+            compact = not self._writes % max(1, min(256, self._history // 8))
+            rows = await self._query(
+                "SELECT meshtrust_write(%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+                (event.type.value, kind, namespace, name,
+                 current.resource_version if current else 0,
+                 json.dumps(dict(event.object.labels)), head + field, '"' + tail,
+                 self._history if compact else 0))
+            revision = rows[0][0]
+            if revision is not None:
+                self._feed.notify()
+                return _revised(event, int(revision))
+            if write.action is change.Action.CREATE:
+                raise errors.AlreadyExists(f"{change.describe(write.key)} exists already")
+            # The row moved between the read and the write: read it again, and check the
+            # write against what it is now (a write with a version then ends Conflict).
+        raise errors.Conflict(f"{change.describe(write.key)} kept changing during the write; "
+                              "read it again and retry")
 
     async def _listen(self) -> None:
         """Wake the watchers on every NOTIFY; reconnect after a pause if the link drops."""
