@@ -134,6 +134,46 @@ class TestWriteAgainstAMovedRow:
         assert _revisions(postgres_url) == [1, 2]
 
 
+class TestNotifications:
+    def test_a_write_wakes_the_watchers_of_its_kind_only(self, postgres_url: str) -> None:
+        """Another replica's writes of one kind make a watcher of another kind read
+        nothing; a write of its kind wakes it at once (its poll interval is 30 s)."""
+        async def scenario() -> None:
+            quiet = await store.open_store(postgres_url, interval=30.0)
+            writer = await store.open_store(postgres_url)
+            assert isinstance(quiet, postgres.PostgresStore)
+            try:
+                others = quiet.watch("Other", since=0)
+                # Only a NOTIFY brings this within 30 s: the listener is up.
+                await writer.create(_named("Other", "first"))
+                assert (await asyncio.wait_for(anext(others), 10)).object.name == "first"
+                read = quiet._feed._read
+                reads: list[str] = []
+
+                async def spied(after: int, kind: str, namespace: str | None,
+                                limit: int) -> tuple[list[base.WatchEvent], int]:
+                    reads.append(kind)
+                    return await read(after, kind, namespace, limit)
+
+                quiet._feed._read = spied
+                counters = quiet.watch("Counter")
+                waiting = asyncio.ensure_future(anext(counters))
+                await asyncio.sleep(0.2)  # it read the log once, and waits
+                assert reads == ["Counter"]
+                for index in range(5):
+                    await writer.create(_named("Other", f"other-{index}"))
+                for _ in range(5):
+                    await asyncio.wait_for(anext(others), 10)
+                assert reads.count("Counter") == 1
+                await writer.create(_counter(0))
+                event = await asyncio.wait_for(waiting, 10)
+                assert (event.object.kind, reads.count("Counter")) == ("Counter", 2)
+            finally:
+                await quiet.close()
+                await writer.close()
+        asyncio.run(scenario())
+
+
 class TestRecord:
     def test_stored_record_names_the_drawn_revision(self, postgres_url: str) -> None:
         """The stored record and the change log's carry the revision the database drew,
@@ -156,6 +196,11 @@ class TestRecord:
                                   " FROM meshtrust_changes WHERE revision = 2").fetchone()
         assert row == (changed.resource_version, str(changed.resource_version))
         assert logged == (str(changed.resource_version),)
+
+
+def _named(kind: str, name: str) -> base.Resource:
+    return base.Resource(api_version="test.meshtrust.io/v1", kind=kind, namespace="default",
+                         name=name)
 
 
 def _replace_value(resource: base.Resource, value: int,

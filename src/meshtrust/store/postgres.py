@@ -20,9 +20,13 @@ server's every write held it for several turns of its loop, and a fleet's
 writes queued behind it). The record's ``resourceVersion`` is the one thing the
 function fills in: the record is sent as the text before and after it.
 
-Watchers ``LISTEN`` on a connection of their own and read the
-``meshtrust_changes`` table when woken (one statement, so one snapshot of the
-log and its compaction), polling as well in case a notification is lost.
+A write's notification names its kind. Watchers ``LISTEN`` on a connection of
+their own, and the watchers of that kind read the ``meshtrust_changes`` table
+when woken (one statement, so one snapshot of the log and its compaction),
+polling as well in case a notification is lost. Waking every watcher on every
+write had each replica read the log once per kind it follows for each write in
+the fleet, and those reads held the connections the calls' own reads and writes
+waited for.
 
 Commits are durable as far as the server's ``synchronous_commit`` makes them
 (on, by default). This is the only module that imports ``psycopg``.
@@ -99,7 +103,7 @@ BEGIN
     END IF;
     INSERT INTO meshtrust_changes (revision, type, kind, namespace, body)
         VALUES (rev, p_type, p_kind, p_namespace, record);
-    PERFORM pg_notify('{CHANNEL}', rev::text);
+    PERFORM pg_notify('{CHANNEL}', p_kind);
     IF p_history > 0 AND rev > p_history THEN
         DELETE FROM meshtrust_changes WHERE revision <= rev - p_history;
         UPDATE meshtrust_meta SET value = greatest(value, rev - p_history)
@@ -166,6 +170,15 @@ async def migrate(conn: _Connection, name: str,
             "INSERT INTO meshtrust_meta (key, value) VALUES ('schema_version', %s)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (len(migrations),))
     return version
+
+
+def _kinds_in(payload: str) -> tuple[str, ...] | None:
+    """The kind a NOTIFY's payload names; None (every kind) for one that names none, as
+    from a replica of an older meshtrust, whose payload is the revision."""
+    try:
+        return (base.check_kind(payload),)
+    except ValueError:
+        return None
 
 
 def _revised(event: base.WatchEvent, revision: int) -> base.WatchEvent:
@@ -346,7 +359,7 @@ class PostgresStore(backend.Backend):
                  self._history if compact else 0))
             revision = rows[0][0]
             if revision is not None:
-                self._feed.notify()
+                self._feed.notify((kind,))
                 return _revised(event, int(revision))
             if write.action is change.Action.CREATE:
                 raise errors.AlreadyExists(f"{change.describe(write.key)} exists already")
@@ -356,14 +369,15 @@ class PostgresStore(backend.Backend):
                               "read it again and retry")
 
     async def _listen(self) -> None:
-        """Wake the watchers on every NOTIFY; reconnect after a pause if the link drops."""
+        """Wake the watchers of the kind each NOTIFY names; reconnect after a pause if the
+        link drops."""
         while not self._closed:
             try:
                 conn = await connect(self._conninfo, self._name)
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._feed.notify()  # catch up on what was written while not listening
-                    async for _ in conn.notifies():
-                        self._feed.notify()
+                    async for notice in conn.notifies():
+                        self._feed.notify(_kinds_in(notice.payload))
             except (errors.StoreUnavailable, psycopg.Error):
                 await asyncio.sleep(1.0)  # watchers keep polling meanwhile
