@@ -486,10 +486,16 @@ def renewals(server: rf.Server, cluster: str) -> int:
     return len(server.process.lines(f"renewed client certificate of cluster {cluster}:"))
 
 
-async def collect(store: base.Store, kind: str, into: list[base.WatchEvent]) -> None:
+async def collect(store: base.Store, kind: str, into: list[base.WatchEvent],
+                  started: asyncio.Event) -> None:
+    """Follow ``kind`` into ``into``; ``started`` is set once the follower has read the
+    revision it follows from (a write after that reaches it)."""
     async def keep(event: base.WatchEvent) -> None:
         into.append(event)
-    await follow.follow(store, kind, keep)
+
+    async def resync() -> None:
+        started.set()
+    await follow.follow(store, kind, keep, resync=resync)
 
 
 async def wait_event(events: list[base.WatchEvent], name: str, *, timeout: float) -> None:
@@ -513,9 +519,12 @@ class TestPostgresRestart:
             writer = await open_store(url)
             woken: list[base.WatchEvent] = []
             polled: list[base.WatchEvent] = []
-            followers = [asyncio.create_task(collect(quiet, base.SECRET_KIND, woken)),
-                         asyncio.create_task(collect(polling, base.SECRET_KIND, polled))]
+            started = [asyncio.Event(), asyncio.Event()]
+            followers = [
+                asyncio.create_task(collect(quiet, base.SECRET_KIND, woken, started[0])),
+                asyncio.create_task(collect(polling, base.SECRET_KIND, polled, started[1]))]
             try:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
                 secret = await writer.create(base.Secret(namespace=NS, name="before",
                                                          data={"k": b"v"}))
                 await wait_event(woken, "before", timeout=5)

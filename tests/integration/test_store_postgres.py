@@ -134,6 +134,48 @@ class TestWriteAgainstAMovedRow:
         assert _revisions(postgres_url) == [1, 2]
 
 
+class TestWriteAfterRead:
+    def test_a_write_at_the_version_read_here_reads_nothing_more(self,
+                                                                 postgres_url: str) -> None:
+        """A write at the version this replica last read or wrote sends only the call;
+        one at a version another replica has moved past reads the row and ends Conflict."""
+        async def scenario() -> None:
+            first = await store.open_store(postgres_url)
+            other = await store.open_store(postgres_url)
+            assert isinstance(first, postgres.PostgresStore)
+            sent: list[str] = []
+            query = first._query
+
+            async def spied(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                sent.append(sql.split("(")[0])
+                return await query(sql, params)
+
+            first._query = spied  # type: ignore[method-assign]
+            try:
+                made = await first.create(_counter(0))
+                read = await first.get_resource("Counter", "default", "shared")
+                counted = await first.update_status(
+                    _replace_value(read, 0, status={"seen": 1}))
+                again = await first.update(_replace_value(counted, 1))
+                assert (again.spec, again.status, again.generation) == (
+                    {"value": 1}, {"seen": 1}, 2)
+                assert sent == ["SELECT meshtrust_write", "SELECT body FROM meshtrust_objects"
+                                " WHERE kind = %s AND namespace = %s AND name = %s",
+                                "SELECT meshtrust_write", "SELECT meshtrust_write"]
+                assert made.resource_version < counted.resource_version
+                moved = await other.update(_replace_value(again, 2))
+                sent.clear()
+                with pytest.raises(errors.Conflict, match="read at resource version"):
+                    await first.update(_replace_value(again, 3))
+                assert sent[0] == "SELECT meshtrust_write" and len(sent) == 2
+                stored = await other.get_resource("Counter", "default", "shared")
+                assert stored == moved
+            finally:
+                await first.close()
+                await other.close()
+        asyncio.run(scenario())
+
+
 class TestNotifications:
     def test_a_write_wakes_the_watchers_of_its_kind_only(self, postgres_url: str) -> None:
         """Another replica's writes of one kind make a watcher of another kind read

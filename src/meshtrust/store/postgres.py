@@ -1,9 +1,12 @@
 """The highly available store: several server replicas on one PostgreSQL database.
 
-A write is two round trips. The first reads the current row, without a lock,
-and the write rules (``store.change``) make the new record of it here. The
-second calls ``meshtrust_write``, a function in the database, which does the
-rest in one transaction: it takes a transaction-level advisory lock, checks that
+A write is at most two round trips. The first reads the current row, without a
+lock, and the write rules (``store.change``) make the new record of it here; a
+write at the version this replica last read or wrote the row at (a status
+edited right after it was read) starts from that record instead, kept for the
+last few thousand rows, and skips the read. The second calls
+``meshtrust_write``, a function in the database, which does the rest in one
+transaction: it takes a transaction-level advisory lock, checks that
 the row is still at the version read (or still absent, for a create), takes the
 next revision from the ``meshtrust_revision`` sequence, writes the row and its
 change, and notifies. If the row moved in between, the function writes nothing
@@ -35,6 +38,7 @@ Commits are durable as far as the server's ``synchronous_commit`` makes them
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -117,6 +121,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 DEFAULT_HISTORY = 10_000
 _POOL = 4
 _ATTEMPTS = 5  # reads of a row that keeps moving before a write gives up (Conflict)
+_RECENT = 4096  # records kept of the rows last read or written, for the writes that follow
 _STAND_INS = 10**18  # stand-in revisions are 19-digit numbers, never drawn in practice
 _Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -206,6 +211,8 @@ class PostgresStore(backend.Backend):
         self._clock = clock
         self._history = history
         self._writes = 0
+        self._recent: collections.OrderedDict[change.Key, tuple[int, str]] = \
+            collections.OrderedDict()
         self._feed = feed.Feed(read=self._read_changes, head=self.revision, interval=interval)
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -288,11 +295,35 @@ class PostgresStore(backend.Backend):
             return await cursor.fetchall()
 
     async def _get(self, key: change.Key) -> base.Object:
+        found = await self._row(key)
+        if found is None:
+            raise errors.NotFound(f"{change.describe(key)} not found")
+        return found
+
+    async def _row(self, key: change.Key) -> base.Object | None:
+        """The object at ``key`` as the database holds it now (None if there is none);
+        its record is kept for a write that follows at its version."""
         rows = await self._query("SELECT body FROM meshtrust_objects"
                                  " WHERE kind = %s AND namespace = %s AND name = %s", key)
         if not rows:
-            raise errors.NotFound(f"{change.describe(key)} not found")
-        return manifest.load_json(rows[0][0], source=f"{self._name} {change.describe(key)}")
+            self._recent.pop(key, None)
+            return None
+        found = manifest.load_json(rows[0][0], source=f"{self._name} {change.describe(key)}")
+        self._remember(key, found.resource_version, rows[0][0])
+        return found
+
+    def _remember(self, key: change.Key, version: int, record: str) -> None:
+        self._recent[key] = (version, record)
+        self._recent.move_to_end(key)
+        if len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+
+    def _recalled(self, key: change.Key, version: int | None) -> base.Object | None:
+        """The object at ``key`` as last read or written here, if that was at ``version``."""
+        kept = self._recent.get(key)
+        if kept is None or version is None or kept[0] != version:
+            return None
+        return manifest.load_json(kept[1], source=f"{self._name} {change.describe(key)}")
 
     async def _list(self, kind: str, namespace: str | None,
                     labels: Mapping[str, str] | None) -> list[base.Object]:
@@ -332,15 +363,13 @@ class PostgresStore(backend.Backend):
 
     async def _submit(self, write: change.Write) -> base.WatchEvent:
         kind, namespace, name = write.key
-        for _ in range(_ATTEMPTS):
-            current = None
-            if write.action is not change.Action.CREATE:
-                rows = await self._query("SELECT body FROM meshtrust_objects"
-                                         " WHERE kind = %s AND namespace = %s AND name = %s",
-                                         write.key)
-                if rows:
-                    current = manifest.load_json(
-                        rows[0][0], source=f"{self._name} {change.describe(write.key)}")
+        # A write at the version this replica last read or wrote starts from that record:
+        # the database checks under its lock that the row is still at it. Otherwise, or
+        # if the row moved, the row is read.
+        current = self._recalled(write.key, write.expected)
+        for attempt in range(_ATTEMPTS):
+            if attempt or (current is None and write.action is not change.Action.CREATE):
+                current = await self._row(write.key)
             # The record as it will be stored but for its revision, which the database
             # draws: a random stand-in marks where it goes.
             stand_in = secrets.randbelow(_STAND_INS) + _STAND_INS
@@ -349,22 +378,27 @@ class PostgresStore(backend.Backend):
             head, mark, tail = manifest.dump_json(event.object).partition(
                 f'{field}{stand_in}"')
             assert mark, "a record names its resourceVersion"
+            head, tail = head + field, '"' + tail
             self._writes += 1
             compact = not self._writes % max(1, min(256, self._history // 8))
             rows = await self._query(
                 "SELECT meshtrust_write(%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
                 (event.type.value, kind, namespace, name,
                  current.resource_version if current else 0,
-                 json.dumps(dict(event.object.labels)), head + field, '"' + tail,
+                 json.dumps(dict(event.object.labels)), head, tail,
                  self._history if compact else 0))
             revision = rows[0][0]
             if revision is not None:
                 self._feed.notify((kind,))
+                if event.type is base.EventType.DELETED:
+                    self._recent.pop(write.key, None)
+                else:
+                    self._remember(write.key, int(revision), f"{head}{revision}{tail}")
                 return _revised(event, int(revision))
             if write.action is change.Action.CREATE:
                 raise errors.AlreadyExists(f"{change.describe(write.key)} exists already")
-            # The row moved between the read and the write: read it again, and check the
-            # write against what it is now (a write with a version then ends Conflict).
+            # The row moved since it was read: read it again, and check the write against
+            # what it is now (a write with a version then ends Conflict).
         raise errors.Conflict(f"{change.describe(write.key)} kept changing during the write; "
                               "read it again and retry")
 
