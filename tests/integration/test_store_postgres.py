@@ -200,7 +200,10 @@ class TestNotifications:
                 quiet._feed._read = spied
                 counters = quiet.watch("Counter")
                 waiting = asyncio.ensure_future(anext(counters))
-                await asyncio.sleep(0.2)  # it read the log once, and waits
+                for _ in range(200):  # until it has read the log once, and waits
+                    if reads:
+                        break
+                    await asyncio.sleep(0.05)
                 assert reads == ["Counter"]
                 for index in range(5):
                     await writer.create(_named("Other", f"other-{index}"))
