@@ -68,6 +68,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue as queue_module
+import re
 import resource
 import shutil
 import signal
@@ -93,6 +94,8 @@ POLICY = "fleet"
 NAMESPACE = "gloo-mesh"
 SHOW_EVERY = 0.25  # seconds between two updates of the progress display
 ERROR_BUCKET = 30.0  # seconds per bucket of the errors' timeline in the JSON results
+# Where a record of the server's log starts: its own (a date) or gRPC's C core's (I1207 ...).
+_RECORD = re.compile(r"\d{4}-\d\d-\d\d |[IWEF]\d{4} ")
 
 
 def policy_document(ttl: str) -> dict[str, Any]:
@@ -857,6 +860,15 @@ def _sum(counter: dict[str, int]) -> str:
                                     sorted(counter.items(), key=lambda kv: -kv[1])[:4]) + ")"
 
 
+def _with_traceback(log: list[str], index: int) -> str:
+    """The server log's line ``index`` with the lines that go on from it (a traceback):
+    those up to the next record, which starts with a date or is gRPC's own."""
+    end = index + 1
+    while end < len(log) and end - index < 60 and not _RECORD.match(log[end]):
+        end += 1
+    return "\n".join(log[index:end])
+
+
 def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
     from rich.table import Table
 
@@ -1127,13 +1139,14 @@ def main() -> int:
     finally:
         fleet.stop()
         log = fleet.server.log.read_text(errors="replace").splitlines()
-        failures = [line for line in log if " ERROR " in line]
+        failures = [index for index, line in enumerate(log) if " ERROR " in line]
         # The server's last words: how long its garbage collector stopped it, in all.
         collected = [line.split("garbage collection took ", 1)[1] for line in log
                      if "garbage collection took " in line]
         result["server_log"] = {"lines": len(log),
                                 "warnings": sum(" WARNING " in line for line in log),
-                                "errors": len(failures), "first_errors": failures[:5],
+                                "errors": len(failures),
+                                "first_errors": [_with_traceback(log, i) for i in failures[:5]],
                                 "garbage_collection": collected[-1] if collected else None}
         if database is not None:
             database.stop()
