@@ -22,6 +22,23 @@ def _counter(value: int) -> base.Resource:
                          namespace="default", name="shared", spec={"value": value})
 
 
+def _spy(opened: base.Store, sent: list[str],
+         after: Callable[[str], Awaitable[None]] | None = None) -> None:
+    """Record each statement ``opened`` sends, up to its first parenthesis, in ``sent``;
+    ``after(sql)`` runs once the statement is answered."""
+    assert isinstance(opened, postgres.PostgresStore)
+    query = opened._query
+
+    async def spied(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        sent.append(sql.split("(")[0])
+        rows = await query(sql, params)
+        if after is not None:
+            await after(sql)
+        return rows
+
+    opened._query = spied  # type: ignore[method-assign]
+
+
 async def _moved_after_read(location: str,
                             write: Callable[[base.Store], Awaitable[object]],
                             meddle: Callable[[base.Store], Awaitable[object]]) -> list[str]:
@@ -30,18 +47,12 @@ async def _moved_after_read(location: str,
     first = await store.open_store(location)
     other = await store.open_store(location)
     sent: list[str] = []
+
+    async def after(sql: str) -> None:
+        if sql.startswith("SELECT body FROM meshtrust_objects") and len(sent) == 1:
+            await meddle(other)
     try:
-        assert isinstance(first, postgres.PostgresStore)
-        query = first._query
-
-        async def spied(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-            sent.append(sql)
-            rows = await query(sql, params)
-            if sql.startswith("SELECT body FROM meshtrust_objects") and len(sent) == 1:
-                await meddle(other)
-            return rows
-
-        first._query = spied  # type: ignore[method-assign]
+        _spy(first, sent, after)
         await write(first)
         return sent
     finally:
@@ -142,15 +153,8 @@ class TestWriteAfterRead:
         async def scenario() -> None:
             first = await store.open_store(postgres_url)
             other = await store.open_store(postgres_url)
-            assert isinstance(first, postgres.PostgresStore)
             sent: list[str] = []
-            query = first._query
-
-            async def spied(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-                sent.append(sql.split("(")[0])
-                return await query(sql, params)
-
-            first._query = spied  # type: ignore[method-assign]
+            _spy(first, sent)
             try:
                 made = await first.create(_counter(0))
                 read = await first.get_resource("Counter", "default", "shared")

@@ -123,6 +123,7 @@ _POOL = 4
 _ATTEMPTS = 5  # reads of a row that keeps moving before a write gives up (Conflict)
 _RECENT = 4096  # records kept of the rows last read or written, for the writes that follow
 _STAND_INS = 10**18  # stand-in revisions are 19-digit numbers, never drawn in practice
+_VERSION_FIELD = '"resourceVersion":"'  # how a record (manifest.dump_json) begins its version
 _Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
@@ -374,11 +375,10 @@ class PostgresStore(backend.Backend):
             # draws: a random stand-in marks where it goes.
             stand_in = secrets.randbelow(_STAND_INS) + _STAND_INS
             event = change.apply(write, current, stand_in, self._clock.now())
-            field = '"resourceVersion":"'
             head, mark, tail = manifest.dump_json(event.object).partition(
-                f'{field}{stand_in}"')
+                f'{_VERSION_FIELD}{stand_in}"')
             assert mark, "a record names its resourceVersion"
-            head, tail = head + field, '"' + tail
+            head, tail = head + _VERSION_FIELD, '"' + tail
             self._writes += 1
             compact = not self._writes % max(1, min(256, self._history // 8))
             rows = await self._query(
