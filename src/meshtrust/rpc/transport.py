@@ -10,6 +10,7 @@ next handshake, with no restart and no effect on open connections.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -168,7 +169,16 @@ async def abort(context: grpc.aio.ServicerContext, error: errors.MeshTrustError)
         # Seconds for people and proxies; milliseconds for agents, which wait exactly that.
         trailing = (("retry-after", f"{error.retry_after:.1f}"),
                     (RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))))
-    await context.abort(status.code_of(error), str(error), trailing_metadata=trailing)
+    try:
+        await context.abort(status.code_of(error), str(error), trailing_metadata=trailing)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - gRPC's own error type is not public
+        # The status could not be sent: the call is over in gRPC's core (its deadline
+        # passed while the server was busy, or the caller hung up). End the handler as a
+        # cancelled call ends, which gRPC logs at debug level, rather than with an error
+        # that it logs with a traceback whenever it has not noticed the end itself yet.
+        raise asyncio.CancelledError(f"the caller is gone; not sent: {error}") from exc
 
 
 def secure_channel(target: str, *, trust: bytes, chain: bytes | None = None,
