@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import grpc.aio
 
 Metadatum = collections.namedtuple("Metadatum", ["key", "value"])
 
 
-class Aborted(Exception):
-    """The servicer ended the call with ``code`` and ``details``."""
+class Aborted(grpc.aio.AbortError):
+    """The servicer ended the call with ``code`` and ``details`` (as gRPC's ``abort``
+    does, with its ``AbortError``)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code}: {details}")

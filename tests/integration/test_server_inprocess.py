@@ -335,3 +335,67 @@ async def _many_connections(target: str, count: int) -> list[str]:
         return list(await asyncio.gather(*(report(c) for c in channels)))
     finally:
         await asyncio.gather(*(c.close() for c in channels))
+
+
+async def _stopped_under(tmp: Path, count: int
+                         ) -> tuple[list[errors.MeshTrustError], float, list[bool]]:
+    """``count`` clusters' work streams open when the server stops (2 s grace): how each
+    ended, how long the stop took, and whether each cluster's record says connected once
+    it returned."""
+    clock = clock_module.SystemClock()
+    cfg = _config(tmp, insecure=True)
+    store = await open_store(cfg.store)
+    server = app.Server(cfg, store)
+    await server.start()
+    channel = transport.insecure_channel(cfg.listen)
+    ended: list[errors.MeshTrustError] = []
+    try:
+        clusters = registry.Registry(store, clock)
+        names = [f"cluster-{i}" for i in range(count)]
+        for name in names:
+            await clusters.register(name)
+        opened = asyncio.Semaphore(0)
+
+        async def hold(name: str) -> None:
+            work = transport.relay_stub(channel).Work(
+                messages.WorkSubscribe(replica="test"),
+                metadata=((service.INSECURE_CLUSTER_HEADER, name),))
+            first = True
+            try:
+                async for _ in transport.iterate(work):
+                    if first:
+                        first = False
+                        opened.release()
+            except errors.MeshTrustError as exc:
+                ended.append(exc)
+
+        streams = [asyncio.create_task(hold(name)) for name in names]
+        async with asyncio.timeout(10):
+            for _ in names:
+                await opened.acquire()
+        began = time.monotonic()
+        await server.stop(2.0)
+        took = time.monotonic() - began
+        connected = [c.connected for c in await clusters.list()]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*streams)
+    finally:
+        await channel.close()
+        await store.close()
+    return ended, took, connected
+
+
+class TestStop:
+    def test_open_work_streams_end_with_a_status_the_agents_act_on(
+            self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """A stopping server ends its work streams itself, each with UNAVAILABLE and a
+        message that says why, within the grace; each stream's record of the connection
+        is gone by the time the stop returns, and nothing is logged as an error."""
+        with caplog.at_level(logging.DEBUG):
+            ended, took, connected = asyncio.run(_stopped_under(tmp_path, 20))
+        assert connected == [False] * 20
+        assert len(ended) == 20
+        assert all(type(e) is errors.RPCError and "server is stopping" in str(e)
+                   for e in ended), ended
+        assert took < 2.0  # not held to the grace: no call was left for gRPC to cancel
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -171,9 +171,7 @@ async def abort(context: grpc.aio.ServicerContext, error: errors.MeshTrustError)
                     (RETRY_AFTER_MS, str(max(1, round(error.retry_after * 1000)))))
     try:
         await context.abort(status.code_of(error), str(error), trailing_metadata=trailing)
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - gRPC's own error type is not public
+    except grpc.aio.InternalError as exc:  # gRPC's ExecuteBatchError, which is not public
         # The status could not be sent: the call is over in gRPC's core (its deadline
         # passed while the server was busy, or the caller hung up). End the handler as a
         # cancelled call ends, which gRPC logs at debug level, rather than with an error

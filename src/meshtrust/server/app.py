@@ -57,6 +57,7 @@ LAG_WARN = 1.0  # a lag above this many seconds is logged (at most once per LAG_
 RECONCILE_REST = 9.0
 RECONCILE_REST_MAX = 60.0
 RECONCILE_IDLE = 10.0
+STREAMS_LEAVING = 10.0  # seconds a stopping server waits for its work streams to end
 
 
 class Server:
@@ -393,7 +394,19 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.leadership.release()  # the next replica leads at once
-        await self._grpc.stop(grace)
+        # gRPC takes no new call from its stop's first step on; the work streams, which
+        # would last past any grace, are then ended with a status the agents act on.
+        stopping = asyncio.ensure_future(self._grpc.stop(grace))
+        await asyncio.sleep(0)
+        self.relay_service.close()
+        await stopping
+        # Each ended stream records that this replica no longer holds it: a store write,
+        # which must not be cut off by the store closing or the process ending.
+        left = await self.relay_service.closed(STREAMS_LEAVING)
+        if left:
+            log.warning("%d work streams had not ended %.0f s after the stop; their clusters "
+                        "may show as connected until their agents connect again", left,
+                        STREAMS_LEAVING)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
             self._metrics_server.server_close()  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ error that ``rpc.transport.abort`` turns into a status code and message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -101,6 +102,9 @@ class RelayService(transport.services.RelayServicer):
         self._insecure = insecure
         self._heartbeat = heartbeat
         self._streams: dict[str, set[_Stream]] = {}
+        self._closing = False  # ``close``: every stream ended, and none taken on
+        self._leaving = 0  # streams ended, recording that this replica no longer holds them
+        self._all_gone = asyncio.Event()  # closing, and every stream has left
         # Which clusters have Istio work, followed from the store (``work_changed``); a
         # cluster without any is not looked up on each heartbeat.
         self.work = work.WorkIndex()
@@ -180,6 +184,8 @@ class RelayService(transport.services.RelayServicer):
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
         # Recording the connection refuses an unregistered cluster: no read before it.
         cluster = await self._cluster(context, request, registered=False)
+        if self._closing:  # a stream that came as the server stops: none is taken on
+            await transport.abort(context, _STOPPING)
         registry = self._authority.registry
         stream = _Stream()
         streams = self._streams.setdefault(cluster, set())
@@ -221,7 +227,7 @@ class RelayService(transport.services.RelayServicer):
                 except TimeoutError:
                     pass
                 stream.wake.clear()
-            await transport.abort(context, errors.UnknownCluster(
+            await transport.abort(context, stream.ending or errors.UnknownCluster(
                 f"cluster {cluster!r} was deregistered"))
         finally:
             streams = self._streams.get(cluster, set())
@@ -233,10 +239,14 @@ class RelayService(transport.services.RelayServicer):
                 self._streams.pop(cluster, None)
                 self._kick_each(self.handouts.done(cluster))
                 self._meters.connected.set(len(self._streams))
+                self._leaving += 1
                 try:
                     await registry.disconnect(cluster, self.replica)
                 except errors.MeshTrustError:
                     pass
+                finally:
+                    self._leaving -= 1
+                    self._check_gone()
                 if connected:
                     log.info("agent of cluster %s disconnected", cluster)
 
@@ -295,8 +305,30 @@ class RelayService(transport.services.RelayServicer):
     def drop(self, cluster: str) -> None:
         """End the open work streams of ``cluster`` (it was deregistered)."""
         for stream in self._streams.get(cluster, ()):
-            stream.gone.set()
-            stream.wake.set()
+            stream.end()
+
+    def close(self) -> None:
+        """End every work stream, and any opened from now on, telling its agent that the
+        server is stopping (``UNAVAILABLE``: it connects again, to another replica if
+        there is one). Called as the server stops: a stream that gRPC's own stop cancels
+        instead may be reported by gRPC as an error, with a traceback, in the log."""
+        self._closing = True
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.end(_STOPPING)
+        self._check_gone()
+
+    async def closed(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the streams ``close`` ended to have left
+        (each records that this replica no longer holds it); return how many have not."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._all_gone.wait()
+        return sum(map(len, self._streams.values())) + self._leaving
+
+    def _check_gone(self) -> None:
+        if self._closing and not self._streams and not self._leaving:
+            self._all_gone.set()
 
     def kick(self, cluster: str) -> int:
         """Make the work streams of ``cluster`` look for work now; return how many."""
@@ -371,14 +403,25 @@ class RelayService(transport.services.RelayServicer):
             raise AssertionError("unreachable") from exc
 
 
+_STOPPING = errors.RPCError("the management server is stopping; connect again (to another "
+                            "replica, if there is one)")
+
+
 @dataclasses.dataclass(eq=False)
 class _Stream:
-    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it;
-    ``recorded`` once the registry holds this replica's connection to its cluster."""
+    """One open work stream: ``wake`` makes it look for work, ``gone`` ends it (with
+    ``ending``, or as its cluster's deregistration if None); ``recorded`` once the
+    registry holds this replica's connection to its cluster."""
 
     gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     recorded: bool = False
+    ending: errors.MeshTrustError | None = None
+
+    def end(self, ending: errors.MeshTrustError | None = None) -> None:
+        self.ending = self.ending or ending
+        self.gone.set()
+        self.wake.set()
 
 
 def _check_version(request: Any) -> None:
