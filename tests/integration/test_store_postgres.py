@@ -7,7 +7,8 @@ draws no revision: the change log stays gap-free.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -20,6 +21,21 @@ from meshtrust.store import base, postgres
 def _counter(value: int) -> base.Resource:
     return base.Resource(api_version="test.meshtrust.io/v1", kind="Counter",
                          namespace="default", name="shared", spec={"value": value})
+
+
+@contextlib.asynccontextmanager
+async def _replicas(location: str, *, first_interval: float | None = None
+                    ) -> AsyncIterator[tuple[base.Store, base.Store]]:
+    """Two stores on ``location``, as two server replicas open it, closed at the end;
+    ``first_interval``: the first one's poll interval, if not the default."""
+    options = {} if first_interval is None else {"interval": first_interval}
+    first = await store.open_store(location, **options)
+    other = await store.open_store(location)
+    try:
+        yield first, other
+    finally:
+        await first.close()
+        await other.close()
 
 
 def _spy(opened: base.Store, sent: list[str],
@@ -44,20 +60,15 @@ async def _moved_after_read(location: str,
                             meddle: Callable[[base.Store], Awaitable[object]]) -> list[str]:
     """Run ``write`` on one store while another runs ``meddle`` right after the
     first's read of the row; return the SQL the first sent."""
-    first = await store.open_store(location)
-    other = await store.open_store(location)
     sent: list[str] = []
+    async with _replicas(location) as (first, other):
+        async def after(sql: str) -> None:
+            if sql.startswith("SELECT body FROM meshtrust_objects") and len(sent) == 1:
+                await meddle(other)
 
-    async def after(sql: str) -> None:
-        if sql.startswith("SELECT body FROM meshtrust_objects") and len(sent) == 1:
-            await meddle(other)
-    try:
         _spy(first, sent, after)
         await write(first)
         return sent
-    finally:
-        await first.close()
-        await other.close()
 
 
 def _revisions(location: str) -> list[int]:
@@ -124,9 +135,7 @@ class TestWriteAgainstAMovedRow:
         """Two replicas creating one object: one wins, the other is told it exists, and
         no revision is drawn for it."""
         async def scenario() -> None:
-            first = await store.open_store(postgres_url)
-            other = await store.open_store(postgres_url)
-            try:
+            async with _replicas(postgres_url) as (first, other):
                 results = await asyncio.gather(first.create(_counter(1)),
                                                other.create(_counter(2)),
                                                return_exceptions=True)
@@ -138,9 +147,6 @@ class TestWriteAgainstAMovedRow:
                     api_version="test.meshtrust.io/v1", kind="Counter",
                     namespace="default", name="later"))
                 assert later.resource_version == made[0].resource_version + 1
-            finally:
-                await first.close()
-                await other.close()
         asyncio.run(scenario())
         assert _revisions(postgres_url) == [1, 2]
 
@@ -151,11 +157,9 @@ class TestWriteAfterRead:
         """A write at the version this replica last read or wrote sends only the call;
         one at a version another replica has moved past reads the row and ends Conflict."""
         async def scenario() -> None:
-            first = await store.open_store(postgres_url)
-            other = await store.open_store(postgres_url)
-            sent: list[str] = []
-            _spy(first, sent)
-            try:
+            async with _replicas(postgres_url) as (first, other):
+                sent: list[str] = []
+                _spy(first, sent)
                 made = await first.create(_counter(0))
                 read = await first.get_resource("Counter", "default", "shared")
                 counted = await first.update_status(
@@ -174,9 +178,6 @@ class TestWriteAfterRead:
                 assert sent[0] == "SELECT meshtrust_write" and len(sent) == 2
                 stored = await other.get_resource("Counter", "default", "shared")
                 assert stored == moved
-            finally:
-                await first.close()
-                await other.close()
         asyncio.run(scenario())
 
 
@@ -185,10 +186,8 @@ class TestNotifications:
         """Another replica's writes of one kind make a watcher of another kind read
         nothing; a write of its kind wakes it at once (its poll interval is 30 s)."""
         async def scenario() -> None:
-            quiet = await store.open_store(postgres_url, interval=30.0)
-            writer = await store.open_store(postgres_url)
-            assert isinstance(quiet, postgres.PostgresStore)
-            try:
+            async with _replicas(postgres_url, first_interval=30.0) as (quiet, writer):
+                assert isinstance(quiet, postgres.PostgresStore)
                 others = quiet.watch("Other", since=0)
                 # Only a NOTIFY brings this within 30 s: the listener is up.
                 await writer.create(_named("Other", "first"))
@@ -217,9 +216,6 @@ class TestNotifications:
                 await writer.create(_counter(0))
                 event = await asyncio.wait_for(waiting, 10)
                 assert (event.object.kind, reads.count("Counter")) == ("Counter", 2)
-            finally:
-                await quiet.close()
-                await writer.close()
         asyncio.run(scenario())
 
 
