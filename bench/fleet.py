@@ -281,6 +281,15 @@ def _proc_stat(pid: int) -> tuple[int, float]:
     return int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), (int(fields[11]) + int(fields[12])) / tick
 
 
+def _thread_cpu(pid: int) -> float:
+    """CPU seconds of the main thread of a process (a server's event loop), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _machine_busy() -> float:
     """Busy CPU seconds of the whole machine so far, from /proc/stat."""
     try:
@@ -298,6 +307,7 @@ class Sample:
     cpu: float  # server CPU seconds so far
     workers_cpu: float
     machine_cpu: float  # busy CPU seconds of the whole machine so far
+    loop_cpu: float  # CPU seconds of the servers' event loop threads so far
 
 
 class Sampler(threading.Thread):
@@ -317,7 +327,9 @@ class Sampler(threading.Thread):
             stats = [_proc_stat(pid) for pid in self.server_pids]
             rss, cpu = sum(r for r, _ in stats), sum(c for _, c in stats)
             workers = sum(_proc_stat(pid)[1] for pid in self.worker_pids)
-            self.samples.append(Sample(time.monotonic(), rss, cpu, workers, _machine_busy()))
+            loops = sum(map(_thread_cpu, self.server_pids))
+            self.samples.append(Sample(time.monotonic(), rss, cpu, workers, _machine_busy(),
+                                       loops))
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
@@ -336,7 +348,9 @@ class Sampler(threading.Thread):
                 "end_rss_mib": inside[-1].rss / 2**20,
                 "server_cpu_s": server * span, "worker_cpu_s": workers * span,
                 "server_cores": server, "worker_cores": workers,
-                "other_cores": max(0.0, machine - server - workers)}
+                "loop_cores": (inside[-1].loop_cpu - inside[0].loop_cpu) / span,
+                "other_cores": max(0.0, machine - server - workers),
+                "idle_cores": max(0.0, (os.cpu_count() or 1) - machine)}
 
     def latest(self) -> Sample | None:
         return self.samples[-1] if self.samples else None
@@ -897,9 +911,7 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
                     "no policy" if args.no_policy else _s(c.get("all_intermediate_s")), "")
         out.add_row("", "server peak RSS", f"{rss:,.0f} MiB",
                     _verdict(0 < rss <= 1024, "<= 1024 MiB"))
-        out.add_row("", "cores: server / simulators / other processes",
-                    f"{c.get('server_cores', 0):.2f} / {c.get('worker_cores', 0):.2f} / "
-                    f"{c.get('other_cores', 0):.2f}", "")
+        out.add_row("", *_cores_row(c))
         out.add_row("", "CPU per cluster: server / simulators",
                     f"{1000 * c.get('server_cpu_s', 0) / args.clusters:.1f} ms / "
                     f"{1000 * c.get('worker_cpu_s', 0) / args.clusters:.1f} ms", "")
@@ -940,9 +952,7 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
         out.add_row("", "streams dropped / re-bootstraps",
                     f"{st['drops']} / {st['rebootstraps']}", "")
         out.add_row("", "server peak RSS", f"{st.get('peak_rss_mib', 0):,.0f} MiB", "")
-        out.add_row("", "cores: server / simulators / other processes",
-                    f"{st.get('server_cores', 0):.2f} / {st.get('worker_cores', 0):.2f} / "
-                    f"{st.get('other_cores', 0):.2f}", "")
+        out.add_row("", *_cores_row(st))
     r = result.get("rotation")
     if r:
         seconds = r.get("seconds")
@@ -954,6 +964,15 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
                     _verdict(r["handshakes_failed"] == 0 and r["handshakes_ok"] > 0, "0 failed"))
         out.add_row("", "errors", _sum(r["errors"]), "")
     return out
+
+
+def _cores_row(phase: dict[str, Any]) -> tuple[str, str, str]:
+    """The machine's cores over a phase: the server's (its event loop thread's within
+    them), the simulators', other processes' and the idle ones."""
+    return ("cores: server (its event loop) / simulators / other processes / idle",
+            f"{phase.get('server_cores', 0):.2f} ({phase.get('loop_cores', 0):.2f}) / "
+            f"{phase.get('worker_cores', 0):.2f} / {phase.get('other_cores', 0):.2f} / "
+            f"{phase.get('idle_cores', 0):.2f}", "")
 
 
 def _s(value: float | None) -> str:
