@@ -281,15 +281,6 @@ def _proc_stat(pid: int) -> tuple[int, float]:
     return int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), (int(fields[11]) + int(fields[12])) / tick
 
 
-def _thread_cpu(pid: int) -> float:
-    """CPU seconds of the main thread of a process (a server's event loop), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _machine_busy() -> float:
     """Busy CPU seconds of the whole machine so far, from /proc/stat."""
     try:
@@ -327,7 +318,8 @@ class Sampler(threading.Thread):
             stats = [_proc_stat(pid) for pid in self.server_pids]
             rss, cpu = sum(r for r, _ in stats), sum(c for _, c in stats)
             workers = sum(_proc_stat(pid)[1] for pid in self.worker_pids)
-            loops = sum(map(_thread_cpu, self.server_pids))
+            # A server's event loop runs on its main thread, whose id is the process's.
+            loops = sum(relay._cpu_seconds(pid, thread=pid) for pid in self.server_pids)
             self.samples.append(Sample(time.monotonic(), rss, cpu, workers, _machine_busy(),
                                        loops))
             self._stop.wait(self.interval)

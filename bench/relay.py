@@ -192,10 +192,11 @@ def wait_quiet(limit: float, threshold: float = 0.15) -> float:
             return load
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """utime + stime of a process (all its threads), or of one of its threads, in seconds."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
