@@ -20,6 +20,8 @@ What it runs:
 
 It reports how long until every cluster is bootstrapped, holds a relay
 stream and has an Istio intermediate; the server's RSS and CPU over time;
+where the machine's cores went in each phase (the server's, its event loop
+thread's among them, the simulators', other processes' and the idle ones);
 p50/p99 latencies; errors (any failed call other than RESOURCE_EXHAUSTED,
 which the agents wait out as told) and dropped streams.
 
