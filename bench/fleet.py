@@ -321,7 +321,7 @@ class Sampler(threading.Thread):
             rss, cpu = sum(r for r, _ in stats), sum(c for _, c in stats)
             workers = sum(_proc_stat(pid)[1] for pid in self.worker_pids)
             # A server's event loop runs on its main thread, whose id is the process's.
-            loops = sum(relay._cpu_seconds(pid, thread=pid) for pid in self.server_pids)
+            loops = sum(relay.cpu_seconds(pid, thread=pid) for pid in self.server_pids)
             self.samples.append(Sample(time.monotonic(), rss, cpu, workers, _machine_busy(),
                                        loops))
             self._stop.wait(self.interval)

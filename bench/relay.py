@@ -192,7 +192,7 @@ def wait_quiet(limit: float, threshold: float = 0.15) -> float:
             return load
 
 
-def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """utime + stime of a process (all its threads), or of one of its threads, in seconds."""
     stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
@@ -624,9 +624,9 @@ def run_load(kind: str, label: str, target: str, fixture: Fixture, *, concurrenc
     time.sleep(max(0.0, window_start - time.monotonic()))
     if on_window is not None:
         on_window()
-    server_cpu0, machine0 = sum(map(_cpu_seconds, server_pids)), _machine_busy()[0]
+    server_cpu0, machine0 = sum(map(cpu_seconds, server_pids)), _machine_busy()[0]
     time.sleep(max(0.0, window_end - time.monotonic()))
-    server_cpu1, machine1 = sum(map(_cpu_seconds, server_pids)), _machine_busy()[0]
+    server_cpu1, machine1 = sum(map(cpu_seconds, server_pids)), _machine_busy()[0]
     result = LoadResult(target=label, seconds=seconds, server_cpu=server_cpu1 - server_cpu0,
                         machine_cpu=machine1 - machine0)
     for _ in workers:
