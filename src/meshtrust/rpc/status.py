@@ -24,7 +24,7 @@ _TABLE: tuple[tuple[type[errors.MeshTrustError], grpc.StatusCode], ...] = (
     (errors.Conflict, grpc.StatusCode.ABORTED),
     (errors.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ProviderError, grpc.StatusCode.UNAVAILABLE),
-    (errors.RPCError, grpc.StatusCode.UNAVAILABLE),  # the server is stopping: connect again
+    (errors.RPCError, grpc.StatusCode.UNAVAILABLE),  # the relay failed (as _BACK reads it)
 )
 
 _BACK: dict[grpc.StatusCode, type[errors.MeshTrustError]] = {
