@@ -44,6 +44,10 @@ and nothing else (no store, tokens, admission control or schedule). With
 machine; with intermediates, thousands of clusters overflow its gRPC backlog, as it
 has no admission control.
 
+``--bootstrap-spread S``: each agent's first bootstrap waits a random part of S
+seconds, as the agent's ``--bootstrap-spread`` (the default, 0, starts them all in the
+same second); the time to converge still counts from the start.
+
 ``--no-policy``: no trust policy, so no Istio work: the clusters only bootstrap and
 hold their relay streams, which is what the converge target counts.
 
@@ -549,7 +553,8 @@ class Fleet:
                 index=index, clusters=share, relay=relay, bootstrap=bootstrap, trust=trust,
                 report_interval=args.report_interval,
                 separate_unary_channel=args.channels == 2, renew_keys=args.storm,
-                handshakes=args.root_rotation, seed=args.seed + index)
+                handshakes=args.root_rotation, seed=args.seed + index,
+                bootstrap_spread=args.bootstrap_spread)
             worker = self.context.Process(target=fleetsim.main, args=(spec, self.events, commands),
                                           daemon=True)
             worker.start()
@@ -883,7 +888,9 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
     replicas = f"{args.servers} replicas of " if args.servers > 1 else ""
     served = ("the ceiling (bench/fleetceiling.py), not meshtrust server" if args.ceiling
               else f"{replicas}meshtrust server on {args.store}")
-    out = Table(title=f"meshtrust fleet: {args.clusters:,} simulated clusters, "
+    spread = (f" starting over {args.bootstrap_spread:g} s" if args.bootstrap_spread
+              else "")
+    out = Table(title=f"meshtrust fleet: {args.clusters:,} simulated clusters{spread}, "
                       f"{args.workers} worker processes, against {served}")
     out.add_column("phase")
     out.add_column("measure")
@@ -1046,6 +1053,11 @@ def main() -> int:
                         help="each agent renews after a random delay of at most this many "
                              "seconds (default: the agent's --renew-spread for an overdue "
                              "renewal, %(default)s; 1 is the agent without it)")
+    parser.add_argument("--bootstrap-spread", type=float,
+                        default=agent_config.DEFAULT_BOOTSTRAP_SPREAD, metavar="SECONDS",
+                        help="each agent's first bootstrap waits a random part of this, as "
+                             "the agent's --bootstrap-spread (default %(default)s: all at "
+                             "once); the time to converge counts from the start")
     parser.add_argument("--root-rotation", action="store_true",
                         help="then rotate the policy's root while workloads of the clusters "
                              "handshake across clusters")

@@ -71,6 +71,7 @@ class WorkerSpec:
     renew_keys: bool  # make a second key and CSR per cluster for the storm
     handshakes: bool  # run cross-cluster mTLS handshakes between workloads continuously
     seed: int
+    bootstrap_spread: float = 0.0  # as the agent's --bootstrap-spread
 
 
 class Events:
@@ -182,6 +183,9 @@ class SimAgent:
     # -- life --------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # As the agent: the first bootstrap waits a random part of the spread. The
+        # latencies start after it; the time to converge counts it.
+        await asyncio.sleep(self.rng.uniform(0, self.spec.bootstrap_spread))
         began = time.monotonic()
         await self.bootstrap()
         self.events.add("bootstrapped", time.monotonic() - began)

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ def cli(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = main.main(list(argv), Output(stdout=out, stderr=err))
     return code, out.getvalue(), err.getvalue()
+
+
+def _logged_at(line: str) -> dt.datetime:
+    """When a log line was written (the logging format's asctime)."""
+    return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
 
 
 def refused(code: grpc.StatusCode, match: str) -> Any:
@@ -63,6 +69,21 @@ class TestBootstrap:
                            timeout=5, what="the agent's first status report")
         assert reported["replica"] == "cluster-1-a" and reported["leader"] is True
         agent.wait_for_log(r"connected to 127\.0\.0\.1:\d+ over mTLS", timeout=5)
+
+    def test_first_bootstrap_waits_a_random_part_of_the_spread(self, fleet: rf.Fleet) -> None:
+        """With --bootstrap-spread the agent says how long it waits, and calls only then."""
+        fleet.start_server()
+        fleet.enroll("cluster-1")
+        agent = fleet.start_agent("cluster-1", extra=["--bootstrap-spread", "3"])
+
+        fleet.wait_connected("cluster-1")
+
+        (said,) = agent.wait_for_log(r"bootstrapping in \d+\.\d s", timeout=5)
+        (called,) = agent.wait_for_log(r"bootstrapping cluster cluster-1 at", timeout=5)
+        wait = float(re.search(r"bootstrapping in (\d+\.\d) s", said).group(1))  # type: ignore[union-attr]
+        assert 0 <= wait <= 3
+        waited = (_logged_at(called) - _logged_at(said)).total_seconds()
+        assert waited >= wait - 0.1, f"bootstrapped {waited:.2f} s after saying {wait} s"
 
 
 class TestBootstrapTokens:

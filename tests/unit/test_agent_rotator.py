@@ -6,6 +6,9 @@ import asyncio
 import datetime as dt
 import random
 
+import pytest
+
+from meshtrust import errors
 from meshtrust.agent.config import AgentConfig
 from meshtrust.agent.provider import ClientIdentity, Provider
 from meshtrust.agent.rotator import Rotator
@@ -73,3 +76,12 @@ def test_the_spread_is_at_most_a_tenth_of_the_time_left() -> None:
                for seed in range(200)]
     assert all(0 <= offset <= 10.0 for offset in offsets), max(offsets)
     assert max(offsets) > 8.0  # the tenth is used, not nothing
+
+
+@pytest.mark.parametrize("spread", [-1.0, 3601.0])
+def test_a_spread_out_of_range_is_refused(spread: float) -> None:
+    for name in ("renew_spread", "bootstrap_spread"):
+        words = name.replace("_", " ")
+        with pytest.raises(errors.ConfigError, match=f"{words} must be from 0 to 3600 seconds"):
+            AgentConfig(cluster="c1", server="127.0.0.1:1", store="sqlite:///unused.db",
+                        **{name: spread})

@@ -114,12 +114,24 @@ class Agent:
             await asyncio.sleep(ttl / 3)
 
     async def _bootstrap(self) -> None:
-        """With no usable certificate and a token, get one; else say what is needed."""
+        """With no usable certificate and a token, get one; else say what is needed.
+
+        The first bootstrap waits a random part of ``bootstrap_spread`` first (a fleet
+        rolled out at once), and looks again afterwards: a certificate put in meanwhile
+        is used instead.
+        """
         backoff = 1.0
+        spread = self.config.bootstrap_spread
         while True:
             current = self.provider.current
             now = self.clock.now()
             if (current is None or current.expired(now)) and self.leader.is_set():
+                if spread:
+                    wait, spread = random.uniform(0, spread), 0.0
+                    log.info("bootstrapping in %.1f s (a random part of the bootstrap spread, "
+                             "%g s)", wait, self.config.bootstrap_spread)
+                    await asyncio.sleep(wait)
+                    continue
                 try:
                     if await self._try_bootstrap(current):
                         backoff = 1.0

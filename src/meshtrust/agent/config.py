@@ -18,6 +18,11 @@ DEFAULT_STATUS_INTERVAL = 300.0
 # ten thousand agents over 30 s came faster than one server can even take calls in
 # (docs/benchmarks.md). Never more than a tenth of the time the certificate has left.
 DEFAULT_RENEW_SPREAD = 300.0
+# Seconds over which the first bootstrap is spread at random (0: at once). An agent rolled
+# out alone should not wait; a fleet rolled out at once should, by about its size divided
+# by the rate at which the server bootstraps (docs/benchmarks.md): ten thousand agents
+# calling in the same second leave most of their calls in gRPC's backlog until they time out.
+DEFAULT_BOOTSTRAP_SPREAD = 0.0
 
 
 def default_replica() -> str:
@@ -35,6 +40,7 @@ class AgentConfig:
     grace_ratio: float = settings.DEFAULT_GRACE_RATIO
     jitter: float = 0.1
     renew_spread: float = DEFAULT_RENEW_SPREAD
+    bootstrap_spread: float = DEFAULT_BOOTSTRAP_SPREAD
     key_type: keys.KeyType = keys.KeyType.EC_P256
     replica: str = dataclasses.field(default_factory=default_replica)
     lease_ttl: float = 15.0
@@ -55,6 +61,8 @@ class AgentConfig:
             raise errors.ConfigError("jitter must be in [0, 1)")
         if not 0 <= self.renew_spread <= 3600:
             raise errors.ConfigError("renew spread must be from 0 to 3600 seconds")
+        if not 0 <= self.bootstrap_spread <= 3600:
+            raise errors.ConfigError("bootstrap spread must be from 0 to 3600 seconds")
         for name in ("server", *(("bootstrap_server",) if self.bootstrap_server else ())):
             value = getattr(self, name)
             for address in _addresses(value):

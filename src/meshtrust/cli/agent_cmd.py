@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                              "random part of this first, and never more than a tenth of the "
                              "time the certificate has left, so that the agents do not all "
                              "call in the same second (default %(default)s)")
+    parser.add_argument("--bootstrap-spread", type=float,
+                        default=agent_config.DEFAULT_BOOTSTRAP_SPREAD, metavar="SECONDS",
+                        help="an agent with no usable client certificate waits a random part "
+                             "of this before its first bootstrap. Leave it at 0 for one "
+                             "cluster; when the agent is rolled out to many clusters at once, "
+                             "set about the fleet's size divided by the server's bootstrap "
+                             "rate (about 150 a second on two cores), so that the agents do "
+                             "not all call in the same second (default %(default)s)")
     parser.add_argument("--key-type", default="ecdsa-p256",
                         help="type of the client key (default %(default)s)")
     parser.add_argument("--replica", help="this replica's name for leader election "
@@ -75,7 +83,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         cluster=args.cluster, server=args.server, store=common.store_url(args),
         bootstrap_server=args.bootstrap_server, server_name=args.server_name,
         insecure=args.insecure, grace_ratio=args.grace_ratio, jitter=args.jitter,
-        renew_spread=args.renew_spread,
+        renew_spread=args.renew_spread, bootstrap_spread=args.bootstrap_spread,
         key_type=keys.KeyType.parse(args.key_type), lease_ttl=args.lease_ttl,
         status_interval=args.status_interval, rotate=False if args.no_rotate else None,
         metrics=args.metrics, simulate_pods=args.simulate_pods,

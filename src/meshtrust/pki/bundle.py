@@ -59,8 +59,7 @@ def load_certificate(data: bytes, what: str = "certificate file") -> x509.Certif
 
 def fingerprint(certificate: x509.Certificate) -> str:
     """SHA-256 fingerprint, upper-case hex pairs joined by colons, as openssl prints it."""
-    digest = certificate.fingerprint(hashes.SHA256())
-    return ":".join(f"{b:02X}" for b in digest)
+    return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 def path_length(certificate: x509.Certificate) -> int | None:
