@@ -49,7 +49,8 @@ class TestAdmission:
     def test_a_burst_past_the_limit_is_deferred_then_all_issued(self, fleet: rf.Fleet) -> None:
         """Bootstraps and renewals past the limit get RESOURCE_EXHAUSTED and a time; all succeed."""
         # Two at once and no waiting: every call past the second is told when to come back.
-        server = fleet.start_server(extra=["--max-issuances", "2", "--max-issuance-wait", "0"])
+        server = fleet.start_server(extra=["--max-issuances", "2", "--max-issuance-wait", "0",
+                                           "--max-bootstrap-wait", "0"])
         names = [f"cluster-{i}" for i in range(CLUSTERS)]
 
         async def scenario() -> tuple[Burst, Burst, float]:
@@ -96,4 +97,30 @@ class TestAdmission:
         assert len(set(renewing.hints)) > 1 and max(renewing.hints) < 30
         assert took < 12, f"the burst took {took:.1f} s"
         assert server.process.alive
+        assert not server.process.lines("ERROR|Traceback")
+
+    def test_bootstraps_past_the_limit_wait_their_turn(self, fleet: rf.Fleet) -> None:
+        """A bootstrap waits up to --max-bootstrap-wait (10 s) for its slot, where other
+        callers are refused at once: 12 bootstraps against 2 slots are all served, none told
+        to come back."""
+        server = fleet.start_server(extra=["--max-issuances", "2", "--max-issuance-wait", "0"])
+        names = [f"cluster-{i}" for i in range(CLUSTERS)]
+        for name in names:
+            fleet.register(name)
+
+        async def scenario() -> Burst:
+            trust = await fleet.relay_root()
+            tokens = [await fleet.token(name) for name in names]
+            booting = Burst()
+            replies = await asyncio.gather(*(booting.until_done(
+                lambda i=i: rf.bootstrap(server.bootstrap, trust, names[i], tokens[i],
+                                         rf.request_for(rf.new_key(), names[i])))
+                for i in range(CLUSTERS)))
+            assert len({r.serial for r in replies}) == CLUSTERS
+            return booting
+
+        booting = asyncio.run(scenario())
+
+        assert not booting.failures
+        assert booting.busy == 0, f"{booting.busy} bootstraps were told to come back"
         assert not server.process.lines("ERROR|Traceback")

@@ -135,6 +135,27 @@ class TestAdmission:
 
         run(scenario())
 
+    def test_a_caller_given_its_own_wait_waits_that_long(self) -> None:
+        """A bootstrap's own wait (``wait``) replaces max_wait: with max_wait 0.05 s it is
+        still served after 0.3 s, where a caller without one is refused."""
+        async def scenario() -> float:
+            control = admission.Admission(admission.Options(limit=1, max_wait=0.05))
+            release = asyncio.Event()
+            holder = asyncio.create_task(hold(control, release))
+            await asyncio.sleep(0)
+            with pytest.raises(errors.RateLimited):
+                async with control.slot():
+                    pass
+            asyncio.get_running_loop().call_later(0.3, release.set)
+            began = time.monotonic()
+            async with control.slot(wait=2.0):
+                waited = time.monotonic() - began
+            await holder
+            assert control.in_flight == 0 and control.waiting == 0
+            return waited
+
+        assert 0.25 < run(scenario()) < 1.0  # type: ignore[operator]
+
     def test_a_caller_waits_no_longer_than_its_deadline_allows(self) -> None:
         """With 0.6 s left and issuances taking about 0.25 s, a caller waits 0.35 s at most;
         one whose deadline leaves no time for the issuance is refused at once."""
@@ -444,3 +465,11 @@ class TestSettings:
             config.from_mapping({"store": "sqlite:///x.db", "max-issuances": 0})
         with pytest.raises(errors.ConfigError, match="max-issuance-wait must be from 0"):
             config.from_mapping({"store": "sqlite:///x.db", "max-issuance-wait": "20s"})
+
+    def test_a_bootstrap_waits_10_s_by_default_and_its_wait_is_a_setting(self) -> None:
+        assert config.from_mapping({"store": "sqlite:///x.db"}).max_bootstrap_wait == 10.0
+        assert config.from_mapping({"store": "sqlite:///x.db",
+                                    "max-bootstrap-wait": "0"}).max_bootstrap_wait == 0.0
+        with pytest.raises(errors.ConfigError, match="max-bootstrap-wait must be from 0 to "
+                                                     "less than the agents' 15 s"):
+            config.from_mapping({"store": "sqlite:///x.db", "max-bootstrap-wait": "15s"})

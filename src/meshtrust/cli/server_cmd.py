@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--max-issuance-wait", metavar="DURATION",
                         help="how long a caller past --max-issuances may wait for its turn "
                              "before it is told when to retry; 0 refuses at once (default 1s)")
+    parser.add_argument("--max-bootstrap-wait", metavar="DURATION",
+                        help="the same for a bootstrap: its agent has nothing to do until it "
+                             "is answered, and waiting costs the server less than a call "
+                             "made again (default 10s; less than the agents' 15 s deadline)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics, the "
                              "read-only expiry dashboard at /ui and its JSON at "
@@ -115,7 +119,8 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     for name in ("store", "listen", "bootstrap_listen", "client_lifetime", "server_lifetime",
                  "signing_lifetime", "ca_grace_ratio", "server_names",
                  "key_type", "token_mode", "heartbeat", "ready_file", "insecure", "metrics",
-                 "reconcile_interval", "max_issuances", "max_issuance_wait", "audit_log",
+                 "reconcile_interval", "max_issuances", "max_issuance_wait", "max_bootstrap_wait",
+                 "audit_log",
                  "audit_retention",
                  "audit_max_events",
                  "key_passphrase_file", "leader_lease_ttl", "replica", "gc_threshold"):

@@ -20,7 +20,10 @@ wire) and a time to retry, and so is a caller still waiting after ``max_wait``.
 A caller with a deadline waits no longer than would still let its issuance
 finish before it: an answer its caller has given up on is work thrown away.
 A waiting call costs the server memory only, a refusal a whole call more, so
-waiting is the cheaper way to hold a burst.
+waiting is the cheaper way to hold a burst. A caller may bring its own wait instead of
+``max_wait`` (``slot(wait=...)``): a bootstrap waits longer, as its agent has nothing to do
+until it is answered (``server.config``'s ``max_bootstrap_wait``), where a renewal's
+latency is what a rotation storm is judged by.
 
 The retry times are a schedule, not a guess: the server knows how long an
 issuance takes and so how many it completes per second at the limit (averaged
@@ -168,11 +171,13 @@ class Admission:
         return self._pace
 
     @contextlib.asynccontextmanager
-    async def slot(self, remaining: float | None = None, *,
-                   handed_out: bool = False) -> AsyncIterator[None]:
+    async def slot(self, remaining: float | None = None, *, handed_out: bool = False,
+                   wait: float | None = None) -> AsyncIterator[None]:
         """Hold one of the slots for the block; RateLimited if none comes in time.
 
-        ``remaining``: seconds to the caller's deadline, if it has one. ``handed_out``:
+        ``remaining``: seconds to the caller's deadline, if it has one. ``wait``: how
+        long this caller may wait for its slot, if not ``max_wait`` (a bootstrap, whose
+        agent has nothing to do meanwhile). ``handed_out``:
         the call completes work the server handed out itself (``work.HandOuts``), and
         waits behind every caller's own call, up to ``handed_out_wait`` seconds rather
         than ``max_wait``. A renewal is its caller's deadline; an intermediate the server
@@ -180,7 +185,7 @@ class Admission:
         for slots.
         """
         rank = int(handed_out)
-        await self._acquire(self._patience(remaining, rank), rank)
+        await self._acquire(self._patience(remaining, rank, wait), rank)
         started = self._now()
         try:
             yield
@@ -215,10 +220,11 @@ class Admission:
         else:
             self._limit = min(float(self.options.limit), self._limit + 1 / self._limit)
 
-    def _patience(self, remaining: float | None, rank: int) -> float:
-        """How long a call may wait: max_wait (handed_out_wait for work handed out), less if
-        its issuance would end too late."""
-        wait = self.options.handed_out_wait if rank else self.options.max_wait
+    def _patience(self, remaining: float | None, rank: int, wait: float | None) -> float:
+        """How long a call may wait: ``wait``, else max_wait (handed_out_wait for work
+        handed out), less if its issuance would end too late."""
+        if wait is None:
+            wait = self.options.handed_out_wait if rank else self.options.max_wait
         if remaining is None:
             return wait
         return max(0.0, min(wait, remaining - self._duration))

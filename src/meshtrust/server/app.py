@@ -133,7 +133,8 @@ class Server:
                 self._record_expiry(pem, kind, name)
         transport.add_services(self._grpc, self.relay_service,
                              service.BootstrapService(self.authority, authn.FailureLimiter(),
-                                                      self.metrics, self.admission))
+                                                      self.metrics, self.admission,
+                                                      wait=self.config.max_bootstrap_wait))
         if self.config.metrics:
             await self.dashboard.refresh()
             served = self.metrics.serve(self.config.metrics, self.dashboard.pages())

@@ -45,6 +45,9 @@ class ServerConfig:
     # (as many as can be served in that time), the rest are told when to retry.
     max_issuances: int = 32
     max_issuance_wait: float = 1.0
+    # A bootstrap may wait longer: its agent has nothing to do meanwhile, and a call that
+    # waits costs the server memory only, where one told to come back costs a call more.
+    max_bootstrap_wait: float = 10.0
     ready_file: str | None = None
     metrics: str | None = None
     audit_log: str | None = None  # also append each audit record to this file
@@ -74,9 +77,11 @@ class ServerConfig:
             raise errors.ConfigError("heartbeat and reconcile-interval must be positive")
         if self.max_issuances < 1:
             raise errors.ConfigError("max-issuances must be at least 1, such as 32")
-        if not 0 <= self.max_issuance_wait < 15:
-            raise errors.ConfigError("max-issuance-wait must be from 0 to less than the "
-                                     "agents' 15 s call deadline, such as 1s")
+        for name, example in (("max_issuance_wait", "1s"), ("max_bootstrap_wait", "10s")):
+            if not 0 <= getattr(self, name) < 15:
+                raise errors.ConfigError(f"{name.replace('_', '-')} must be from 0 to less "
+                                         f"than the agents' 15 s call deadline, such as "
+                                         f"{example}")
         if self.audit_retention <= dt.timedelta(0) or self.audit_max_events < 1:
             raise errors.ConfigError("audit-retention and audit-max-events must be positive")
         if (isinstance(self.leader_lease_ttl, bool) or not isinstance(self.leader_lease_ttl, int)
@@ -92,6 +97,7 @@ class ServerConfig:
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+_WAITS = ("max_issuance_wait", "max_bootstrap_wait")  # durations where a bare 0 means none
 
 
 def from_mapping(values: Mapping[str, Any]) -> ServerConfig:
@@ -126,9 +132,9 @@ def _convert(name: str, key: str, value: Any) -> Any:
         except (TypeError, ValueError):
             raise errors.ConfigError(f"{key}: give a whole number such as "
                                      f"{_DEFAULTS[name]}") from None
-    if name == "max_issuance_wait" and str(value).strip() in ("0", "0s", "0.0"):
+    if name in _WAITS and str(value).strip() in ("0", "0s", "0.0"):
         return 0.0  # no waiting: refuse at once
-    if name in ("heartbeat", "reconcile_interval", "max_issuance_wait"):
+    if name in ("heartbeat", "reconcile_interval", *_WAITS):
         return settings.parse_duration(value, key).total_seconds()
     if name == "leader_lease_ttl":
         seconds = settings.parse_duration(value, key).total_seconds()

@@ -45,11 +45,13 @@ class BootstrapService(transport.services.BootstrapServicer):
 
     def __init__(self, authority: relay.RelayAuthority, limiter: authn.FailureLimiter,
                  meters: metrics.Metrics,
-                 admission_control: admission.Admission | None = None) -> None:
+                 admission_control: admission.Admission | None = None, *,
+                 wait: float | None = None) -> None:
         self._authority = authority
         self._limiter = limiter
         self._meters = meters
         self._admission = admission_control or admission.Admission()
+        self._wait = wait  # how long a bootstrap may wait for its slot (None: max_wait)
 
     async def Bootstrap(self, request: Any, context: Any) -> messages.CertificateResponse:
         peer = transport.peer_host(context)
@@ -57,7 +59,8 @@ class BootstrapService(transport.services.BootstrapServicer):
             with self._meters.bootstrapping():
                 _check_version(request)
                 self._limiter.check(peer)
-                async with self._admission.slot(transport.time_remaining(context)):
+                async with self._admission.slot(transport.time_remaining(context),
+                                                wait=self._wait):
                     with self._meters.issuing(metrics.RELAY_CLIENT):
                         issued = await self._authority.bootstrap(
                             request.cluster, request.token, request.csr, peer=peer)
