@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="certificates signed at once (bootstraps, renewals, Istio "
                              "intermediates, which may hold a quarter of them); callers past "
                              "that wait their turn (see --max-issuance-wait) or get "
-                             "RESOURCE_EXHAUSTED with a time to retry (default 32)")
+                             "RESOURCE_EXHAUSTED with a time to retry (default 64)")
     parser.add_argument("--max-issuance-wait", metavar="DURATION",
                         help="how long a caller past --max-issuances may wait for its turn "
                              "before it is told when to retry; 0 refuses at once (default 1s)")

@@ -66,7 +66,7 @@ from meshtrust import errors
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LIMIT = 32
+DEFAULT_LIMIT = 64
 FIRST_ESTIMATE = 0.25  # seconds per issuance (at the limit) before any was measured
 _SMOOTHING = 0.1  # weight of the newest duration in the moving average
 _BACK_OFF = 0.9  # the limit after a round of slow issuances, as a share of what it was

@@ -14,7 +14,7 @@ from typing import Any
 from meshtrust import errors, settings
 from meshtrust.authority import audit, relay
 from meshtrust.pki import keys, profiles
-from meshtrust.server import leadership
+from meshtrust.server import admission, leadership
 
 DEFAULT_LISTEN = "127.0.0.1:9900"
 DEFAULT_BOOTSTRAP_LISTEN = "127.0.0.1:9901"
@@ -43,7 +43,7 @@ class ServerConfig:
     reconcile_interval: float = 5.0
     # Issuances signed at once; callers past that wait up to max_issuance_wait seconds
     # (as many as can be served in that time), the rest are told when to retry.
-    max_issuances: int = 32
+    max_issuances: int = admission.DEFAULT_LIMIT
     max_issuance_wait: float = 1.0
     # A bootstrap may wait longer: its agent has nothing to do meanwhile, and a call that
     # waits costs the server memory only, where one told to come back costs a call more.
