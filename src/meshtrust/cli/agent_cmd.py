@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                              "of this before its first bootstrap. Leave it at 0 for one "
                              "cluster; when the agent is rolled out to many clusters at once, "
                              "set about the fleet's size divided by the server's bootstrap "
-                             "rate (about 130 a second on two cores), so that the agents do "
+                             "rate (about 150 a second on two cores), so that the agents do "
                              "not all call in the same second (default %(default)s)")
     parser.add_argument("--key-type", default="ecdsa-p256",
                         help="type of the client key (default %(default)s)")
