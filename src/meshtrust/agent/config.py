@@ -59,10 +59,10 @@ class AgentConfig:
                 "clientTlsSecretRotationGracePeriodRatio must be between 0 and 1, e.g. 0.1")
         if not 0 <= self.jitter < 1:
             raise errors.ConfigError("jitter must be in [0, 1)")
-        if not 0 <= self.renew_spread <= 3600:
-            raise errors.ConfigError("renew spread must be from 0 to 3600 seconds")
-        if not 0 <= self.bootstrap_spread <= 3600:
-            raise errors.ConfigError("bootstrap spread must be from 0 to 3600 seconds")
+        for name in ("renew_spread", "bootstrap_spread"):
+            if not 0 <= getattr(self, name) <= 3600:
+                raise errors.ConfigError(f"{name.replace('_', ' ')} must be from 0 to 3600 "
+                                         "seconds")
         for name in ("server", *(("bootstrap_server",) if self.bootstrap_server else ())):
             value = getattr(self, name)
             for address in _addresses(value):

@@ -76,12 +76,13 @@ class ServerConfig:
         if self.heartbeat <= 0 or self.reconcile_interval <= 0:
             raise errors.ConfigError("heartbeat and reconcile-interval must be positive")
         if self.max_issuances < 1:
-            raise errors.ConfigError("max-issuances must be at least 1, such as 32")
-        for name, example in (("max_issuance_wait", "1s"), ("max_bootstrap_wait", "10s")):
+            raise errors.ConfigError(f"max-issuances must be at least 1, such as "
+                                     f"{admission.DEFAULT_LIMIT}")
+        for name in _WAITS:
             if not 0 <= getattr(self, name) < 15:
                 raise errors.ConfigError(f"{name.replace('_', '-')} must be from 0 to less "
                                          f"than the agents' 15 s call deadline, such as "
-                                         f"{example}")
+                                         f"{_DEFAULTS[name]:g}s")
         if self.audit_retention <= dt.timedelta(0) or self.audit_max_events < 1:
             raise errors.ConfigError("audit-retention and audit-max-events must be positive")
         if (isinstance(self.leader_lease_ttl, bool) or not isinstance(self.leader_lease_ttl, int)
