@@ -14,7 +14,8 @@ tokens, no registry, no audit log, no admission control and no schedule.
   ``--no-work``, heartbeats only until then (``bench/fleet.py --no-policy``).
 * ``CompleteWork``: the CSR is signed as the cluster's Istio intermediate, under a root
   made when the process starts; the outcome is acknowledged.
-* ``ReportStatus``: acknowledged. ``Renew``: signed as ``Bootstrap``.
+* ``ReportStatus``, and the status a work stream's subscription carries: acknowledged.
+  ``Renew``: signed as ``Bootstrap``.
 
 The cluster of a relay call is the CN of the certificate gRPC verified. Garbage is
 collected as the server collects it (``--gc-threshold``'s default, the heap frozen at
@@ -101,7 +102,11 @@ class Ceiling(transport.services.RelayServicer, transport.services.BootstrapServ
     async def Work(self, request: Any, context: Any) -> AsyncIterator[messages.WorkItem]:
         # As the server: the work item until the cluster reports it finished, sent again
         # with each heartbeat (an agent whose call on it failed waits for it).
+        # The first item is a heartbeat that acknowledges the subscription's status.
         cluster = self._cluster(context)
+        yield messages.WorkItem(heartbeat=messages.Heartbeat(
+            server_time_unix=int(CLOCK.now().timestamp()),
+            status_recorded=request.HasField("status")))
         while True:
             changed = self._changed
             if self._finished.get(cluster, -1) < self._generation:

@@ -131,6 +131,8 @@ class SimAgent:
         self.moved = asyncio.Event()  # set when the certificate changed: move the stream
         self.held_changed = asyncio.Event()  # a new certificate or cacerts: report now
         self.was_connected = False
+        # As the agent: the last status the server recorded, and when (loop time).
+        self.recorded: tuple[Any, float] | None = None
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -272,9 +274,14 @@ class SimAgent:
             await self._follow_on(channel, opened, began)
 
     async def _follow_on(self, channel: Any, opened: asyncio.Event, began: float) -> None:
+        # As the agent: the subscription carries the status, which the server records.
+        status = self._status()
         stream = transport.relay_stub(channel).Work(messages.WorkSubscribe(
-            protocol_version=rpc.PROTOCOL_VERSION, replica=f"{self.name}-sim", leader=True))
+            protocol_version=rpc.PROTOCOL_VERSION, replica=f"{self.name}-sim", leader=True,
+            status=status))
         async for item in stream:
+            if item.heartbeat.status_recorded:
+                self.recorded = (status, asyncio.get_running_loop().time())
             opened.set()
             if not self.connected.is_set():
                 self.connected.set()
@@ -286,18 +293,25 @@ class SimAgent:
 
     async def report_loop(self) -> None:
         """As the agent's ``_report``: on connecting, when what it holds changed, and every
-        interval otherwise; a failed report again after a backoff (or the busy server's time)."""
+        interval otherwise; a failed report again after a backoff (or the busy server's time).
+        A status the server recorded with the work stream is not sent again within the
+        interval."""
         failure_backoff = app.REPORT_RETRY
         while True:
             await self.connected.wait()
-            report = messages.StatusReport(
-                protocol_version=rpc.PROTOCOL_VERSION, agent_version="bench",
-                replica=f"{self.name}-sim", leader=True, certificates=self._held())
+            report = self._status()
             began = time.monotonic()
             wait = self.spec.report_interval * (0.5 + self.rng.random())
+            since = (asyncio.get_running_loop().time() - self.recorded[1]
+                     if self.recorded is not None and self.recorded[0] == report
+                     else float("inf"))
             try:
-                await self._rpc("ReportStatus", report)
-                self.events.add("call:report", time.monotonic() - began)
+                if since < self.spec.report_interval:
+                    wait = self.spec.report_interval - since
+                else:
+                    await self._rpc("ReportStatus", report)
+                    self.events.add("call:report", time.monotonic() - began)
+                    self.recorded = (report, asyncio.get_running_loop().time())
                 failure_backoff = app.REPORT_RETRY
             except grpc.aio.AioRpcError as exc:
                 if self.stopping:
@@ -312,6 +326,11 @@ class SimAgent:
                 async with asyncio.timeout(wait):
                     await self.held_changed.wait()
             self.held_changed.clear()
+
+    def _status(self) -> Any:
+        return messages.StatusReport(
+            protocol_version=rpc.PROTOCOL_VERSION, agent_version="bench",
+            replica=f"{self.name}-sim", leader=True, certificates=self._held())
 
     def _held(self) -> list[Any]:
         cert = self.certificate

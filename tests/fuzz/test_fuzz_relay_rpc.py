@@ -131,6 +131,22 @@ def wire(pick: fuzzkit.Picker, fields: Callable[[fuzzkit.Picker], Any]) -> bytes
     return pick.bytes(120)
 
 
+def held_certificate(pick: fuzzkit.Picker) -> Any:
+    text = pick.text(24)
+    return messages.HeldCertificate(
+        kind=text, namespace=text, secret=pick.text(8), serial=text, subject=text,
+        issuer=text, not_before_unix=pick.int64(), not_after_unix=pick.int64(),
+        renew_at_unix=pick.int64(), fingerprint_sha256=text, managed=pick.flag())
+
+
+def status_report(pick: fuzzkit.Picker) -> Any:
+    """A status report as ReportStatus and a work stream's subscription carry it."""
+    return messages.StatusReport(
+        protocol_version=pick.choice(VERSIONS), agent_version=pick.text(24),
+        replica=pick.text(24), leader=pick.flag(),
+        certificates=[held_certificate(pick) for _ in range(pick.integer(0, 3))])
+
+
 def ders(pems: Sequence[bytes]) -> tuple[bytes, ...]:
     return tuple(csr.load_csr(p).csr.public_bytes(serialization.Encoding.DER) for p in pems)
 
@@ -210,19 +226,7 @@ class TestRelay:
     def test_report_status_messages(self, harness: Harness) -> None:
         """ReportStatus records what a registered caller holds, and refuses anyone else."""
         tally = fuzzkit.Tally()
-
-        def held(pick: fuzzkit.Picker) -> Any:
-            text = pick.text(24)
-            return messages.HeldCertificate(
-                kind=text, namespace=text, secret=pick.text(8), serial=text, subject=text,
-                issuer=text, not_before_unix=pick.int64(), not_after_unix=pick.int64(),
-                renew_at_unix=pick.int64(), fingerprint_sha256=text, managed=pick.flag())
-
-        def fields(pick: fuzzkit.Picker) -> Any:
-            return messages.StatusReport(
-                protocol_version=pick.choice(VERSIONS), agent_version=pick.text(24),
-                replica=pick.text(24), leader=pick.flag(),
-                certificates=[held(pick) for _ in range(pick.integer(0, 3))])
+        fields = status_report
 
         async def body(call: Call, request: Any) -> None:
             await call.relay.ReportStatus(request, call.context)
@@ -247,18 +251,28 @@ class TestRelay:
 
         def fields(pick: fuzzkit.Picker) -> Any:
             return messages.WorkSubscribe(protocol_version=pick.choice(VERSIONS),
-                                          replica=pick.text(24), leader=pick.flag())
+                                          replica=pick.text(24), leader=pick.flag(),
+                                          status=status_report(pick) if pick.flag() else None)
 
         async def body(call: Call, request: Any) -> None:
             stream = call.relay.Work(request, call.context)
             try:
                 items = [await anext(stream) for _ in range(2)]
+                record = (await call.world.registry.get(call.cluster)).record
             finally:
                 await stream.aclose()
             assert call.cluster in fuzzworld.CLUSTERS
+            # First a heartbeat that says whether the subscription's status was recorded.
+            assert items[0].WhichOneof("kind") == "heartbeat"
+            assert items[0].heartbeat.status_recorded is request.HasField("status")
             work = [i for i in items if i.WhichOneof("kind") == "issue_intermediate"]
             assert [i.id for i in work] == [made.work[call.cluster]]
-            assert items[-1].WhichOneof("kind") == "heartbeat"
+            assert record is not None and record.status["connected"]
+            if request.HasField("status"):
+                held = record.status["certificates"]
+                assert [c["serial"] for c in held] == [
+                    c.serial for c in request.status.certificates]
+                assert record.status["agent"]["replica"] == request.status.replica
 
         @fuzzkit.FUZZ
         @given(data=fuzzkit.examples())

@@ -133,6 +133,25 @@ class TestClusters:
                     await w.registry.reported(name, certificates=held)
         run(scenario)
 
+    def test_a_connection_records_its_report_in_the_same_write(self) -> None:
+        """connect(report=...) writes the connection and the report as one revision, and
+        refuses an unregistered cluster."""
+        async def scenario(w: World) -> None:
+            before = await w.store.revision()
+            held = [{"kind": "relay-client", "serial": "1f"}]
+            await w.registry.connect("c1", "server-a", report={
+                "certificates": held, "agent": {"replica": "agent-a"}})
+            assert await w.store.revision() == before + 1  # one write
+            stored = await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh", "c1")
+            assert stored.status["certificates"] == held
+            assert stored.status["agent"] == {"replica": "agent-a"}
+            assert stored.status["connected"] is True
+            assert set(stored.status["connections"]) == {"server-a"}
+            assert (await w.registry.get("c1")).last_seen == w.clock.now()
+            with pytest.raises(errors.UnknownCluster):
+                await w.registry.connect("c9", "server-a", report={"certificates": held})
+        run(scenario)
+
     def test_status_of_a_missing_cluster_is_ignored(self) -> None:
         """Updating the status of a cluster that was just deregistered is not an error."""
         async def scenario(w: World) -> None:

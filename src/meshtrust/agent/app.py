@@ -62,6 +62,9 @@ class Agent:
         self._working: set[str] = set()
         self._done: set[str] = set()
         self._work_tasks: set[asyncio.Task[None]] = set()
+        # The last status the server recorded (by a report or with a work stream's
+        # subscription), and when (the event loop's clock).
+        self._recorded: tuple[messages.StatusReport, float] | None = None
 
     async def run(self) -> None:
         jobs = [self.watcher.run(), self._lead(), self._connect(), self._report(),
@@ -215,7 +218,8 @@ class Agent:
                     await self.provider.wait_for_change(current, timeout=1.0)
                     continue
                 opened = asyncio.Event()
-                stream = asyncio.create_task(self._hold(self.client.channel(), opened))
+                stream = asyncio.create_task(self._hold(self.client.channel(), opened,
+                                                        current))
                 old, held = held, stream
                 if old is not None:  # a new certificate: the old stream ends when this answers
                     try:
@@ -243,9 +247,17 @@ class Agent:
             if held is not None:
                 _end(held)
 
-    async def _hold(self, channel: Any, opened: asyncio.Event) -> None:
-        """Follow one work stream on ``channel`` until it ends; ``opened`` once it answers."""
-        async for item in self.client.work(channel, self.leader.is_set()):
+    async def _hold(self, channel: Any, opened: asyncio.Event,
+                    current: ClientIdentity | None) -> None:
+        """Follow one work stream on ``channel`` until it ends; ``opened`` once it answers.
+
+        The subscription carries the agent's status: the server records it with the
+        connection, and says so in the stream's first item, which spares the report.
+        """
+        status = self._status(current, await self._istio_ca_held())
+        async for item in self.client.work(channel, self.leader.is_set(), status):
+            if item.heartbeat.status_recorded:
+                self._recorded = (status, asyncio.get_running_loop().time())
             opened.set()
             if item.HasField("issue_intermediate"):
                 self._start_work(item)
@@ -330,7 +342,10 @@ class Agent:
         certificate or its Istio CA (``cacerts``, whoever wrote it) changes, and every
         ``status_interval`` otherwise. A failed report is sent again with backoff (at a
         busy server's time), not only at the next interval: a relay root rotation waits
-        for the report of the renewed certificate."""
+        for the report of the renewed certificate.
+
+        What the server recorded with the work stream's subscription counts as a report:
+        the same status is not sent again until the interval has passed since."""
         interval = self.config.status_interval
         names = self.config.names
         cacerts = asyncio.Event()
@@ -356,8 +371,13 @@ class Agent:
                 if current is not None or self.config.insecure:
                     cacerts.clear()
                     try:
-                        held = await self._istio_ca_held()
-                        await self.client.report(self._status(current, held))
+                        status = self._status(current, await self._istio_ca_held())
+                        since = self._recorded_since(status)
+                        if since < interval:
+                            wait = interval - since
+                        else:
+                            await self.client.report(status)
+                            self._recorded = (status, asyncio.get_running_loop().time())
                         failure_backoff = REPORT_RETRY
                     except errors.MeshTrustError as exc:
                         log.debug("status report failed: %s", exc)
@@ -374,6 +394,12 @@ class Agent:
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+    def _recorded_since(self, status: messages.StatusReport) -> float:
+        """Seconds since the server recorded ``status`` (infinite if it did not)."""
+        if self._recorded is None or self._recorded[0] != status:
+            return float("inf")
+        return asyncio.get_running_loop().time() - self._recorded[1]
 
     async def _istio_ca_held(self) -> list[messages.HeldCertificate]:
         """The Istio CA in ``cacerts``, as the server's inventory should see it.

@@ -231,13 +231,17 @@ class RelayClient:
         await channel.close()
         return response
 
-    async def work(self, channel: Any, leader: bool) -> AsyncIterator[Any]:
-        """Items of the server's work stream on ``channel``; raises a domain error at its end."""
+    async def work(self, channel: Any, leader: bool,
+                   status: Any = None) -> AsyncIterator[Any]:
+        """Items of the server's work stream on ``channel``; raises a domain error at its end.
+
+        ``status``: the agent's status report, for the server to record with the stream.
+        """
         with self._retirement.using(channel):
             stub = transport.relay_stub(channel)
             stream = stub.Work(messages.WorkSubscribe(
                 protocol_version=rpc.PROTOCOL_VERSION, replica=self._config.replica,
-                leader=leader), metadata=self._metadata())
+                leader=leader, status=status), metadata=self._metadata())
             async for item in transport.iterate(stream):
                 yield item
 

@@ -212,12 +212,15 @@ class Registry:
     # status.connected says whether any does. A replica edits only its own entry; the
     # leader removes the entries of replicas that died without closing them.
 
-    async def connect(self, name: str, replica: str) -> None:
-        """Record that server replica ``replica`` holds a work stream of ``name``; raise
-        UnknownCluster if it is not registered."""
+    async def connect(self, name: str, replica: str, *,
+                      report: dict[str, Any] | None = None) -> None:
+        """Record that server replica ``replica`` holds a work stream of ``name``, and what
+        its agent reported with it (merged into the status as ``reported`` does), in one
+        write; raise UnknownCluster if it is not registered."""
         now = manifest.dump_time(self._clock.now())
         if not await self._edit_status(name, lambda status: _connections(
-                status, {**_held_by(status), replica: now}, lastSeen=now)):
+                {**status, **(report or {})}, {**_held_by(status), replica: now},
+                lastSeen=now)):
             raise _unknown(name)
 
     async def disconnect(self, name: str, replica: str) -> None:

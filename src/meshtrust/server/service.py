@@ -168,17 +168,8 @@ class RelayService(transport.services.RelayServicer):
         # The report's own edit of the registry record refuses an unregistered cluster: one
         # read per report, which ten thousand agents send every 30 s.
         cluster = await self._cluster(context, request, registered=False)
-        held = [{
-            "kind": c.kind, "namespace": c.namespace, "secret": c.secret, "serial": c.serial,
-            "subject": c.subject, "issuer": c.issuer,
-            "notAfter": _iso(c.not_after_unix), "renewAt": _iso(c.renew_at_unix),
-            "fingerprint": c.fingerprint_sha256, "managed": c.managed,
-        } for c in request.certificates]
         try:
-            await self._authority.registry.reported(
-                cluster, certificates=held,
-                agent={"version": request.agent_version, "replica": request.replica,
-                       "leader": request.leader})
+            await self._authority.registry.reported(cluster, **_reported(request))
         except errors.MeshTrustError as exc:  # not registered; the store is unavailable
             await self._refuse(context, exc)
             raise AssertionError("unreachable") from exc
@@ -196,32 +187,39 @@ class RelayService(transport.services.RelayServicer):
         # replica's hold on the cluster is recorded already, and a renewal storm would
         # otherwise read and write every cluster's record once more. A stream whose cluster
         # was deregistered is gone: one that comes after it is recorded, and so refused.
+        # The status the agent sent with the subscription is recorded with the connection,
+        # in one write, and spares the agent its report.
+        report = _reported(request.status) if request.HasField("status") else None
         recorded = any(s.recorded and not s.gone.is_set() for s in streams)
         streams.add(stream)
         self._meters.connected.set(len(self._streams))
         connected = False
         try:
             try:
-                if not recorded:
-                    await registry.connect(cluster, self.replica)
+                if not recorded or report is not None:
+                    await registry.connect(cluster, self.replica, report=report)
                 connected = stream.recorded = True
             except errors.MeshTrustError as exc:  # not registered; the store is unavailable
                 await self._refuse(context, exc)
             log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
             beat = -self._heartbeat  # when the last heartbeat went out (monotonic)
+            told = report is None  # whether the agent knows its status was recorded
             while not stream.gone.is_set():
                 due = self._work_due(cluster)
-                if due:
-                    for item in await self._work_items(cluster):
-                        yield item
                 now = time.monotonic()
                 # Woken for new work whose turn has not come, the stream stays quiet: a
-                # policy over the whole fleet wakes every stream at once.
+                # policy over the whole fleet wakes every stream at once. The first item
+                # is a heartbeat, which tells the agent its status was recorded.
                 if due or now - beat >= self._heartbeat:
                     beat = now
                     yield messages.WorkItem(heartbeat=messages.Heartbeat(
                         server_time_unix=int(self._clock.now().timestamp()),
-                        renew_client=await self._renewal_wanted(cluster)))
+                        renew_client=await self._renewal_wanted(cluster),
+                        status_recorded=not told))
+                    told = True
+                if due:
+                    for item in await self._work_items(cluster):
+                        yield item
                 wait = beat + self._heartbeat - now
                 try:
                     # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
@@ -434,6 +432,21 @@ def _check_version(request: Any) -> None:
         raise errors.ConfigError(
             f"the agent speaks relay protocol {version}, this server at most "
             f"{rpc.PROTOCOL_VERSION}; upgrade the management server first")
+
+
+def _reported(report: Any) -> dict[str, Any]:
+    """A status report (``ReportStatus``, or a work stream's subscription) as the
+    registry records it: the certificates the agent holds, and the agent itself."""
+    return {
+        "certificates": [{
+            "kind": c.kind, "namespace": c.namespace, "secret": c.secret, "serial": c.serial,
+            "subject": c.subject, "issuer": c.issuer,
+            "notAfter": _iso(c.not_after_unix), "renewAt": _iso(c.renew_at_unix),
+            "fingerprint": c.fingerprint_sha256, "managed": c.managed,
+        } for c in report.certificates],
+        "agent": {"version": report.agent_version, "replica": report.replica,
+                  "leader": report.leader},
+    }
 
 
 def _iso(unix: int) -> str:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshtrust/relay/v1/relay.proto\x12\x12meshtrust.relay.v1\"Y\n\x10\x42ootstrapRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\"5\n\x0cRenewRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"k\n\x13\x43\x65rtificateResponse\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x11\n\tca_bundle\x18\x02 \x01(\x0c\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\"\xe8\x01\n\x0fHeldCertificate\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06issuer\x18\x06 \x01(\t\x12\x17\n\x0fnot_before_unix\x18\x07 \x01(\x03\x12\x16\n\x0enot_after_unix\x18\x08 \x01(\x03\x12\x15\n\rrenew_at_unix\x18\t \x01(\x03\x12\x1a\n\x12\x66ingerprint_sha256\x18\n \x01(\t\x12\x0f\n\x07managed\x18\x0b \x01(\x08\"\x9b\x01\n\x0cStatusReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12\x0e\n\x06leader\x18\x04 \x01(\x08\x12\x39\n\x0c\x63\x65rtificates\x18\x05 \x03(\x0b\x32#.meshtrust.relay.v1.HeldCertificate\"%\n\tStatusAck\x12\x18\n\x10server_time_unix\x18\x01 \x01(\x03\"J\n\rWorkSubscribe\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\"\x97\x01\n\x08WorkItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\theartbeat\x18\x02 \x01(\x0b\x32\x1d.meshtrust.relay.v1.HeartbeatH\x00\x12\x43\n\x12issue_intermediate\x18\x03 \x01(\x0b\x32%.meshtrust.relay.v1.IssueIntermediateH\x00\x42\x06\n\x04kind\";\n\tHeartbeat\x12\x18\n\x10server_time_unix\x18\x01 \x01(\x03\x12\x14\n\x0crenew_client\x18\x02 \x01(\x08\"\x95\x01\n\x11IssueIntermediate\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x10\n\x08key_type\x18\x02 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12\x0b\n\x03org\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\x0c\n\x04\x66orm\x18\x06 \x01(\t\x12\x19\n\x11\x61uto_restart_pods\x18\x07 \x01(\x08\"q\n\nWorkResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x14\n\x0cpods_bounced\x18\x05 \x03(\t\x12\x16\n\x0erestart_needed\x18\x06 \x01(\x08\"H\n\x07WorkAck\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x13\n\x0broot_bundle\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t2g\n\tBootstrap\x12Z\n\tBootstrap\x12$.meshtrust.relay.v1.BootstrapRequest\x1a\'.meshtrust.relay.v1.CertificateResponse2\xc4\x02\n\x05Relay\x12R\n\x05Renew\x12 .meshtrust.relay.v1.RenewRequest\x1a\'.meshtrust.relay.v1.CertificateResponse\x12O\n\x0cReportStatus\x12 .meshtrust.relay.v1.StatusReport\x1a\x1d.meshtrust.relay.v1.StatusAck\x12I\n\x04Work\x12!.meshtrust.relay.v1.WorkSubscribe\x1a\x1c.meshtrust.relay.v1.WorkItem0\x01\x12K\n\x0c\x43ompleteWork\x12\x1e.meshtrust.relay.v1.WorkResult\x1a\x1b.meshtrust.relay.v1.WorkAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshtrust/relay/v1/relay.proto\x12\x12meshtrust.relay.v1\"Y\n\x10\x42ootstrapRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\"5\n\x0cRenewRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"k\n\x13\x43\x65rtificateResponse\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x11\n\tca_bundle\x18\x02 \x01(\x0c\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x04 \x01(\x03\"\xe8\x01\n\x0fHeldCertificate\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06issuer\x18\x06 \x01(\t\x12\x17\n\x0fnot_before_unix\x18\x07 \x01(\x03\x12\x16\n\x0enot_after_unix\x18\x08 \x01(\x03\x12\x15\n\rrenew_at_unix\x18\t \x01(\x03\x12\x1a\n\x12\x66ingerprint_sha256\x18\n \x01(\t\x12\x0f\n\x07managed\x18\x0b \x01(\x08\"\x9b\x01\n\x0cStatusReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12\x0e\n\x06leader\x18\x04 \x01(\x08\x12\x39\n\x0c\x63\x65rtificates\x18\x05 \x03(\x0b\x32#.meshtrust.relay.v1.HeldCertificate\"%\n\tStatusAck\x12\x18\n\x10server_time_unix\x18\x01 \x01(\x03\"|\n\rWorkSubscribe\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\x08\x12\x30\n\x06status\x18\x04 \x01(\x0b\x32 .meshtrust.relay.v1.StatusReport\"\x97\x01\n\x08WorkItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\theartbeat\x18\x02 \x01(\x0b\x32\x1d.meshtrust.relay.v1.HeartbeatH\x00\x12\x43\n\x12issue_intermediate\x18\x03 \x01(\x0b\x32%.meshtrust.relay.v1.IssueIntermediateH\x00\x42\x06\n\x04kind\"T\n\tHeartbeat\x12\x18\n\x10server_time_unix\x18\x01 \x01(\x03\x12\x14\n\x0crenew_client\x18\x02 \x01(\x08\x12\x17\n\x0fstatus_recorded\x18\x03 \x01(\x08\"\x95\x01\n\x11IssueIntermediate\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x10\n\x08key_type\x18\x02 \x01(\t\x12\x14\n\x0ctrust_domain\x18\x03 \x01(\t\x12\x0b\n\x03org\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\x0c\n\x04\x66orm\x18\x06 \x01(\t\x12\x19\n\x11\x61uto_restart_pods\x18\x07 \x01(\x08\"q\n\nWorkResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x14\n\x0cpods_bounced\x18\x05 \x03(\t\x12\x16\n\x0erestart_needed\x18\x06 \x01(\x08\"H\n\x07WorkAck\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x13\n\x0broot_bundle\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t2g\n\tBootstrap\x12Z\n\tBootstrap\x12$.meshtrust.relay.v1.BootstrapRequest\x1a\'.meshtrust.relay.v1.CertificateResponse2\xc4\x02\n\x05Relay\x12R\n\x05Renew\x12 .meshtrust.relay.v1.RenewRequest\x1a\'.meshtrust.relay.v1.CertificateResponse\x12O\n\x0cReportStatus\x12 .meshtrust.relay.v1.StatusReport\x1a\x1d.meshtrust.relay.v1.StatusAck\x12I\n\x04Work\x12!.meshtrust.relay.v1.WorkSubscribe\x1a\x1c.meshtrust.relay.v1.WorkItem0\x01\x12K\n\x0c\x43ompleteWork\x12\x1e.meshtrust.relay.v1.WorkResult\x1a\x1b.meshtrust.relay.v1.WorkAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSACK']._serialized_start=702
   _globals['_STATUSACK']._serialized_end=739
   _globals['_WORKSUBSCRIBE']._serialized_start=741
-  _globals['_WORKSUBSCRIBE']._serialized_end=815
-  _globals['_WORKITEM']._serialized_start=818
-  _globals['_WORKITEM']._serialized_end=969
-  _globals['_HEARTBEAT']._serialized_start=971
-  _globals['_HEARTBEAT']._serialized_end=1030
-  _globals['_ISSUEINTERMEDIATE']._serialized_start=1033
-  _globals['_ISSUEINTERMEDIATE']._serialized_end=1182
-  _globals['_WORKRESULT']._serialized_start=1184
-  _globals['_WORKRESULT']._serialized_end=1297
-  _globals['_WORKACK']._serialized_start=1299
-  _globals['_WORKACK']._serialized_end=1371
-  _globals['_BOOTSTRAP']._serialized_start=1373
-  _globals['_BOOTSTRAP']._serialized_end=1476
-  _globals['_RELAY']._serialized_start=1479
-  _globals['_RELAY']._serialized_end=1803
+  _globals['_WORKSUBSCRIBE']._serialized_end=865
+  _globals['_WORKITEM']._serialized_start=868
+  _globals['_WORKITEM']._serialized_end=1019
+  _globals['_HEARTBEAT']._serialized_start=1021
+  _globals['_HEARTBEAT']._serialized_end=1105
+  _globals['_ISSUEINTERMEDIATE']._serialized_start=1108
+  _globals['_ISSUEINTERMEDIATE']._serialized_end=1257
+  _globals['_WORKRESULT']._serialized_start=1259
+  _globals['_WORKRESULT']._serialized_end=1372
+  _globals['_WORKACK']._serialized_start=1374
+  _globals['_WORKACK']._serialized_end=1446
+  _globals['_BOOTSTRAP']._serialized_start=1448
+  _globals['_BOOTSTRAP']._serialized_end=1551
+  _globals['_RELAY']._serialized_start=1554
+  _globals['_RELAY']._serialized_end=1878
 # @@protoc_insertion_point(module_scope)

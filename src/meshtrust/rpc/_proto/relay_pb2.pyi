@@ -85,14 +85,16 @@ class StatusAck(_message.Message):
     def __init__(self, server_time_unix: _Optional[int] = ...) -> None: ...
 
 class WorkSubscribe(_message.Message):
-    __slots__ = ("protocol_version", "replica", "leader")
+    __slots__ = ("protocol_version", "replica", "leader", "status")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     replica: str
     leader: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., replica: _Optional[str] = ..., leader: _Optional[bool] = ...) -> None: ...
+    status: StatusReport
+    def __init__(self, protocol_version: _Optional[int] = ..., replica: _Optional[str] = ..., leader: _Optional[bool] = ..., status: _Optional[_Union[StatusReport, _Mapping]] = ...) -> None: ...
 
 class WorkItem(_message.Message):
     __slots__ = ("id", "heartbeat", "issue_intermediate")
@@ -105,12 +107,14 @@ class WorkItem(_message.Message):
     def __init__(self, id: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., issue_intermediate: _Optional[_Union[IssueIntermediate, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("server_time_unix", "renew_client")
+    __slots__ = ("server_time_unix", "renew_client", "status_recorded")
     SERVER_TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     RENEW_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_RECORDED_FIELD_NUMBER: _ClassVar[int]
     server_time_unix: int
     renew_client: bool
-    def __init__(self, server_time_unix: _Optional[int] = ..., renew_client: _Optional[bool] = ...) -> None: ...
+    status_recorded: bool
+    def __init__(self, server_time_unix: _Optional[int] = ..., renew_client: _Optional[bool] = ..., status_recorded: _Optional[bool] = ...) -> None: ...
 
 class IssueIntermediate(_message.Message):
     __slots__ = ("policy", "key_type", "trust_domain", "org", "generation", "form", "auto_restart_pods")
