@@ -49,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                              "of this before its first bootstrap. Leave it at 0 for one "
                              "cluster; when the agent is rolled out to many clusters at once, "
                              "set about the fleet's size divided by the server's bootstrap "
-                             "rate (about 150 a second on two cores), so that the agents do "
-                             "not all call in the same second (default %(default)s)")
+                             "rate (a server on two cores takes 10,000 agents over 50 s), so "
+                             "that the agents do not all call in the same second (default "
+                             "%(default)s)")
     parser.add_argument("--key-type", default="ecdsa-p256",
                         help="type of the client key (default %(default)s)")
     parser.add_argument("--replica", help="this replica's name for leader election "
