@@ -94,8 +94,9 @@ def test_the_interval_counts_from_the_recorded_subscription() -> None:
     """With reports every 1 s, the first report comes about 1 s after the subscription
     was recorded, not at once, and the reports go on at the interval."""
     relay = Relay(acknowledge=True)
-    subscribed = asyncio.run(run_agent(relay, 2.6, interval=1.0))
+    subscribed = asyncio.run(run_agent(relay, 3.2, interval=1.0))
     times = [when - subscribed for when, _ in relay.reports]
-    assert 2 <= len(times) <= 3, times
-    assert 0.8 <= times[0] <= 1.6, times
+    assert 2 <= len(times) <= 4, times
+    assert 0.8 <= times[0] <= 2.0, times
+    assert times[1] - times[0] >= 0.8, times
     assert all(report == relay.subscriptions[0].status for _, report in relay.reports)
