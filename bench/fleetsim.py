@@ -131,8 +131,7 @@ class SimAgent:
         self.moved = asyncio.Event()  # set when the certificate changed: move the stream
         self.held_changed = asyncio.Event()  # a new certificate or cacerts: report now
         self.was_connected = False
-        # As the agent: the last status the server recorded, and when (loop time).
-        self.recorded: tuple[Any, float] | None = None
+        self.recorded = app.RecordedStatus()  # as the agent
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -281,7 +280,7 @@ class SimAgent:
             status=status))
         async for item in stream:
             if item.heartbeat.status_recorded:
-                self.recorded = (status, asyncio.get_running_loop().time())
+                self.recorded.note(status)
             opened.set()
             if not self.connected.is_set():
                 self.connected.set()
@@ -302,16 +301,14 @@ class SimAgent:
             report = self._status()
             began = time.monotonic()
             wait = self.spec.report_interval * (0.5 + self.rng.random())
-            since = (asyncio.get_running_loop().time() - self.recorded[1]
-                     if self.recorded is not None and self.recorded[0] == report
-                     else float("inf"))
+            since = self.recorded.age(report)
             try:
                 if since < self.spec.report_interval:
                     wait = self.spec.report_interval - since
                 else:
                     await self._rpc("ReportStatus", report)
                     self.events.add("call:report", time.monotonic() - began)
-                    self.recorded = (report, asyncio.get_running_loop().time())
+                    self.recorded.note(report)
                 failure_backoff = app.REPORT_RETRY
             except grpc.aio.AioRpcError as exc:
                 if self.stopping:

@@ -62,9 +62,7 @@ class Agent:
         self._working: set[str] = set()
         self._done: set[str] = set()
         self._work_tasks: set[asyncio.Task[None]] = set()
-        # The last status the server recorded (by a report or with a work stream's
-        # subscription), and when (the event loop's clock).
-        self._recorded: tuple[messages.StatusReport, float] | None = None
+        self._recorded = RecordedStatus()
 
     async def run(self) -> None:
         jobs = [self.watcher.run(), self._lead(), self._connect(), self._report(),
@@ -254,10 +252,10 @@ class Agent:
         The subscription carries the agent's status: the server records it with the
         connection, and says so in the stream's first item, which spares the report.
         """
-        status = self._status(current, await self._istio_ca_held())
+        status = await self._status(current)
         async for item in self.client.work(channel, self.leader.is_set(), status):
             if item.heartbeat.status_recorded:
-                self._recorded = (status, asyncio.get_running_loop().time())
+                self._recorded.note(status)
             opened.set()
             if item.HasField("issue_intermediate"):
                 self._start_work(item)
@@ -371,13 +369,13 @@ class Agent:
                 if current is not None or self.config.insecure:
                     cacerts.clear()
                     try:
-                        status = self._status(current, await self._istio_ca_held())
-                        since = self._recorded_since(status)
+                        status = await self._status(current)
+                        since = self._recorded.age(status)
                         if since < interval:
                             wait = interval - since
                         else:
                             await self.client.report(status)
-                            self._recorded = (status, asyncio.get_running_loop().time())
+                            self._recorded.note(status)
                         failure_backoff = REPORT_RETRY
                     except errors.MeshTrustError as exc:
                         log.debug("status report failed: %s", exc)
@@ -394,12 +392,6 @@ class Agent:
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
-
-    def _recorded_since(self, status: messages.StatusReport) -> float:
-        """Seconds since the server recorded ``status`` (infinite if it did not)."""
-        if self._recorded is None or self._recorded[0] != status:
-            return float("inf")
-        return asyncio.get_running_loop().time() - self._recorded[1]
 
     async def _istio_ca_held(self) -> list[messages.HeldCertificate]:
         """The Istio CA in ``cacerts``, as the server's inventory should see it.
@@ -424,18 +416,35 @@ class Agent:
         return [_held("istio-intermediate", names.istio_namespace, names.istio_ca, cert,
                       renew_at, managed)]
 
-    def _status(self, current: ClientIdentity | None,
-                extra: list[messages.HeldCertificate] | None = None) -> messages.StatusReport:
+    async def _status(self, current: ClientIdentity | None) -> messages.StatusReport:
+        """What the agent holds: its client certificate ``current`` and its Istio CA."""
         held = []
         if current is not None:
             names = self.config.names
             held.append(_held("relay-client", names.relay_namespace, names.relay_client,
                               current.certificate, self.rotator.due_at(current),
                               current.managed))
-        held += extra or []
+        held += await self._istio_ca_held()
         return messages.StatusReport(protocol_version=rpc.PROTOCOL_VERSION,
                                      agent_version=__version__, replica=self.config.replica,
                                      leader=self.leader.is_set(), certificates=held)
+
+
+class RecordedStatus:
+    """The last status the server recorded, by a report or with a work stream's
+    subscription, and when (the event loop's clock)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[messages.StatusReport, float] | None = None
+
+    def note(self, status: messages.StatusReport) -> None:
+        self._last = (status, asyncio.get_running_loop().time())
+
+    def age(self, status: messages.StatusReport) -> float:
+        """Seconds since the server recorded ``status`` (infinite if it did not)."""
+        if self._last is None or self._last[0] != status:
+            return float("inf")
+        return asyncio.get_running_loop().time() - self._last[1]
 
 
 def _held(kind: str, namespace: str, secret: str, cert: x509.Certificate,
