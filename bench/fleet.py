@@ -929,8 +929,10 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> Any:
         out.add_row("", "streams dropped", str(c["drops"]), "")
     s = result.get("steady")
     if s:
-        out.add_row("steady", f"RSS / server CPU over {s['seconds']:.0f} s",
-                    f"{s.get('end_rss_mib', 0):,.0f} MiB / {s.get('server_cores', 0):.2f}", "")
+        peak = s.get("peak_rss_mib", 0.0)
+        out.add_row("steady", f"server peak / end RSS, CPU over {s['seconds']:.0f} s",
+                    f"{peak:,.0f} / {s.get('end_rss_mib', 0):,.0f} MiB, "
+                    f"{s.get('server_cores', 0):.2f}", _verdict(0 < peak <= 1024, "<= 1024 MiB"))
         out.add_row("", "errors / streams dropped", f"{_sum(s['errors'])} / {s['drops']}", "")
     st = result.get("storm")
     if st:
@@ -1062,7 +1064,8 @@ def main() -> int:
                         help="then rotate the policy's root while workloads of the clusters "
                              "handshake across clusters")
     parser.add_argument("--hold", type=float, default=10.0,
-                        help="seconds of steady state to measure after convergence")
+                        help="seconds of steady state to measure after convergence (60 or "
+                             "more take in the leader's sweep of stopped replicas, once a minute)")
     parser.add_argument("--report-interval", type=float,
                         default=agent_config.DEFAULT_STATUS_INTERVAL,
                         help="seconds between an agent's status reports when nothing changed "

@@ -84,6 +84,52 @@ class TestConnections:
         run(scenario)
 
 
+    def test_the_watch_finds_what_the_sweep_would_change(self) -> None:
+        """Members, filled from a list and following the watch, names exactly the
+        clusters that forget_replicas would change, and which are connected; given
+        those names, the sweep reads and edits no other record."""
+        async def scenario(store: MemoryStore, clock: FakeClock) -> None:
+            reg = registry.Registry(store, clock)
+            for name in ("c3", "c4", "c5", "c6"):
+                await reg.register(name)
+            history = store.watch(registry.CLUSTER_KIND, since=0)
+            members = registry.Members()
+            assert members.stale({"server-a"}) is None and members.connected is None
+            members.fill(await reg.list())
+            await reg.connect("c1", "server-a")
+            await reg.connect("c2", "server-b")
+            await reg.connect("c3", "server-a")
+            await reg.connect("c3", "server-b")
+            await reg.update_status("c4", connected=True)  # an older server's flag
+            await reg.update_status("c5", connected=False,  # a hand-edited record
+                                    connections={"server-a": "2026-11-22T12:00:00Z"})
+            last = (await store.get_resource(registry.CLUSTER_KIND, NS, "c5")).resource_version
+            async for event in history:
+                members.note(event)
+                if event.resource_version == last:
+                    break
+            assert members.connected == ["c1", "c2", "c3", "c4"]
+            stale = members.stale({"server-a"})
+            assert stale == ["c2", "c3", "c4", "c5"]
+            assert members.stale(["server-a", "server-b"]) == ["c4", "c5"]
+
+            reads = 0
+            get = store.get_resource
+
+            async def counted(*args: Any, **kwargs: Any) -> base.Resource:
+                nonlocal reads
+                reads += 1
+                return await get(*args, **kwargs)
+            store.get_resource = counted  # type: ignore[method-assign]
+            assert await reg.forget_replicas({"server-a"}, among=["c1", "c2"]) == ("c2",)
+            assert reads == 2
+            assert await reg.forget_replicas({"server-a"}) == ("c3", "c4", "c5")
+            assert sorted((await status(store, "c3"))["connections"]) == ["server-a"]
+            assert not (await reg.get("c4")).connected
+            assert (await reg.get("c5")).connected
+        run(scenario)
+
+
 def _csr() -> bytes:
     key = keys.generate_key(keys.KeyType.EC_P256)
     return csr.dump_csr(csr.build_csr(key, ca=True))

@@ -43,10 +43,6 @@ REPORT_FRESH = dt.timedelta(minutes=1)  # an unchanged report refreshes lastSeen
 _CAS_ATTEMPTS = 5
 
 
-
-
-
-
 def _digest(text: str | bytes) -> str:
     raw = text.encode() if isinstance(text, str) else text
     return hashlib.sha256(raw).hexdigest()
@@ -81,38 +77,66 @@ class Cluster:
 
 
 class Members:
-    """The names of the registered clusters, kept in memory from the store's watch.
+    """The registered clusters and who holds their streams, kept in memory from the
+    store's watch.
 
     A round over the fleet that needs only the names (which clusters a policy
-    selects) would otherwise parse ten thousand cluster records for them each time.
-    ``fill`` starts again from a full list; ``note`` follows one change. A change no
-    newer than what is known of a name (the watch goes on from before the list) is
-    left out, so the names are never taken back to an older state. Until filled,
-    ``names`` is None: ask the store.
+    selects) would otherwise parse ten thousand cluster records for them each time,
+    and the leader's sweep of stopped replicas (``stale``) would read them all once a
+    minute to find the few that name one. ``fill`` starts again from a full list;
+    ``note`` follows one change. A change no newer than what is known of a name (the
+    watch goes on from before the list) is left out, so a cluster is never taken back
+    to an older state. Until filled, ``names``, ``connected`` and ``stale`` are None:
+    ask the store.
     """
 
     def __init__(self) -> None:
-        self._versions: dict[str, int] | None = None  # name -> the newest change seen
+        # name -> (the newest change seen, the replicas holding its streams, its flag)
+        self._known: dict[str, tuple[int, _Holding]] | None = None
+        self._holdings: dict[_Holding, _Holding] = {}  # one copy of each, as most are alike
 
     @property
     def names(self) -> frozenset[str] | None:
-        return None if self._versions is None else frozenset(self._versions)
+        return None if self._known is None else frozenset(self._known)
+
+    @property
+    def connected(self) -> list[str] | None:
+        """The clusters with a stream to any replica, by name."""
+        known = self._known
+        return None if known is None else sorted(
+            name for name, (_, (_, flag)) in known.items() if flag)
+
+    def stale(self, live: Collection[str]) -> list[str] | None:
+        """The clusters whose record ``Registry.forget_replicas(live)`` would change."""
+        known, live = self._known, frozenset(live)
+        return None if known is None else sorted(
+            name for name, (_, (held, flag)) in known.items()
+            if not held <= live or bool(held) != flag)
 
     def fill(self, clusters: Collection[Cluster]) -> None:
-        self._versions = {c.name: c.record.resource_version if c.record else 0
-                          for c in clusters}
+        self._known = {c.name: (c.record.resource_version if c.record else 0,
+                                self._holding(c.record.status if c.record else {}))
+                       for c in clusters}
 
     def note(self, event: base.WatchEvent) -> bool:
         """Follow one change to a cluster record; return whether the names changed."""
-        versions = self._versions
+        known = self._known
         name = event.object.name
-        if versions is None or event.resource_version <= versions.get(name, -1):
+        if known is None or event.resource_version <= known.get(name, (-1,))[0]:
             return False
         if event.type is base.EventType.DELETED:
-            return versions.pop(name, None) is not None
-        added = name not in versions
-        versions[name] = event.resource_version
+            return known.pop(name, None) is not None
+        added = name not in known
+        status = event.object.status if isinstance(event.object, base.Resource) else {}
+        known[name] = (event.resource_version, self._holding(status))
         return added
+
+    def _holding(self, status: dict[str, Any]) -> _Holding:
+        holding = (frozenset(_held_by(status)), bool(status.get("connected")))
+        return self._holdings.setdefault(holding, holding)
+
+
+_Holding = tuple[frozenset[str], bool]
 
 
 def _held_by(status: dict[str, Any]) -> dict[str, str]:
@@ -229,25 +253,38 @@ class Registry:
             held: since for held, since in _held_by(status).items() if held != replica}))
 
     async def forget_replicas(self, live: Collection[str] | None = None, *,
-                              gone: Collection[str] = ()) -> tuple[str, ...]:
+                              gone: Collection[str] = (),
+                              among: Collection[str] | None = None) -> tuple[str, ...]:
         """Drop the connections of replicas not in ``live`` or in ``gone``.
 
         Returns the clusters changed. With ``live``, a status that says connected
         with no replica named (as a single-replica server wrote it) is stale too.
+        ``among``: only these clusters can be stale (``Members.stale``); without it,
+        every cluster record is read.
         """
         def kept(status: dict[str, Any]) -> dict[str, str]:
             return {held: since for held, since in _held_by(status).items()
                     if (live is None or held in live) and held not in gone}
 
-        changed = []
-        for resource in await self._store.list_resources(CLUSTER_KIND, namespace=self._ns):
-            status = resource.status
+        def stale(status: dict[str, Any]) -> bool:
             now_held = kept(status)
-            if now_held != _held_by(status) or (
-                    live is not None and bool(now_held) != bool(status.get("connected"))):
-                await self._edit_status(resource.name, lambda current: _connections(
-                    current, kept(current)))
-                changed.append(resource.name)
+            return now_held != _held_by(status) or (
+                live is not None and bool(now_held) != bool(status.get("connected")))
+
+        if among is None:
+            listed = await self._store.list_resources(CLUSTER_KIND, namespace=self._ns)
+            among = [resource.name for resource in listed if stale(resource.status)]
+        changed = []
+        for name in among:
+            edited = False
+
+            def forget(current: dict[str, Any]) -> dict[str, Any]:
+                nonlocal edited
+                edited = stale(current)
+                return _connections(current, kept(current)) if edited else current
+
+            if await self._edit_status(name, forget) and edited:
+                changed.append(name)
         return tuple(changed)
 
     async def _edit_status(self, name: str,

@@ -21,7 +21,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from meshtrust import clock as clock_module
@@ -102,7 +102,8 @@ class Server:
         self.relay_service.replica = self.leadership.replica
         self.leadership.on_present_again = self.relay_service.record_connections
         self.leadership.on_change = lambda leading: self.metrics.leader.set(int(leading))
-        self._fleet_connected: set[str] = set()  # clusters with a stream to any replica
+        # The fleet's clusters and which replicas hold their streams, from the store's watch.
+        self.members = registry_module.Members()
         self._pruned_at = 0.0  # event loop time of the last audit prune; 0: none yet
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server([(transport.MAX_CONNECTIONS,
@@ -111,7 +112,7 @@ class Server:
         self._credentials: transport.Credentials | None = None
         self._metrics_server: object | None = None
         self.dashboard = dashboard.Dashboard(store, self.clock, self.metrics,
-                                             connected=lambda: sorted(self._fleet_connected),
+                                             connected=lambda: self.members.connected or (),
                                              interval=config.reconcile_interval)
 
     async def start(self) -> None:
@@ -234,22 +235,17 @@ class Server:
         """End the open streams of clusters that are deregistered; note who is connected.
 
         The connected clusters are the fleet's, to whichever replica: the dashboard of
-        any replica shows them all.
+        any replica shows them all, and the leader's sweep finds in them the clusters
+        that a stopped replica held (``_sweep_replicas``).
         """
         async def changed(event: base.WatchEvent) -> None:
-            name = event.object.name
             if event.type is base.EventType.DELETED:
-                log.info("cluster %s deregistered; closing its streams", name)
-                self.relay_service.drop(name)
-            if (event.type is not base.EventType.DELETED
-                    and isinstance(event.object, base.Resource)
-                    and event.object.status.get("connected")):
-                self._fleet_connected.add(name)
-            else:
-                self._fleet_connected.discard(name)
+                log.info("cluster %s deregistered; closing its streams", event.object.name)
+                self.relay_service.drop(event.object.name)
+            self.members.note(event)
 
         async def resync() -> None:
-            self._fleet_connected = {c.name for c in await self.registry.list() if c.connected}
+            self.members.fill(await self.registry.list())
 
         await follow.follow(self.store, registry_module.CLUSTER_KIND, changed, resync=resync)
 
@@ -275,7 +271,11 @@ class Server:
 
     async def _sweep_replicas(self) -> None:
         """The leader drops the connection records of replicas that stopped abruptly."""
-        await self.leadership.sweeping(self.registry.forget_replicas)
+        async def forget(live: Collection[str]) -> None:
+            # Until the watch has listed the clusters, forget_replicas reads them all.
+            await self.registry.forget_replicas(live, among=self.members.stale(live))
+
+        await self.leadership.sweeping(forget)
 
     async def _reconcile_trust(self) -> None:
         """Keep every cluster's Istio intermediate in line with the trust policies.
