@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import prometheus_client as prom
+from prometheus_client import core as prom_core
 from cryptography import x509
 
 from meshtrust import errors
@@ -53,7 +54,7 @@ class Page:
 PageHandler = Callable[[], Page]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Certificate:
     """Where a certificate is kept and when it expires and is renewed, for the gauges."""
 
@@ -81,14 +82,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = prom.CollectorRegistry()
-        self.expiration = prom.Gauge(
-            "meshtrust_certificate_expiration_timestamp_seconds",
-            "The date after which the certificate expires, as a Unix timestamp.",
-            _CERTIFICATE_LABELS, registry=self.registry)
-        self.renewal = prom.Gauge(
-            "meshtrust_certificate_renewal_timestamp_seconds",
-            "The date after which the certificate will be renewed, as a Unix timestamp.",
-            _CERTIFICATE_LABELS, registry=self.registry)
+        # One series per certificate of the fleet, two per cluster: kept as the
+        # certificates themselves and turned into samples when scraped, not as a gauge
+        # object per series (about 1 KB each), which ten thousand clusters would make
+        # tens of megabytes.
+        self._certificates: dict[_LabelValues, Certificate] = {}
+        self.registry.register(_CertificateGauges(self))
         self.states = prom.Gauge(
             "meshtrust_certificates", "Certificates of the fleet, by inventory state.",
             ["state"], registry=self.registry)
@@ -128,7 +127,6 @@ class Metrics:
             "meshtrust_rotation", "Client certificate renewals by this agent, by outcome.",
             ["outcome"], registry=self.registry)
         self._lock = threading.RLock()
-        self._certificates: set[_LabelValues] = set()
         self._states: set[str] = set()
         self._rotations: set[tuple[str, str]] = set()
 
@@ -138,8 +136,7 @@ class Metrics:
                     namespace: str, secret: str, renew_at: dt.datetime | None = None) -> None:
         """Record when a certificate expires and, if known, when it will be renewed."""
         self._set(Certificate(kind=kind, cluster=cluster, namespace=namespace, secret=secret,
-                              not_after=certificate.not_valid_after_utc, renew_at=renew_at),
-                  whole=False)
+                              not_after=certificate.not_valid_after_utc, renew_at=renew_at))
 
     def fleet(self, certificates: Iterable[Certificate],
               states: Mapping[str, int] | None = None) -> None:
@@ -154,13 +151,7 @@ class Metrics:
             if held is None or cert.not_after < held.not_after:
                 chosen[cert.labels] = cert
         with self._lock:
-            for gone in self._certificates - chosen.keys():
-                for gauge in (self.expiration, self.renewal):
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(*gone)
-            self._certificates.clear()
-            for cert in chosen.values():
-                self._set(cert, whole=True)
+            self._certificates = chosen
             if states is not None:
                 for state in self._states - states.keys():
                     self.states.remove(state)
@@ -168,16 +159,18 @@ class Metrics:
                     self.states.labels(state).set(count)
                 self._states = set(states)
 
-    def _set(self, cert: Certificate, *, whole: bool) -> None:
-        """Set one certificate's series; ``whole`` drops a renewal time it does not give."""
+    def _set(self, cert: Certificate) -> None:
+        """Set one certificate's series, keeping the renewal time it does not give."""
         with self._lock:
-            self._certificates.add(cert.labels)
-            self.expiration.labels(*cert.labels).set(cert.not_after.timestamp())
-            if cert.renew_at is not None:
-                self.renewal.labels(*cert.labels).set(cert.renew_at.timestamp())
-            elif whole:
-                with contextlib.suppress(KeyError):
-                    self.renewal.remove(*cert.labels)
+            held = self._certificates.get(cert.labels)
+            if cert.renew_at is None and held is not None:
+                cert = dataclasses.replace(cert, renew_at=held.renew_at)
+            self._certificates[cert.labels] = cert
+
+    def certificates(self) -> list[Certificate]:
+        """The certificates the gauges show now."""
+        with self._lock:
+            return list(self._certificates.values())
 
     def rotations(self, current: Mapping[str, str], steps: Sequence[str]) -> None:
         """Set the rotation-step gauges: one series per policy and step, 1 for ``current``."""
@@ -270,6 +263,29 @@ class Metrics:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server
+
+
+class _CertificateGauges:
+    """The collector of the certificate gauges, read from ``Metrics.certificates``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        expiration = prom_core.GaugeMetricFamily(
+            "meshtrust_certificate_expiration_timestamp_seconds",
+            "The date after which the certificate expires, as a Unix timestamp.",
+            labels=_CERTIFICATE_LABELS)
+        renewal = prom_core.GaugeMetricFamily(
+            "meshtrust_certificate_renewal_timestamp_seconds",
+            "The date after which the certificate will be renewed, as a Unix timestamp.",
+            labels=_CERTIFICATE_LABELS)
+        for cert in self._metrics.certificates():
+            expiration.add_metric(cert.labels, cert.not_after.timestamp())
+            if cert.renew_at is not None:
+                renewal.add_metric(cert.labels, cert.renew_at.timestamp())
+        yield expiration
+        yield renewal
 
 
 def _host_port(address: str) -> tuple[str, int]:

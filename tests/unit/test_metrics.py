@@ -86,6 +86,23 @@ class TestFleetGauges:
         meters.fleet([cert("relay-root", "mgmt", 3650)])
         assert (EXPIRATION, where("relay-client", "gone")) not in samples(meters)
 
+    def test_an_issuance_keeps_the_renewal_time_it_does_not_give(self) -> None:
+        """``certificate`` without a renewal time updates the expiry and leaves the
+        renewal series the inventory set; with one, it replaces it."""
+        meters = metrics.Metrics()
+        meters.fleet([cert("relay-client", "c1", 1, 0.5)])
+        issued = _x509()
+        meters.certificate(issued, kind="relay-client", cluster="c1", namespace=NS, secret="s")
+        found = samples(meters)
+        assert found[(EXPIRATION, where("relay-client", "c1"))] == (
+            issued.not_valid_after_utc.timestamp())
+        assert found[(RENEWAL, where("relay-client", "c1"))] == (
+            T0 + dt.timedelta(days=0.5)).timestamp()
+        meters.certificate(issued, kind="relay-client", cluster="c1", namespace=NS, secret="s",
+                           renew_at=T0 + dt.timedelta(days=2))
+        assert samples(meters)[(RENEWAL, where("relay-client", "c1"))] == (
+            T0 + dt.timedelta(days=2)).timestamp()
+
     def test_rotation_step(self) -> None:
         """Each policy has one series per step, 1 for the current one; a policy gone loses all."""
         meters = metrics.Metrics()
