@@ -188,22 +188,23 @@ class RelayService(transport.services.RelayServicer):
         # otherwise read and write every cluster's record once more. A stream whose cluster
         # was deregistered is gone: one that comes after it is recorded, and so refused.
         # The status the agent sent with the subscription is recorded with the connection,
-        # in one write, and spares the agent its report.
-        report = _reported(request.status) if request.HasField("status") else None
+        # in one write, and spares the agent its report. (Not kept in a variable: ten
+        # thousand streams would hold its dictionary as long as they are open.)
+        told = not request.HasField("status")  # whether the agent knows it was recorded
         recorded = any(s.recorded and not s.gone for s in streams)
         streams.add(stream)
         self._meters.connected.set(len(self._streams))
         connected = False
         try:
             try:
-                if not recorded or report is not None:
-                    await registry.connect(cluster, self.replica, report=report)
+                if not recorded or not told:
+                    await registry.connect(cluster, self.replica, report=None if told
+                                           else _reported(request.status))
                 connected = stream.recorded = True
             except errors.MeshTrustError as exc:  # not registered; the store is unavailable
                 await self._refuse(context, exc)
             log.info("agent of cluster %s connected (replica %s)", cluster, request.replica)
             beat = -self._heartbeat  # when the last heartbeat went out (monotonic)
-            told = report is None  # whether the agent knows its status was recorded
             while not stream.gone:
                 due = self._work_due(cluster)
                 now = time.monotonic()
