@@ -14,6 +14,11 @@ figure, for each transport:
 * tls: the server authenticated (as the agents' bootstrap listener);
 * mtls: both sides present P-256 certificates (as the relay listener).
 
+``--messages N`` has each stream carry N more messages of 300 bytes, one a second,
+before the RSS is read again (as an agent's stream carries heartbeats and work): a
+connection's buffers take memory only where they have been written, so one that
+carried a single message shows less than it will hold.
+
 ``--option NAME=VALUE`` (repeatable) adds a gRPC channel argument to the server,
 e.g. ``--option grpc.tsi.max_frame_size=4096``, to see what a setting buys.
 Certificates are made with the ``openssl`` command line. Run it from the
@@ -65,7 +70,8 @@ def _rss_kib() -> int:
     return 0
 
 
-async def serve(directory: Path, transport: str, options: list[tuple[str, Any]]) -> None:
+async def serve(directory: Path, transport: str, options: list[tuple[str, Any]],
+                messages: int = 0) -> None:
     """The server: print the port, then the RSS (KiB) for each line read on stdin."""
     import grpc
 
@@ -73,6 +79,9 @@ async def serve(directory: Path, transport: str, options: list[tuple[str, Any]])
 
     async def stream(_request: bytes, _context: Any) -> Any:
         yield b"x"
+        for _ in range(messages):
+            await asyncio.sleep(1.0)
+            yield b"y" * 300
         await asyncio.Event().wait()
 
     async def unary(_request: bytes, _context: Any) -> bytes:
@@ -128,11 +137,11 @@ async def connect(directory: Path, port: int, transport: str, kind: str, count: 
 
 
 def measure(directory: Path, transport: str, kind: str, connections: int,
-            options: list[tuple[str, Any]]) -> dict[str, Any]:
+            options: list[tuple[str, Any]], messages: int = 0) -> dict[str, Any]:
     me = [sys.executable, str(Path(__file__).resolve())]
     server = subprocess.Popen(
         [*me, "--role", "server", "--dir", str(directory), "--transport", transport,
-         "--options-json", json.dumps(options)],
+         "--options-json", json.dumps(options), "--messages", str(messages)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert server.stdin is not None and server.stdout is not None
 
@@ -156,7 +165,9 @@ def measure(directory: Path, transport: str, kind: str, connections: int,
             assert client.stdout is not None
             if client.stdout.readline().strip() != "connected":
                 raise SystemExit(f"a client of the {transport} {kind} run failed")
-        time.sleep(3.0)  # let handshakes and the first frames settle
+        # Let handshakes and the first frames settle, and the streams carry their messages
+        # (the last connected stream starts them last).
+        time.sleep(3.0 + (messages + 1 if kind == "stream" and messages else 0))
         after = rss()
         held = established(port)
     finally:
@@ -201,6 +212,9 @@ def main() -> None:
                              "after one call (repeatable; default: both)")
     parser.add_argument("--option", type=_option, action="append", default=[],
                         metavar="NAME=VALUE", help="a gRPC channel argument for the server")
+    parser.add_argument("--messages", type=int, default=0, metavar="N",
+                        help="each stream carries N more messages of 300 bytes, one a second, "
+                             "before the RSS is read (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--role", choices=("server", "client"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -209,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "server":
         asyncio.run(serve(args.dir, args.transport[0],
-                          [tuple(o) for o in json.loads(args.options_json)]))
+                          [tuple(o) for o in json.loads(args.options_json)], args.messages))
         return
     if args.role == "client":
         asyncio.run(connect(args.dir, args.port, args.transport[0], args.kind[0],
@@ -217,6 +231,8 @@ def main() -> None:
         return
     if args.connections < 2:
         parser.error("--connections must be at least 2")
+    if args.messages < 0:
+        parser.error("--messages must be 0 or more")
     import grpc
 
     results = []
@@ -226,12 +242,14 @@ def main() -> None:
         for transport in args.transport or TRANSPORTS:
             for kind in args.kind or KINDS:
                 results.append(measure(directory, transport, kind, args.connections,
-                                       args.option))
+                                       args.option, args.messages))
     if args.json:
         print(json.dumps({"grpcio": grpc.__version__, "options": args.option,
+                          "messages": args.messages,
                           "results": results}, indent=2))
         return
-    print(f"grpcio {grpc.__version__}; server options added: {args.option or 'none'}")
+    print(f"grpcio {grpc.__version__}; server options added: {args.option or 'none'}; "
+          f"messages per stream after the first: {args.messages}")
     print(f"{'transport':<10} {'connection':<11} {'connections':>11} "
           f"{'established':>11} {'server RSS before → after':>27} "
           f"{'KiB per connection':>19}")
