@@ -15,7 +15,8 @@ figure, for each transport:
 * mtls: both sides present P-256 certificates (as the relay listener).
 
 ``--messages N`` has each stream carry N more messages of 300 bytes, one a second,
-before the RSS is read again (as an agent's stream carries heartbeats and work): a
+from the server to the client, before the RSS is read (as an agent's stream carries
+heartbeats and work; nothing more goes the other way): a
 connection's buffers take memory only where they have been written, so one that
 carried a single message shows less than it will hold.
 
@@ -128,12 +129,19 @@ async def connect(directory: Path, port: int, transport: str, kind: str, count: 
         if kind == "stream":
             call = channel.unary_stream("/bench.Memory/Stream")(b"")
             await call.read()
-            calls.append((channel, call))
+            # Read what else the stream carries (--messages), as an agent reads its work
+            # stream: unread, the messages would stop at HTTP/2's flow control.
+            calls.append((channel, asyncio.create_task(_drain(call))))
         else:
             await channel.unary_unary("/bench.Memory/Unary")(b"")
             calls.append((channel, None))
     print("connected", flush=True)
     await asyncio.Event().wait()
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass
 
 
 def measure(directory: Path, transport: str, kind: str, connections: int,

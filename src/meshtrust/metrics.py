@@ -6,8 +6,8 @@ HTTP listener of our own that answers ``/metrics`` and whatever read-only
 ``pages`` the process adds (the server's expiry dashboard). It is the only
 module that imports ``prometheus_client``.
 
-The HTTP threads only read: the registry (whose collectors lock themselves)
-and the pages' callables, which must return bytes prepared elsewhere.
+The HTTP threads only read: the registry (whose collectors lock themselves, or take
+the metrics' lock) and the pages' callables, which must return bytes prepared elsewhere.
 """
 
 from __future__ import annotations
@@ -266,20 +266,29 @@ class Metrics:
 
 
 class _CertificateGauges:
-    """The collector of the certificate gauges, read from ``Metrics.certificates``."""
+    """The collector of the certificate gauges, read from ``Metrics.certificates`` (which
+    takes the metrics' lock: a scrape runs on the HTTP thread)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
+    @staticmethod
+    def _families() -> tuple[Any, Any]:
+        return (prom_core.GaugeMetricFamily(
+                    "meshtrust_certificate_expiration_timestamp_seconds",
+                    "The date after which the certificate expires, as a Unix timestamp.",
+                    labels=_CERTIFICATE_LABELS),
+                prom_core.GaugeMetricFamily(
+                    "meshtrust_certificate_renewal_timestamp_seconds",
+                    "The date after which the certificate will be renewed, as a Unix "
+                    "timestamp.", labels=_CERTIFICATE_LABELS))
+
+    def describe(self) -> Iterator[Any]:
+        """The families' names, for the registry to refuse another collector of them."""
+        yield from self._families()
+
     def collect(self) -> Iterator[Any]:
-        expiration = prom_core.GaugeMetricFamily(
-            "meshtrust_certificate_expiration_timestamp_seconds",
-            "The date after which the certificate expires, as a Unix timestamp.",
-            labels=_CERTIFICATE_LABELS)
-        renewal = prom_core.GaugeMetricFamily(
-            "meshtrust_certificate_renewal_timestamp_seconds",
-            "The date after which the certificate will be renewed, as a Unix timestamp.",
-            labels=_CERTIFICATE_LABELS)
+        expiration, renewal = self._families()
         for cert in self._metrics.certificates():
             expiration.add_metric(cert.labels, cert.not_after.timestamp())
             if cert.renew_at is not None:

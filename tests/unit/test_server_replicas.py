@@ -83,7 +83,6 @@ class TestConnections:
             assert not (await reg.get("c1")).connected
         run(scenario)
 
-
     def test_the_watch_finds_what_the_sweep_would_change(self) -> None:
         """Members, filled from a list and following the watch, names exactly the
         clusters that forget_replicas would change, and which are connected; given

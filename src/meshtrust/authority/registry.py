@@ -110,10 +110,10 @@ class Members:
         """The clusters whose record ``Registry.forget_replicas(live)`` would change."""
         known, live = self._known, frozenset(live)
         return None if known is None else sorted(
-            name for name, (_, (held, flag)) in known.items()
-            if not held <= live or bool(held) != flag)
+            name for name, (_, (held, flag)) in known.items() if _stale(held, flag, live))
 
     def fill(self, clusters: Collection[Cluster]) -> None:
+        self._holdings = {}
         self._known = {c.name: (c.record.resource_version if c.record else 0,
                                 self._holding(c.record.status if c.record else {}))
                        for c in clusters}
@@ -137,6 +137,20 @@ class Members:
 
 
 _Holding = tuple[frozenset[str], bool]
+
+
+def _keeps(replica: str, live: Collection[str] | None, gone: Collection[str]) -> bool:
+    """Whether the sweep keeps a connection that ``replica`` holds."""
+    return (live is None or replica in live) and replica not in gone
+
+
+def _stale(held: Collection[str], connected: bool, live: Collection[str] | None,
+           gone: Collection[str] = ()) -> bool:
+    """Whether a status held by ``held`` (and saying ``connected``) names a replica that
+    is not ``live`` or is ``gone``; with ``live``, a flag that disagrees with ``held``
+    (an older single-replica server's, or a hand edit) is stale too."""
+    kept = sum(1 for replica in held if _keeps(replica, live, gone))
+    return kept != len(held) or (live is not None and bool(kept) != connected)
 
 
 def _held_by(status: dict[str, Any]) -> dict[str, str]:
@@ -193,6 +207,11 @@ class Registry:
             await self.audit.record(audit_module.Kind.REGISTER, cluster=name,
                                     message="registered")
         return Cluster.of(resource)
+
+    @property
+    def namespace(self) -> str:
+        """Where the cluster records are kept."""
+        return self._ns
 
     async def get(self, name: str) -> Cluster:
         """The registered cluster ``name``; raise UnknownCluster if it is not registered."""
@@ -264,12 +283,10 @@ class Registry:
         """
         def kept(status: dict[str, Any]) -> dict[str, str]:
             return {held: since for held, since in _held_by(status).items()
-                    if (live is None or held in live) and held not in gone}
+                    if _keeps(held, live, gone)}
 
         def stale(status: dict[str, Any]) -> bool:
-            now_held = kept(status)
-            return now_held != _held_by(status) or (
-                live is not None and bool(now_held) != bool(status.get("connected")))
+            return _stale(_held_by(status), bool(status.get("connected")), live, gone)
 
         if among is None:
             listed = await self._store.list_resources(CLUSTER_KIND, namespace=self._ns)

@@ -102,8 +102,10 @@ class Server:
         self.relay_service.replica = self.leadership.replica
         self.leadership.on_present_again = self.relay_service.record_connections
         self.leadership.on_change = lambda leading: self.metrics.leader.set(int(leading))
-        # The fleet's clusters and which replicas hold their streams, from the store's watch.
+        # The fleet's clusters and which replicas hold their streams, from the store's watch;
+        # ``_on_membership`` are called when a cluster comes or goes (the reconcile's wake).
         self.members = registry_module.Members()
+        self._on_membership: list[Callable[[], object]] = []
         self._pruned_at = 0.0  # event loop time of the last audit prune; 0: none yet
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server([(transport.MAX_CONNECTIONS,
@@ -235,19 +237,27 @@ class Server:
         """End the open streams of clusters that are deregistered; note who is connected.
 
         The connected clusters are the fleet's, to whichever replica: the dashboard of
-        any replica shows them all, and the leader's sweep finds in them the clusters
-        that a stopped replica held (``_sweep_replicas``).
+        any replica shows them all, the leader's sweep finds in them the clusters that a
+        stopped replica held (``_sweep_replicas``), and its reconcile the clusters there
+        are (``_reconcile_trust``).
         """
+        def membership_changed() -> None:
+            for call in list(self._on_membership):
+                call()
+
         async def changed(event: base.WatchEvent) -> None:
             if event.type is base.EventType.DELETED:
                 log.info("cluster %s deregistered; closing its streams", event.object.name)
                 self.relay_service.drop(event.object.name)
-            self.members.note(event)
+            if self.members.note(event):  # a cluster came or went: not a status report
+                membership_changed()
 
         async def resync() -> None:
             self.members.fill(await self.registry.list())
+            membership_changed()
 
-        await follow.follow(self.store, registry_module.CLUSTER_KIND, changed, resync=resync)
+        await follow.follow(self.store, registry_module.CLUSTER_KIND, changed,
+                            namespace=self.registry.namespace, resync=resync)
 
     async def _follow_work(self) -> None:
         """Wake a cluster's work streams when its intermediates change, whoever changed them.
@@ -286,25 +296,14 @@ class Server:
         """
         changed = asyncio.Event()
         changed.set()
-        members = registry_module.Members()
 
         async def wake(_event: base.WatchEvent | None = None) -> None:
-            changed.set()
-
-        async def wake_on_membership(event: base.WatchEvent) -> None:
-            if members.note(event):  # a cluster came or went: not a status report
-                changed.set()
-
-        async def list_members() -> None:
-            members.fill(await self.registry.list())
             changed.set()
 
         followers = [asyncio.create_task(follow.follow(self.store, kind, wake, resync=wake))
                      for kind in (trust_policy.POLICY_KIND, istio.ISSUED_KIND,
                                   root_rotation.ROTATION_KIND)]
-        followers.append(asyncio.create_task(follow.follow(
-            self.store, registry_module.CLUSTER_KIND, wake_on_membership,
-            resync=list_members)))
+        self._on_membership.append(changed.set)  # the clusters: from _follow_registry
         took = 0.0  # seconds the last round took
         try:
             while True:
@@ -326,7 +325,7 @@ class Server:
                                                how="renewed")
                     await self._rotate_relay_root()
                     await self.rotations.advance()
-                    await self.istio.reconcile(members.names)
+                    await self.istio.reconcile(self.members.names)
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
                     log.exception("reconciling the trust policies failed; retrying")
                     await asyncio.sleep(1)
@@ -336,6 +335,7 @@ class Server:
                 took = asyncio.get_running_loop().time() - began
                 await asyncio.sleep(min(RECONCILE_REST * took, RECONCILE_REST_MAX))
         finally:
+            self._on_membership.remove(changed.set)
             for task in followers:
                 task.cancel()
 

@@ -188,8 +188,8 @@ class RelayService(transport.services.RelayServicer):
         # otherwise read and write every cluster's record once more. A stream whose cluster
         # was deregistered is gone: one that comes after it is recorded, and so refused.
         # The status the agent sent with the subscription is recorded with the connection,
-        # in one write, and spares the agent its report. (Not kept in a variable: ten
-        # thousand streams would hold its dictionary as long as they are open.)
+        # in one write, and spares the agent its report. (Its dictionary is made only for
+        # that write: ten thousand open streams would otherwise each hold one.)
         told = not request.HasField("status")  # whether the agent knows it was recorded
         recorded = any(s.recorded and not s.gone for s in streams)
         streams.add(stream)
