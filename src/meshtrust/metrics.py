@@ -134,9 +134,15 @@ class Metrics:
 
     def certificate(self, certificate: x509.Certificate, *, kind: str, cluster: str,
                     namespace: str, secret: str, renew_at: dt.datetime | None = None) -> None:
-        """Record when a certificate expires and, if known, when it will be renewed."""
-        self._set(Certificate(kind=kind, cluster=cluster, namespace=namespace, secret=secret,
-                              not_after=certificate.not_valid_after_utc, renew_at=renew_at))
+        """Record when a certificate expires and, if known, when it will be renewed (if
+        not, a renewal time recorded before stays)."""
+        cert = Certificate(kind=kind, cluster=cluster, namespace=namespace, secret=secret,
+                           not_after=certificate.not_valid_after_utc, renew_at=renew_at)
+        with self._lock:
+            held = self._certificates.get(cert.labels)
+            if renew_at is None and held is not None:
+                cert = dataclasses.replace(cert, renew_at=held.renew_at)
+            self._certificates[cert.labels] = cert
 
     def fleet(self, certificates: Iterable[Certificate],
               states: Mapping[str, int] | None = None) -> None:
@@ -158,14 +164,6 @@ class Metrics:
                 for state, count in states.items():
                     self.states.labels(state).set(count)
                 self._states = set(states)
-
-    def _set(self, cert: Certificate) -> None:
-        """Set one certificate's series, keeping the renewal time it does not give."""
-        with self._lock:
-            held = self._certificates.get(cert.labels)
-            if cert.renew_at is None and held is not None:
-                cert = dataclasses.replace(cert, renew_at=held.renew_at)
-            self._certificates[cert.labels] = cert
 
     def certificates(self) -> list[Certificate]:
         """The certificates the gauges show now."""

@@ -102,10 +102,11 @@ class Server:
         self.relay_service.replica = self.leadership.replica
         self.leadership.on_present_again = self.relay_service.record_connections
         self.leadership.on_change = lambda leading: self.metrics.leader.set(int(leading))
-        # The fleet's clusters and which replicas hold their streams, from the store's watch;
-        # ``_on_membership`` are called when a cluster comes or goes (the reconcile's wake).
+        # The fleet's clusters and which replicas hold their streams, from the store's watch.
         self.members = registry_module.Members()
-        self._on_membership: list[Callable[[], object]] = []
+        # Set when the leader's reconcile should run a round: a policy, an intermediate, a
+        # rotation changed, or a cluster came or went.
+        self._round_due = asyncio.Event()
         self._pruned_at = 0.0  # event loop time of the last audit prune; 0: none yet
         self.ports: dict[str, int] = {}
         self._grpc = transport.new_server([(transport.MAX_CONNECTIONS,
@@ -241,20 +242,16 @@ class Server:
         stopped replica held (``_sweep_replicas``), and its reconcile the clusters there
         are (``_reconcile_trust``).
         """
-        def membership_changed() -> None:
-            for call in list(self._on_membership):
-                call()
-
         async def changed(event: base.WatchEvent) -> None:
             if event.type is base.EventType.DELETED:
                 log.info("cluster %s deregistered; closing its streams", event.object.name)
                 self.relay_service.drop(event.object.name)
             if self.members.note(event):  # a cluster came or went: not a status report
-                membership_changed()
+                self._round_due.set()
 
         async def resync() -> None:
             self.members.fill(await self.registry.list())
-            membership_changed()
+            self._round_due.set()
 
         await follow.follow(self.store, registry_module.CLUSTER_KIND, changed,
                             namespace=self.registry.namespace, resync=resync)
@@ -294,7 +291,7 @@ class Server:
         an intermediate or the set of clusters, and at least every
         ``reconcile_interval`` seconds for renewals; ``_follow_work`` wakes the agents.
         """
-        changed = asyncio.Event()
+        changed = self._round_due  # also set by _follow_registry, for the clusters
         changed.set()
 
         async def wake(_event: base.WatchEvent | None = None) -> None:
@@ -303,7 +300,6 @@ class Server:
         followers = [asyncio.create_task(follow.follow(self.store, kind, wake, resync=wake))
                      for kind in (trust_policy.POLICY_KIND, istio.ISSUED_KIND,
                                   root_rotation.ROTATION_KIND)]
-        self._on_membership.append(changed.set)  # the clusters: from _follow_registry
         took = 0.0  # seconds the last round took
         try:
             while True:
@@ -335,7 +331,6 @@ class Server:
                 took = asyncio.get_running_loop().time() - began
                 await asyncio.sleep(min(RECONCILE_REST * took, RECONCILE_REST_MAX))
         finally:
-            self._on_membership.remove(changed.set)
             for task in followers:
                 task.cancel()
 
