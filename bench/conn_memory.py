@@ -21,7 +21,9 @@ connection's buffers take memory only where they have been written, so one that
 carried a single message shows less than it will hold.
 
 ``--option NAME=VALUE`` (repeatable) adds a gRPC channel argument to the server,
-e.g. ``--option grpc.tsi.max_frame_size=4096``, to see what a setting buys.
+e.g. ``--option grpc.tsi.max_frame_size=4096``, to see what a setting buys. The
+server maps allocations of 8 KiB or more on pages of their own, as ``meshtrust
+server`` does (``--mmap-threshold``; 0 for glibc's own behaviour).
 Certificates are made with the ``openssl`` command line. Run it from the
 repository root:
 
@@ -40,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from meshtrust.server import config
 
 HOST = "127.0.0.1"
 TRANSPORTS = ("insecure", "tls", "mtls")
@@ -72,11 +76,14 @@ def _rss_kib() -> int:
 
 
 async def serve(directory: Path, transport: str, options: list[tuple[str, Any]],
-                messages: int = 0) -> None:
+                messages: int = 0, mmap_threshold: int = 0) -> None:
     """The server: print the port, then the RSS (KiB) for each line read on stdin."""
     import grpc
 
     from meshtrust.rpc import transport as rpc_transport
+    from meshtrust.server import app
+
+    app.map_large_allocations(mmap_threshold)
 
     async def stream(_request: bytes, _context: Any) -> Any:
         yield b"x"
@@ -145,11 +152,13 @@ async def _drain(call: Any) -> None:
 
 
 def measure(directory: Path, transport: str, kind: str, connections: int,
-            options: list[tuple[str, Any]], messages: int = 0) -> dict[str, Any]:
+            options: list[tuple[str, Any]], messages: int = 0,
+            mmap_threshold: int = 0) -> dict[str, Any]:
     me = [sys.executable, str(Path(__file__).resolve())]
     server = subprocess.Popen(
         [*me, "--role", "server", "--dir", str(directory), "--transport", transport,
-         "--options-json", json.dumps(options), "--messages", str(messages)],
+         "--options-json", json.dumps(options), "--messages", str(messages),
+         "--mmap-threshold", str(mmap_threshold)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert server.stdin is not None and server.stdout is not None
 
@@ -223,6 +232,11 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=0, metavar="N",
                         help="each stream carries N more messages of 300 bytes, one a second, "
                              "before the RSS is read (default %(default)s)")
+    parser.add_argument("--mmap-threshold", type=int, default=config.DEFAULT_MMAP_THRESHOLD,
+                        metavar="BYTES",
+                        help="the server's --mmap-threshold: glibc maps allocations of at "
+                             "least BYTES on pages of their own; 0 leaves glibc's own "
+                             "(default %(default)s, as meshtrust server)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--role", choices=("server", "client"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -231,7 +245,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "server":
         asyncio.run(serve(args.dir, args.transport[0],
-                          [tuple(o) for o in json.loads(args.options_json)], args.messages))
+                          [tuple(o) for o in json.loads(args.options_json)], args.messages,
+                          args.mmap_threshold))
         return
     if args.role == "client":
         asyncio.run(connect(args.dir, args.port, args.transport[0], args.kind[0],
@@ -250,14 +265,15 @@ def main() -> None:
         for transport in args.transport or TRANSPORTS:
             for kind in args.kind or KINDS:
                 results.append(measure(directory, transport, kind, args.connections,
-                                       args.option, args.messages))
+                                       args.option, args.messages, args.mmap_threshold))
     if args.json:
         print(json.dumps({"grpcio": grpc.__version__, "options": args.option,
-                          "messages": args.messages,
+                          "messages": args.messages, "mmap_threshold": args.mmap_threshold,
                           "results": results}, indent=2))
         return
     print(f"grpcio {grpc.__version__}; server options added: {args.option or 'none'}; "
-          f"messages per stream after the first: {args.messages}")
+          f"messages per stream after the first: {args.messages}; mmap threshold: "
+          f"{args.mmap_threshold or 'glibc'}")
     print(f"{'transport':<10} {'connection':<11} {'connections':>11} "
           f"{'established':>11} {'server RSS before → after':>27} "
           f"{'KiB per connection':>19}")

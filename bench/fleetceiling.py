@@ -19,7 +19,8 @@ tokens, no registry, no audit log, no admission control and no schedule.
 
 The cluster of a relay call is the CN of the certificate gRPC verified. Garbage is
 collected as the server collects it (``--gc-threshold``'s default, the heap frozen at
-the start).
+the start), and large allocations mapped as the server maps them (``--mmap-threshold``'s
+default).
 
     python bench/fleetceiling.py --store sqlite:///mgmt.db --listen 127.0.0.1:0 \\
         --bootstrap-listen 127.0.0.1:0 --ready-file ready.json
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--no-work", action="store_true",
                         help="no Istio work item until SIGUSR1: heartbeats only")
     args = parser.parse_args()
+    server_app.map_large_allocations(server_config.DEFAULT_MMAP_THRESHOLD)
     with server_app.collecting_less(server_config.DEFAULT_GC_THRESHOLD):
         asyncio.run(serve(args))
 

@@ -22,6 +22,11 @@ DEFAULT_BOOTSTRAP_LISTEN = "127.0.0.1:9901"
 # default is 700): a server holding thousands of agents then spends about a fifth of the
 # time collecting, in fewer and longer pauses (docs/benchmarks.md).
 DEFAULT_GC_THRESHOLD = 50_000
+# Allocations of this many bytes or more get pages of their own from glibc (its
+# M_MMAP_THRESHOLD, 128 KiB to start): the TLS buffers of each agent's connection then
+# take memory only where they are written (docs/benchmarks.md). 0 leaves glibc as it is.
+DEFAULT_MMAP_THRESHOLD = 8192
+MMAP_THRESHOLD_RANGE = (4096, 32 * 1024 * 1024)  # glibc refuses more than 32 MiB
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +65,7 @@ class ServerConfig:
     leader_lease_ttl: int = leadership.DEFAULT_TTL  # seconds; renewed every third of it
     replica: str | None = None  # this replica's name (default: host name and process id)
     gc_threshold: int = DEFAULT_GC_THRESHOLD
+    mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
 
     def __post_init__(self) -> None:
         for name in ("listen", "bootstrap_listen"):
@@ -94,6 +100,10 @@ class ServerConfig:
         if not 1 <= self.gc_threshold <= 10_000_000:
             raise errors.ConfigError("gc-threshold must be from 1 to 10000000 allocations, such "
                                      f"as {DEFAULT_GC_THRESHOLD} (700 is Python's default)")
+        low, high = MMAP_THRESHOLD_RANGE
+        if self.mmap_threshold != 0 and not low <= self.mmap_threshold <= high:
+            raise errors.ConfigError(f"mmap-threshold must be 0 (glibc's own) or from {low} to "
+                                     f"{high} bytes, such as {DEFAULT_MMAP_THRESHOLD}")
 
 
 _FIELDS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(ServerConfig)}
@@ -127,7 +137,7 @@ def _convert(name: str, key: str, value: Any) -> Any:
             raise errors.ConfigError(f"{key}: give a number between 0 and 1") from None
     if name in ("client_lifetime", "server_lifetime", "signing_lifetime", "audit_retention"):
         return settings.parse_duration(value, key)
-    if name in ("audit_max_events", "max_issuances", "gc_threshold"):
+    if name in ("audit_max_events", "max_issuances", "gc_threshold", "mmap_threshold"):
         try:
             return int(value)
         except (TypeError, ValueError):
