@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -158,6 +158,37 @@ class TestClusters:
             await w.registry.deregister("c1")
             await w.registry.update_status("c1", connected=False)
             assert [c.name for c in await w.registry.list()] == ["c2"]
+        run(scenario)
+
+    def test_a_status_edit_that_loses_every_compare_and_swap_is_an_error(self) -> None:
+        """Another writer changing the record between every read and write: the edit is
+        retried a few times, then refused with Conflict (the caller learns it was not
+        made), and nothing is written; one lost race alone is retried and made."""
+        async def scenario(w: World) -> None:
+            write = w.store.update_status
+            races = 0
+
+            async def racing(resource: Any) -> Any:
+                nonlocal races
+                if races:
+                    races -= 1
+                    await write(dataclasses.replace(  # the other writer, first
+                        await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh", "c1"),
+                        status={"other": races}))
+                return await write(resource)
+
+            w.store.update_status = racing  # type: ignore[method-assign]
+            races = 1
+            await w.registry.connect("c1", "server-a")
+            stored = await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh", "c1")
+            assert set(stored.status["connections"]) == {"server-a"}
+            races = 100
+            with pytest.raises(errors.Conflict, match="cluster 'c1' changed 5 times while it "
+                                                      "was being edited"):
+                await w.registry.disconnect("c1", "server-a")
+            stored = await w.store.get_resource(registry.CLUSTER_KIND, "gloo-mesh", "c1")
+            assert "connections" not in stored.status  # only the other writer's
+            assert races == 95
         run(scenario)
 
 

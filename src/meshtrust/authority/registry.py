@@ -311,7 +311,8 @@ class Registry:
 
         ``read``: the cluster as the caller read it, tried first instead of reading it
         again (if it changed since, the compare-and-swap fails and it is read anew).
-        Returns False if the cluster is not registered (or ``name`` cannot name one).
+        Returns False if the cluster is not registered (or ``name`` cannot name one);
+        raises Conflict if every attempt lost its compare-and-swap (nothing was written).
         """
         guess = read.record if read is not None and read.name == name else None
         for _ in range(_CAS_ATTEMPTS):
@@ -330,7 +331,9 @@ class Registry:
                 continue
             except errors.NotFound:
                 return False
-        return True
+        raise errors.Conflict(f"the status of cluster {name!r} changed {_CAS_ATTEMPTS} times "
+                              "while it was being edited, so the edit was not made; try "
+                              "again")
 
     async def seen(self, name: str, *, min_interval: dt.timedelta = dt.timedelta(seconds=5),
                    read: Cluster | None = None, **changes: Any) -> None:

@@ -244,8 +244,9 @@ class RelayService(transport.services.RelayServicer):
                 self._leaving += 1
                 try:
                     await registry.disconnect(cluster, self.replica)
-                except errors.MeshTrustError:
-                    pass
+                except errors.MeshTrustError as exc:  # the store failed, or the record changed
+                    log.warning("cannot record that cluster %s has no stream to this "
+                                "replica: %s", cluster, exc)
                 finally:
                     self._leaving -= 1
                     self._check_gone()
