@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,6 +49,14 @@ def run(scenario: Scenario, clusters: tuple[str, ...] = ("cluster-1", "cluster-2
 def request(key_type: keys.KeyType = keys.KeyType.EC_P256) -> tuple[keys.PrivateKey, bytes]:
     key = keys.generate_key(key_type)
     return key, csr.dump_csr(csr.build_csr(key, ca=True))
+
+
+def following(store: MemoryStore, known: istio.Summaries, since: int) -> asyncio.Task[None]:
+    """A task feeding ``known`` the intermediates' changes after revision ``since``."""
+    async def follow() -> None:
+        async for event in store.watch(istio.ISSUED_KIND, since=since):
+            known.note(event)
+    return asyncio.create_task(follow())
 
 
 async def state(store: MemoryStore, name: str) -> dict[str, Any]:
@@ -237,6 +246,84 @@ class TestIssuance:
             assert names == {"mesh.cluster-2", "mesh.cluster-3"}
         run(scenario)
 
+    @pytest.mark.parametrize("summaries", [False, True])
+    def test_a_round_given_the_summaries_reads_only_what_is_out_of_line(
+            self, summaries: bool) -> None:
+        """With ``Summaries`` following the watch, a round makes the writes a round that
+        lists every intermediate makes, and reads only the intermediates that need one:
+        a renewal due, a retry due, a changed spec, an update left half done, a missing
+        record, and (without reading it) one whose cluster left the fleet."""
+        fleet = tuple(f"c{n}" for n in range(1, 9))
+        outcome: dict[str, Any] = {}
+
+        async def scenario(auth: istio.IstioAuthority, store: MemoryStore,
+                           clock: FakeClock) -> None:
+            known = istio.Summaries()
+            known.fill([])
+            follower = following(store, known, await store.revision())
+            await auth.apply(policy())
+            await auth.reconcile(set(fleet))
+
+            async def finish(cluster: str, ok: bool = True) -> None:
+                [work] = await auth.work_for(cluster)
+                if ok:
+                    await auth.sign(cluster, work.id, request()[1])
+                await auth.report(cluster, work.id, ok=ok, message="" if ok else "no")
+
+            await finish("c2")  # its renewal falls due first
+            clock.advance(300)
+            for cluster in ("c1", "c4", "c5", "c6", "c7", "c8"):
+                await finish(cluster)
+            await finish("c3", ok=False)  # retried after 10 s
+            c4 = await store.get_resource(istio.ISSUED_KIND, "gloo-mesh", "mesh.c4")
+            changed = {**c4.spec, "organization": "x"}  # as an older policy's, not half done
+            await store.update(dataclasses.replace(c4, spec=changed, status={
+                **c4.status, "specDigest": istio._spec_digest(changed)}), with_status=True)
+            c5 = await store.get_resource(istio.ISSUED_KIND, "gloo-mesh", "mesh.c5")
+            await store.update_status(dataclasses.replace(c5, status={
+                **c5.status, "specDigest": "0" * 64}))  # a writer died between the two
+            await store.delete(istio.ISSUED_KIND, "gloo-mesh", "mesh.c6")
+            clock.advance(250)  # c2 past its grace point (500 s), the others not
+            await asyncio.sleep(0.1)  # the watch, caught up
+            follower.cancel()
+            assert known.names == {f"mesh.c{n}" for n in (1, 2, 3, 4, 5, 7, 8)}
+
+            read: list[str] = []
+            get, listing = store.get_resource, store.list_resources
+
+            async def counted_get(kind: str, namespace: str, name: str) -> base.Resource:
+                if kind == istio.ISSUED_KIND:
+                    read.append(name)
+                return await get(kind, namespace, name)
+
+            async def counted_list(kind: str, **filters: Any) -> list[base.Resource]:
+                if kind == istio.ISSUED_KIND:
+                    read.append("every one")
+                return await listing(kind, **filters)
+
+            store.get_resource = counted_get  # type: ignore[method-assign]
+            store.list_resources = counted_list  # type: ignore[method-assign]
+            await auth.reconcile(set(fleet) - {"c8"}, known if summaries else None)
+            store.get_resource, store.list_resources = get, listing  # type: ignore[method-assign]
+            outcome["read"] = sorted(read)
+            outcome["after"] = {
+                r.name: (r.spec.get("organization"), r.status["state"], r.status["round"],
+                         r.status.get("message"))
+                for r in await store.list_resources(istio.ISSUED_KIND)}
+
+        run(scenario, clusters=fleet)
+        assert outcome["after"] == {
+            "mesh.c1": ("Istio", "FINISHED", 1, ""),
+            "mesh.c2": ("Istio", "PENDING", 2, "renewal due"),
+            "mesh.c3": ("Istio", "PENDING", 2, "retry 1: no"),
+            "mesh.c4": ("Istio", "PENDING", 2, ""),
+            "mesh.c5": ("Istio", "PENDING", 2, "resumed an interrupted update"),
+            "mesh.c6": ("Istio", "PENDING", 1, ""),
+            "mesh.c7": ("Istio", "FINISHED", 1, ""),
+        }
+        assert outcome["read"] == (  # a missing record is read to be sure, either way
+            [f"mesh.c{n}" for n in range(2, 7)] if summaries else ["every one", "mesh.c6"])
+
     def test_missing_secret_ref_fails_the_policy(self) -> None:
         """A secretRef to a missing secret marks the policy FAILED with what to do."""
         async def scenario(auth: istio.IstioAuthority, store: MemoryStore,
@@ -264,4 +351,60 @@ class TestIssuance:
             signed = await auth.sign("cluster-1", work.id, request()[1])
             assert signed.certificate.issuer == root.certificate.subject
             assert isinstance(signed.certificate, x509.Certificate)
+        run(scenario)
+
+
+class TestSummaries:
+    def test_changes_older_than_the_list_are_left_out(self) -> None:
+        """The watch goes on from before the list: a change no newer than what the list
+        showed does not take a record back; a deletion removes it; a record of another
+        namespace is not one of the round's; one this server could not have written is
+        not taken as in line."""
+        async def scenario(auth: istio.IstioAuthority, store: MemoryStore,
+                           clock: FakeClock) -> None:
+            seen: list[base.WatchEvent] = []
+
+            async def watch() -> None:
+                async for event in store.watch(istio.ISSUED_KIND, since=0):
+                    seen.append(event)
+
+            watching = asyncio.create_task(watch())
+            await auth.apply(policy())
+            await auth.reconcile()
+            [work] = await auth.work_for("cluster-1")
+            await auth.sign("cluster-1", work.id, request()[1])
+            await auth.report("cluster-1", work.id, ok=True)
+            finished = await store.get_resource(istio.ISSUED_KIND, "gloo-mesh", "mesh.cluster-1")
+            spec = istio._without_cluster(finished.spec)
+            await store.update_status(dataclasses.replace(finished, status={
+                **finished.status, "specDigest": "0" * 64}))  # half done, then listed
+            known = istio.Summaries()
+            known.fill(await store.list_resources(istio.ISSUED_KIND))
+
+            def in_line(cluster: str) -> bool:
+                return known.in_line(f"mesh.{cluster}", spec, cluster, clock.now())
+
+            assert in_line("cluster-2")  # PENDING: nothing for the round to do
+            assert not known.in_line("mesh.cluster-2", spec, "cluster-1", clock.now())
+            assert not in_line("cluster-1")
+            await asyncio.sleep(0.05)
+            assert [e.object.status.get("state") for e in seen] == [
+                "PENDING", "PENDING", "REQUESTED", "ISSUED", "FINISHED", "FINISHED"]
+            for event in seen:  # FINISHED and in line, then half done: older than the list
+                known.note(event)
+                assert not in_line("cluster-1")
+            del seen[:]
+            await store.delete(istio.ISSUED_KIND, "gloo-mesh", "mesh.cluster-1")
+            await store.create(dataclasses.replace(finished, namespace="elsewhere",
+                                                   resource_version=0))  # in line there
+            pending = await store.get_resource(istio.ISSUED_KIND, "gloo-mesh", "mesh.cluster-2")
+            await store.update_status(dataclasses.replace(pending, status={
+                **pending.status, "state": "FAILED", "failures": "many"}))
+            await asyncio.sleep(0.05)
+            watching.cancel()
+            for event in seen:
+                known.note(event)
+            assert known.names == {"mesh.cluster-2"}
+            assert not in_line("cluster-1")
+            assert not in_line("cluster-2")  # read by the round, which finds what is wrong
         run(scenario)

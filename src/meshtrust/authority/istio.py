@@ -113,6 +113,97 @@ def _interrupted(resource: base.Resource) -> bool:
     return recorded is not None and recorded != _spec_digest(resource.spec)
 
 
+_AT_ONCE = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def _due_at(status: Mapping[str, Any]) -> dt.datetime | None:
+    """When the reconcile round next acts on an intermediate whose spec is in line: its
+    renewal (ISSUED, FINISHED), or its retry, backing off from 10 s to 5 minutes
+    (FAILED); None for neither."""
+    state = status.get("state")
+    if state in (State.ISSUED.value, State.FINISHED.value):
+        return manifest.read_time(status.get("renewAt"))
+    if state != State.FAILED.value:
+        return None
+    failed_at = manifest.read_time(status.get("updated"))
+    if failed_at is None:
+        return _AT_ONCE
+    failures = int(status.get("failures", 0))
+    return failed_at + dt.timedelta(seconds=min(RETRY_FIRST * 2 ** failures, RETRY_MAX))
+
+
+def _without_cluster(spec: Mapping[str, Any]) -> str:
+    """A spec without its cluster, as JSON: the same for every cluster of a policy."""
+    return json.dumps({key: value for key, value in spec.items() if key != "cluster"},
+                      sort_keys=True)
+
+
+class Summaries:
+    """What a reconcile round needs of each IssuedCertificate, kept in memory from the
+    store's watch (as ``registry.Members`` keeps the clusters).
+
+    A round looks for the few intermediates out of line: a spec that is not the
+    policy's, an update a writer left half done, a renewal or a retry that is due.
+    Listing them all for that parses every record each round, ten thousand of them
+    with a large fleet, and the server's memory keeps the high mark. Kept here for each:
+    its spec without the cluster (one copy shared by the records alike), its cluster,
+    whether it was left half done and when it is next due. A round then reads only the
+    records these say are out of line, or does not know. ``fill`` starts again from a
+    full list; ``note`` follows one change, leaving out one no newer than what is known
+    (the watch goes on from before the list). Until filled, ``names`` is None: the round
+    lists the store.
+    """
+
+    def __init__(self, namespace: str = settings.RELAY_NAMESPACE) -> None:
+        self._ns = namespace
+        # name -> (the newest change seen, its spec without the cluster, its cluster,
+        # half done, next due), or None for a record that could not be read this way.
+        self._known: dict[str, tuple[int, _Summary | None]] | None = None
+        self._specs: dict[str, str] = {}  # one copy of each spec without its cluster
+
+    @property
+    def names(self) -> frozenset[str] | None:
+        return None if self._known is None else frozenset(self._known)
+
+    def in_line(self, name: str, spec: str, cluster: str, now: dt.datetime) -> bool:
+        """Whether the round may leave ``name`` alone: known, with the spec ``spec`` (from
+        ``_without_cluster``) for ``cluster``, not half done and not due at ``now``."""
+        known = self._known
+        summary = None if known is None else known.get(name, (0, None))[1]
+        if summary is None:
+            return False
+        stored_spec, stored_cluster, interrupted, due = summary
+        return (stored_spec == spec and stored_cluster == cluster and not interrupted
+                and (due is None or now < due))
+
+    def fill(self, items: Collection[base.Resource]) -> None:
+        self._specs = {}
+        self._known = {item.name: (item.resource_version, self._summary(item))
+                       for item in items if item.namespace == self._ns}
+
+    def note(self, event: base.WatchEvent) -> None:
+        """Follow one change to an IssuedCertificate."""
+        known, item = self._known, event.object
+        if (known is None or not isinstance(item, base.Resource) or item.namespace != self._ns
+                or event.resource_version <= known.get(item.name, (-1, None))[0]):
+            return
+        if event.type is base.EventType.DELETED:
+            known.pop(item.name, None)
+        else:
+            known[item.name] = (event.resource_version, self._summary(item))
+
+    def _summary(self, item: base.Resource) -> _Summary | None:
+        try:
+            spec = _without_cluster(item.spec)
+            return (self._specs.setdefault(spec, spec), item.spec.get("cluster"),
+                    _interrupted(item), _due_at(item.status))
+        except (TypeError, ValueError):  # not what this server writes: the round reads it
+            return None
+
+
+_Summary = tuple[str, Any, bool, dt.datetime | None]
+
+
 def _signed_for(resource: base.Resource, id_: str, request: csr.Request) -> bytes | None:
     """The chain already issued for work item ``id_`` and the CSR's key, if there is one."""
     status = resource.status
@@ -167,6 +258,11 @@ class IstioAuthority:
         # from: every CSR looks its policy up, and a policy seldom changes.
         self._parsed: dict[tuple[str, str],
                            tuple[Mapping[str, Any], trust_policy.TrustPolicy]] = {}
+
+    @property
+    def namespace(self) -> str:
+        """Where the IssuedCertificates are kept."""
+        return self._ns
 
     @property
     def key_lock(self) -> keys.KeyLock:
@@ -283,18 +379,26 @@ class IstioAuthority:
 
     # -- reconcile --------------------------------------------------------------------------
 
-    async def reconcile(self, clusters: Collection[str] | None = None) -> None:
+    async def reconcile(self, clusters: Collection[str] | None = None,
+                        known: Summaries | None = None) -> None:
         """Bring every IssuedCertificate in line with the policies, clusters and the clock.
 
         The intermediates are read in one list, and up to ``RECONCILE_PARALLEL``
         clusters are brought in line at once, so that their writes share commits; the
-        event loop gets a turn after each cluster, so that a round over a fleet of
-        thousands, most of them already in line, does not hold every call meanwhile.
+        event loop gets a turn after each cluster it reads, so that a round over a fleet
+        of thousands does not hold every call meanwhile.
         ``clusters``: the registered clusters' names, from a caller that follows them
         (``registry.Members``); without them the registry is listed, if a policy needs it.
+        ``known``: the intermediates, from a caller that follows them (``Summaries``);
+        the round then reads only those out of line instead of listing them all.
         """
-        existing = {item.name: item for item in
-                    await self._store.list_resources(ISSUED_KIND, namespace=self._ns)}
+        names = None if known is None else known.names
+        existing: dict[str, base.Resource] = {}
+        if names is None:
+            existing = {item.name: item for item in
+                        await self._store.list_resources(ISSUED_KIND, namespace=self._ns)}
+            names = frozenset(existing)
+        now = self._clock.now()
         policies = await self.policies()
         if clusters is None and policies:
             clusters = {c.name for c in await self._registry.list()}
@@ -317,10 +421,14 @@ class IstioAuthority:
 
             async def worker(policy: trust_policy.TrustPolicy = policy,
                              template: dict[str, Any] = template,
+                             wanted_spec: str = _without_cluster(template),
                              queue: Iterator[str] = queue) -> None:
                 for cluster in queue:
+                    name = issued_name(policy.name, cluster)
+                    if known is not None and known.in_line(name, wanted_spec, cluster, now):
+                        continue
                     await self._ensure(policy, cluster, {**template, "cluster": cluster},
-                                       existing.get(issued_name(policy.name, cluster)))
+                                       existing.get(name))
                     await asyncio.sleep(0)
 
             wanted.update(issued_name(policy.name, cluster) for cluster in selected)
@@ -329,7 +437,7 @@ class IstioAuthority:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
-        for name in existing:
+        for name in names:
             if name not in wanted:
                 try:
                     await self._store.delete(ISSUED_KIND, self._ns, name)
@@ -398,18 +506,14 @@ class IstioAuthority:
 
     def _retry_due(self, resource: base.Resource) -> bool:
         """A FAILED intermediate is tried again, backing off from 10 s to 5 minutes."""
-        if resource.status.get("state") != State.FAILED.value:
-            return False
-        failed_at = manifest.read_time(resource.status.get("updated"))
-        failures = int(resource.status.get("failures", 0))
-        backoff = dt.timedelta(seconds=min(RETRY_FIRST * 2 ** failures, RETRY_MAX))
-        return failed_at is None or self._clock.now() >= failed_at + backoff
+        due = _due_at(resource.status)
+        return (resource.status.get("state") == State.FAILED.value and due is not None
+                and self._clock.now() >= due)
 
     def _renewal_due(self, resource: base.Resource) -> bool:
-        if resource.status.get("state") not in (State.ISSUED.value, State.FINISHED.value):
-            return False
-        renew_at = manifest.read_time(resource.status.get("renewAt"))
-        return renew_at is not None and self._clock.now() >= renew_at
+        due = _due_at(resource.status)
+        return (resource.status.get("state") != State.FAILED.value and due is not None
+                and self._clock.now() >= due)
 
     def _state(self, status: Mapping[str, Any], state: State, *,
                round_: int | None = None, **extra: Any) -> dict[str, Any]:

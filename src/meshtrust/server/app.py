@@ -82,6 +82,8 @@ class Server:
         self.metrics = metrics.Metrics()
         self.istio = istio.IstioAuthority(store, self.clock, self.registry,
                                           signer_cache=self.signers)
+        # The intermediates, kept from the watch of them for the leader's reconcile round.
+        self.intermediates = istio.Summaries(self.istio.namespace)
         self.renewal = relay_renewal.RelayRenewal(store, self.clock, self.signers,
                                                   relay_renewal.Options(
             grace_ratio=config.ca_grace_ratio, server_lifetime=config.server_lifetime,
@@ -270,10 +272,15 @@ class Server:
         """
         async def changed(event: base.WatchEvent) -> None:
             self.relay_service.work_changed(event)
+            self.intermediates.note(event)
 
         async def everyone() -> None:
-            self.relay_service.work.fill(await self.store.list_resources(
-                istio.ISSUED_KIND, namespace=self.names.relay_namespace))
+            listed = await self.store.list_resources(istio.ISSUED_KIND,
+                                                     namespace=self.istio.namespace)
+            self.relay_service.work.fill(listed)
+            self.intermediates.fill(listed)
+            del listed
+            self._round_due.set()
             await self.relay_service.kick_many(self.relay_service.work.clusters)
 
         await follow.follow(self.store, istio.ISSUED_KIND, changed, resync=everyone)
@@ -323,7 +330,7 @@ class Server:
                                                how="renewed")
                     await self._rotate_relay_root()
                     await self.rotations.advance()
-                    await self.istio.reconcile(self.members.names)
+                    await self.istio.reconcile(self.members.names, self.intermediates)
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
                     log.exception("reconciling the trust policies failed; retrying")
                     await asyncio.sleep(1)
