@@ -383,14 +383,14 @@ class IstioAuthority:
                         known: Summaries | None = None) -> None:
         """Bring every IssuedCertificate in line with the policies, clusters and the clock.
 
-        The intermediates are read in one list, and up to ``RECONCILE_PARALLEL``
-        clusters are brought in line at once, so that their writes share commits; the
-        event loop gets a turn after each cluster it reads, so that a round over a fleet
-        of thousands does not hold every call meanwhile.
+        Up to ``RECONCILE_PARALLEL`` clusters are brought in line at once, so that their
+        writes share commits; the event loop gets a turn after each cluster read, so
+        that a round over a fleet of thousands does not hold every call meanwhile.
         ``clusters``: the registered clusters' names, from a caller that follows them
         (``registry.Members``); without them the registry is listed, if a policy needs it.
-        ``known``: the intermediates, from a caller that follows them (``Summaries``);
-        the round then reads only those out of line instead of listing them all.
+        ``known``: the intermediates, from a caller that follows them (``Summaries``):
+        the round reads only those out of line or unknown. Without it, or until it is
+        filled, the round reads them all in one list.
         """
         names = None if known is None else known.names
         existing: dict[str, base.Resource] = {}
