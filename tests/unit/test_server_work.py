@@ -131,7 +131,7 @@ class TestWakingStreams:
             relay._streams.update(groups)
 
             def woken() -> int:
-                return sum(s.wake.is_set() for group in groups.values() for s in group)
+                return sum(s.woken for group in groups.values() for s in group)
 
             task = asyncio.create_task(relay.kick_many())
             await asyncio.sleep(0)
@@ -140,10 +140,34 @@ class TestWakingStreams:
             assert woken() == count
             for group in groups.values():
                 for stream in group:
-                    stream.wake.clear()
+                    stream.woken = False
             await relay.kick_many(["c-1", "c-7", "not-connected"])
             assert {name for name, group in groups.items()
-                    if any(s.wake.is_set() for s in group)} == {"c-1", "c-7"}
+                    if any(s.woken for s in group)} == {"c-1", "c-7"}
+
+        asyncio.run(scenario())
+
+
+class TestStreamRest:
+    def test_a_stream_rests_until_woken_or_for_its_time(self) -> None:
+        """Woken before it rests, it goes on at once; woken while resting, at once too;
+        else after its time. Each rest leaves it not woken."""
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            stream = service._Stream()
+            stream.wake()
+            began = loop.time()
+            await stream.rest(5.0)
+            assert loop.time() - began < 0.5 and not stream.woken
+            resting = asyncio.create_task(stream.rest(5.0))
+            await asyncio.sleep(0.05)
+            assert not resting.done() and stream.waiter is not None
+            stream.end()
+            await asyncio.wait_for(resting, 0.5)
+            assert stream.gone and stream.waiter is None and not stream.woken
+            began = loop.time()
+            await stream.rest(0.1)
+            assert 0.09 <= loop.time() - began < 0.5
 
         asyncio.run(scenario())
 
@@ -240,10 +264,10 @@ class TestStreamsHandOut:
         relay.work_changed(_event(_item(names[0], istio.State.REQUESTED, 2)))
         assert relay._work_due(names[0])  # handed out: sent again at once
         assert not relay._work_due(last)
-        woken = next(iter(relay._streams[last])).wake
-        assert not woken.is_set()
+        stream = next(iter(relay._streams[last]))
+        assert not stream.woken
         relay.work_changed(_event(_item(names[0], istio.State.ISSUED, 3)))
-        assert woken.is_set()
+        assert stream.woken
         assert relay._work_due(last)
 
     def test_work_withdrawn_while_waiting_leaves_the_line(self) -> None:
@@ -258,5 +282,5 @@ class TestStreamsHandOut:
                                   base.EventType.DELETED))
         assert relay.handouts.waiting == 1
         relay.work_changed(_event(_item(names[0], istio.State.ISSUED, 3)))
-        assert next(iter(relay._streams[names[-1]])).wake.is_set()
-        assert not next(iter(relay._streams[names[room]])).wake.is_set()
+        assert next(iter(relay._streams[names[-1]])).woken
+        assert not next(iter(relay._streams[names[room]])).woken

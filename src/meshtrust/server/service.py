@@ -221,14 +221,7 @@ class RelayService(transport.services.RelayServicer):
                 if due:
                     for item in await self._work_items(cluster):
                         yield item
-                wait = beat + self._heartbeat - now
-                try:
-                    # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
-                    async with asyncio.timeout(wait):
-                        await stream.wake.wait()
-                except TimeoutError:
-                    pass
-                stream.wake.clear()
+                await stream.rest(beat + self._heartbeat - now)
             await transport.abort(context, stream.ending or errors.UnknownCluster(
                 f"cluster {cluster!r} was deregistered"))
         finally:
@@ -337,7 +330,7 @@ class RelayService(transport.services.RelayServicer):
         """Make the work streams of ``cluster`` look for work now; return how many."""
         streams = self._streams.get(cluster, ())
         for stream in streams:
-            stream.wake.set()
+            stream.wake()
         return len(streams)
 
     async def kick_many(self, clusters: Iterable[str] | None = None) -> None:
@@ -415,17 +408,38 @@ class _Stream:
     """One open work stream: ``wake`` makes it look for work, ``end`` ends it (with
     ``ending``, or as its cluster's deregistration if None); ``recorded`` once the
     registry holds this replica's connection to its cluster. Ten thousand may be open
-    at once, so it is kept small: one event, no attribute dictionary."""
+    at once, so it is kept small: no attribute dictionary, and no ``asyncio.Event``,
+    whose list of waiters alone takes about 800 bytes; a future while it waits."""
 
-    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     gone: bool = False
     recorded: bool = False
+    woken: bool = False
     ending: errors.MeshTrustError | None = None
+    waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        self.woken = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def end(self, ending: errors.MeshTrustError | None = None) -> None:
         self.ending = self.ending or ending
         self.gone = True
-        self.wake.set()
+        self.wake()
+
+    async def rest(self, seconds: float) -> None:
+        """Wait until woken or for ``seconds``, whichever comes first; then not woken."""
+        if not self.woken:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                # Not wait_for, which on Python 3.11 can lose the cancellation of stop().
+                async with asyncio.timeout(seconds):
+                    await self.waiter
+            except TimeoutError:
+                pass
+            finally:
+                self.waiter = None
+        self.woken = False
 
 
 def _check_version(request: Any) -> None:
