@@ -478,7 +478,7 @@ def map_large_allocations(threshold: int) -> bool:
     from glibc's heap, such a block reuses memory that earlier connections (the agents'
     bootstraps) wrote and freed, so all of it is resident; mapped on its own, only the
     pages written take memory. glibc maps only blocks of 128 KiB or more to start with.
-    At 10,000 agents this is about 150 MiB (docs/benchmarks.md). The setting holds for
+    At 10,000 agents this is about 170 MiB (docs/benchmarks.md). The setting holds for
     the rest of the process.
     """
     if threshold == 0:
