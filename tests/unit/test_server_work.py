@@ -93,6 +93,33 @@ class TestStreamRecords:
         self._run(scenario)
 
 
+    def test_a_resting_stream_keeps_no_work_item(self) -> None:
+        """The work items a stream sent are not kept while it rests: ten thousand
+        streams would each keep their last one."""
+        async def scenario(store: MemoryStore, now: FakeClock, reg: registry.Registry,
+                           relay_service: service.RelayService) -> None:
+            sent = [messages.WorkItem(id=f"mesh.c1/1/{n}") for n in (1, 2)]
+            due = iter([True])
+
+            async def work_items(cluster: str) -> list[Any]:
+                return list(sent)
+
+            relay_service._work_items = work_items  # type: ignore[method-assign]
+            relay_service._work_due = lambda cluster: next(due, False)  # type: ignore
+            stream = await self._open(relay_service)
+            assert [await anext(stream), await anext(stream)] == sent
+            resting = asyncio.create_task(anext(stream))
+            await asyncio.sleep(0.05)
+            assert not resting.done()
+            assert stream.ag_frame is not None
+            kept = [value for value in stream.ag_frame.f_locals.values()
+                    if isinstance(value, messages.WorkItem)]
+            assert kept == []
+            resting.cancel()
+            await asyncio.gather(resting, return_exceptions=True)
+        self._run(scenario)
+
+
 class TestWorkIndex:
     def test_until_filled_every_cluster_may_have_work_and_none_is_new(self) -> None:
         """Before the first full list the streams ask the store, and hand out at once."""

@@ -219,8 +219,11 @@ class RelayService(transport.services.RelayServicer):
                         status_recorded=not told))
                     told = True
                 if due:
-                    for item in await self._work_items(cluster):
-                        yield item
+                    # Popped, not iterated: a loop variable would keep the last item
+                    # (protobuf and its arena) for as long as the stream rests.
+                    items = await self._work_items(cluster)
+                    while items:
+                        yield items.pop(0)
                 await stream.rest(beat + self._heartbeat - now)
             await transport.abort(context, stream.ending or errors.UnknownCluster(
                 f"cluster {cluster!r} was deregistered"))
