@@ -354,6 +354,22 @@ class TestIssuance:
         run(scenario)
 
 
+def test_a_retry_waits_at_most_five_minutes_however_many_failures() -> None:
+    """The backoff doubles from 10 s up to 5 minutes; thousands of failures (days of
+    retries) neither overflow it nor leave the record out of the summaries."""
+    failed = {"state": "FAILED", "updated": "2026-11-22T12:00:00Z"}
+    for failures, wait in ((0, 10), (1, 20), (5, 300), (5000, 300)):
+        assert istio._due_at({**failed, "failures": failures}) == START + dt.timedelta(
+            seconds=wait)
+    known = istio.Summaries()
+    known.fill([base.Resource(
+        api_version=istio.ISSUED_API, kind=istio.ISSUED_KIND, namespace="gloo-mesh",
+        name="mesh.c1", spec={"cluster": "c1"}, status={**failed, "failures": 5000})])
+    assert known.names == {"mesh.c1"}
+    assert known.in_line("mesh.c1", "{}", "c1", START + dt.timedelta(seconds=299))
+    assert not known.in_line("mesh.c1", "{}", "c1", START + dt.timedelta(seconds=300))
+
+
 class TestSummaries:
     def test_changes_older_than_the_list_are_left_out(self) -> None:
         """The watch goes on from before the list: a change no newer than what the list

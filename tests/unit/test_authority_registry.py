@@ -191,6 +191,24 @@ class TestClusters:
             assert races == 95
         run(scenario)
 
+    def test_a_sweep_goes_on_past_a_cluster_it_cannot_edit(self) -> None:
+        """A cluster whose record keeps changing is left (and logged); the others are swept."""
+        async def scenario(w: World) -> None:
+            for name in ("c1", "c2"):
+                await w.registry.connect(name, "server-a")
+            write = w.store.update_status
+
+            async def losing_c1(resource: Any) -> Any:
+                if resource.name == "c1":
+                    raise errors.Conflict("changed meanwhile")
+                return await write(resource)
+
+            w.store.update_status = losing_c1  # type: ignore[method-assign]
+            assert await w.registry.forget_replicas(gone=["server-a"]) == ("c2",)
+            assert (await w.registry.get("c1")).connected
+            assert not (await w.registry.get("c2")).connected
+        run(scenario)
+
 
 class TestMembers:
     def test_names_follow_the_watch_from_a_list(self) -> None:

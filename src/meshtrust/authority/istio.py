@@ -114,6 +114,7 @@ def _interrupted(resource: base.Resource) -> bool:
 
 
 _AT_ONCE = dt.datetime.min.replace(tzinfo=dt.UTC)
+_BACKOFF_DOUBLINGS = 16  # past RETRY_MAX already: more failures do not lengthen the wait
 
 
 def _due_at(status: Mapping[str, Any]) -> dt.datetime | None:
@@ -128,7 +129,7 @@ def _due_at(status: Mapping[str, Any]) -> dt.datetime | None:
     failed_at = manifest.read_time(status.get("updated"))
     if failed_at is None:
         return _AT_ONCE
-    failures = int(status.get("failures", 0))
+    failures = min(max(int(status.get("failures", 0)), 0), _BACKOFF_DOUBLINGS)
     return failed_at + dt.timedelta(seconds=min(RETRY_FIRST * 2 ** failures, RETRY_MAX))
 
 
@@ -197,7 +198,7 @@ class Summaries:
             spec = _without_cluster(item.spec)
             return (self._specs.setdefault(spec, spec), item.spec.get("cluster"),
                     _interrupted(item), _due_at(item.status))
-        except (TypeError, ValueError):  # not what this server writes: the round reads it
+        except (TypeError, ValueError, ArithmeticError):  # the round reads it
             return None
 
 
@@ -489,11 +490,13 @@ class IstioAuthority:
                                           round_=int(current.status.get("round", 0)) + 1,
                                           specDigest=_spec_digest(current.spec),
                                           message="resumed an interrupted update")
-                elif self._renewal_due(current):
+                elif not self._due(current):
+                    pass
+                elif current.status.get("state") != State.FAILED.value:
                     await self._set_state(current, State.PENDING,
                                           round_=int(current.status.get("round", 0)) + 1,
                                           message="renewal due")
-                elif self._retry_due(current):
+                else:  # tried again, backing off
                     failures = int(current.status.get("failures", 0)) + 1
                     await self._set_state(current, State.PENDING,
                                           round_=int(current.status.get("round", 0)) + 1,
@@ -504,16 +507,10 @@ class IstioAuthority:
             except errors.Conflict:
                 continue
 
-    def _retry_due(self, resource: base.Resource) -> bool:
-        """A FAILED intermediate is tried again, backing off from 10 s to 5 minutes."""
+    def _due(self, resource: base.Resource) -> bool:
+        """Whether a renewal (ISSUED, FINISHED) or a retry (FAILED) is due (``_due_at``)."""
         due = _due_at(resource.status)
-        return (resource.status.get("state") == State.FAILED.value and due is not None
-                and self._clock.now() >= due)
-
-    def _renewal_due(self, resource: base.Resource) -> bool:
-        due = _due_at(resource.status)
-        return (resource.status.get("state") != State.FAILED.value and due is not None
-                and self._clock.now() >= due)
+        return due is not None and self._clock.now() >= due
 
     def _state(self, status: Mapping[str, Any], state: State, *,
                round_: int | None = None, **extra: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Callable, Collection
 from typing import Any
@@ -40,6 +41,8 @@ DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 # when to come back), so a fixed short window would lock it out; the key must match.
 DEFAULT_RETRY_WINDOW: dt.timedelta | None = None
 REPORT_FRESH = dt.timedelta(minutes=1)  # an unchanged report refreshes lastSeen this often
+log = logging.getLogger(__name__)
+
 _CAS_ATTEMPTS = 5
 
 
@@ -300,8 +303,12 @@ class Registry:
                 edited = stale(current)
                 return _connections(current, kept(current)) if edited else current
 
-            if await self._edit_status(name, forget) and edited:
-                changed.append(name)
+            try:
+                if await self._edit_status(name, forget) and edited:
+                    changed.append(name)
+            except errors.Conflict as exc:  # the others are still swept; a sweep comes again
+                log.warning("cannot drop stopped replicas' streams from cluster %s: %s",
+                            name, exc)
         return tuple(changed)
 
     async def _edit_status(self, name: str,

@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="allocations of at least BYTES get memory pages of their own, "
                              "given back when freed (glibc's M_MMAP_THRESHOLD): the TLS "
                              "buffers of each agent's connection then take memory only where "
-                             "written, about 15 KB less per agent; 0 leaves the C library's "
+                             "written, about 17 KB less per agent; 0 leaves the C library's "
                              f"own (default {config.DEFAULT_MMAP_THRESHOLD}; glibc only)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="plaintext relay with no certificates, for demos only (only "

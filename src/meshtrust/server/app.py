@@ -268,11 +268,14 @@ class Server:
         clusters have work, wakes a cluster's streams when an intermediate of it becomes
         PENDING (new work), and hands out the next cluster's work when one's was signed
         (``service.RelayService.work_changed``); after a gap it lists them all and wakes
-        the streams of every cluster with work.
+        the streams of every cluster with work. It also keeps the summaries the leader's
+        reconcile round reads (``istio.Summaries``), and wakes that round after each
+        change it noted.
         """
         async def changed(event: base.WatchEvent) -> None:
             self.relay_service.work_changed(event)
             self.intermediates.note(event)
+            self._round_due.set()  # after the note: the round reads the summaries
 
         async def everyone() -> None:
             listed = await self.store.list_resources(istio.ISSUED_KIND,
@@ -300,15 +303,15 @@ class Server:
         an intermediate or the set of clusters, and at least every
         ``reconcile_interval`` seconds for renewals; ``_follow_work`` wakes the agents.
         """
-        changed = self._round_due  # also set by _follow_registry, for the clusters
+        # Also set by _follow_registry (the clusters) and _follow_work (the intermediates).
+        changed = self._round_due
         changed.set()
 
         async def wake(_event: base.WatchEvent | None = None) -> None:
             changed.set()
 
         followers = [asyncio.create_task(follow.follow(self.store, kind, wake, resync=wake))
-                     for kind in (trust_policy.POLICY_KIND, istio.ISSUED_KIND,
-                                  root_rotation.ROTATION_KIND)]
+                     for kind in (trust_policy.POLICY_KIND, root_rotation.ROTATION_KIND)]
         took = 0.0  # seconds the last round took
         try:
             while True:
@@ -334,9 +337,9 @@ class Server:
                 except Exception:  # noqa: BLE001 - keep reconciling; log and go on
                     log.exception("reconciling the trust policies failed; retrying")
                     await asyncio.sleep(1)
-                # A round reads every intermediate: with a large fleet, rounds back to back on
-                # every intermediate's change would leave little time to serve. Rest a
-                # multiple of the round's duration (changes meanwhile make one round).
+                # A round goes over every selected cluster: with a large fleet, rounds back
+                # to back on every intermediate's change would leave little time to serve.
+                # Rest a multiple of the round's duration (changes meanwhile make one round).
                 took = asyncio.get_running_loop().time() - began
                 await asyncio.sleep(min(RECONCILE_REST * took, RECONCILE_REST_MAX))
         finally:

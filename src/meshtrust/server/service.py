@@ -358,11 +358,16 @@ class RelayService(transport.services.RelayServicer):
 
     async def record_connections(self) -> None:
         """Record again that this replica holds its streams (after the leader dropped them)."""
+        lost: errors.Conflict | None = None
         for cluster in self.connected:
             try:
                 await self._authority.registry.connect(cluster, self.replica)
             except errors.UnknownCluster:
                 pass  # deregistered meanwhile: its streams are being closed
+            except errors.Conflict as exc:
+                lost = exc  # the others first; then all again, at the next lease renewal
+        if lost is not None:
+            raise lost
 
     async def CompleteWork(self, request: Any, context: Any) -> messages.WorkAck:
         # Signing and recording refuse a deregistered cluster, the CSR once it is its turn.
