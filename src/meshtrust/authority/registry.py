@@ -30,6 +30,8 @@ from meshtrust.authority import audit as audit_module
 from meshtrust.pki import identity
 from meshtrust.store import base, manifest
 
+log = logging.getLogger(__name__)
+
 CLUSTER_KIND = "KubernetesCluster"
 CLUSTER_API = "admin.gloo.solo.io/v2"
 TOKEN_KIND = "BootstrapToken"
@@ -41,8 +43,6 @@ DEFAULT_TOKEN_TTL = dt.timedelta(hours=1)
 # when to come back), so a fixed short window would lock it out; the key must match.
 DEFAULT_RETRY_WINDOW: dt.timedelta | None = None
 REPORT_FRESH = dt.timedelta(minutes=1)  # an unchanged report refreshes lastSeen this often
-log = logging.getLogger(__name__)
-
 _CAS_ATTEMPTS = 5
 
 

@@ -26,7 +26,7 @@ DEFAULT_GC_THRESHOLD = 50_000
 # M_MMAP_THRESHOLD, 128 KiB to start): the TLS buffers of each agent's connection then
 # take memory only where they are written (docs/benchmarks.md). 0 leaves glibc as it is.
 DEFAULT_MMAP_THRESHOLD = 8192
-MMAP_THRESHOLD_RANGE = (4096, 32 * 1024 * 1024)  # glibc refuses more than 32 MiB
+MMAP_THRESHOLD_RANGE = (4096, 32 * 1024 * 1024)  # glibc's documented maximum is 32 MiB
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
