@@ -222,7 +222,7 @@ class TestMembers:
             assert members.names is None and not members.note(first)
             await w.registry.deregister("c2")
             await w.registry.register("c2")  # listed as registered anew
-            members.fill(await w.registry.list())
+            members.fill(await w.registry.records())
             assert members.names == {"c1", "c2"}
             await w.registry.register("c3")
             await w.registry.reported("c2", agent={"version": "1"})

@@ -94,7 +94,7 @@ class TestConnections:
             history = store.watch(registry.CLUSTER_KIND, since=0)
             members = registry.Members()
             assert members.stale({"server-a"}) is None and members.connected is None
-            members.fill(await reg.list())
+            members.fill(await reg.records())
             await reg.connect("c1", "server-a")
             await reg.connect("c2", "server-b")
             await reg.connect("c3", "server-a")

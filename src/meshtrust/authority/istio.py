@@ -31,7 +31,7 @@ from meshtrust.authority import registry as registry_module
 from meshtrust.authority import signers, trust_policy
 from meshtrust.pki import bundle, csr, issuer, keys, profiles, rotation
 from meshtrust.providers import base as providers
-from meshtrust.store import base, manifest
+from meshtrust.store import base, follow, manifest
 
 log = logging.getLogger(__name__)
 
@@ -139,70 +139,43 @@ def _without_cluster(spec: Mapping[str, Any]) -> str:
                       sort_keys=True)
 
 
-class Summaries:
+_Summary = tuple[str, Any, bool, dt.datetime | None]
+
+
+class Summaries(follow.Index[_Summary | None]):
     """What a reconcile round needs of each IssuedCertificate, kept in memory from the
-    store's watch (as ``registry.Members`` keeps the clusters).
+    store's watch (``follow.Index``, as ``registry.Members`` keeps the clusters).
 
     A round looks for the few intermediates out of line: a spec that is not the
     policy's, an update a writer left half done, a renewal or a retry that is due.
     Listing them all for that parses every record each round, ten thousand of them
     with a large fleet, and the server's memory keeps the high mark. Kept here for each:
     its spec without the cluster (one copy shared by the records alike), its cluster,
-    whether it was left half done and when it is next due. A round then reads only the
-    records these say are out of line, or does not know. ``fill`` starts again from a
-    full list; ``note`` follows one change, leaving out one no newer than what is known
-    (the watch goes on from before the list). Until filled, ``names`` is None: the round
-    lists the store.
+    whether it was left half done and when it is next due; None for a record that
+    cannot be read this way. A round then reads only the records these say are out of
+    line, or does not know. Until filled, ``names`` is None: the round lists the store.
     """
 
     def __init__(self, namespace: str = settings.RELAY_NAMESPACE) -> None:
-        self._ns = namespace
-        # name -> (the newest change seen, its spec without the cluster, its cluster,
-        # half done, next due), or None for a record that could not be read this way.
-        self._known: dict[str, tuple[int, _Summary | None]] | None = None
-        self._specs: dict[str, str] = {}  # one copy of each spec without its cluster
-
-    @property
-    def names(self) -> frozenset[str] | None:
-        return None if self._known is None else frozenset(self._known)
+        super().__init__(namespace)
 
     def in_line(self, name: str, spec: str, cluster: str, now: dt.datetime) -> bool:
         """Whether the round may leave ``name`` alone: known, with the spec ``spec`` (from
         ``_without_cluster``) for ``cluster``, not half done and not due at ``now``."""
-        known = self._known
-        summary = None if known is None else known.get(name, (0, None))[1]
+        summary = self.get(name)
         if summary is None:
             return False
         stored_spec, stored_cluster, interrupted, due = summary
         return (stored_spec == spec and stored_cluster == cluster and not interrupted
                 and (due is None or now < due))
 
-    def fill(self, items: Collection[base.Resource]) -> None:
-        self._specs = {}
-        self._known = {item.name: (item.resource_version, self._summary(item))
-                       for item in items if item.namespace == self._ns}
-
-    def note(self, event: base.WatchEvent) -> None:
-        """Follow one change to an IssuedCertificate."""
-        known, item = self._known, event.object
-        if (known is None or not isinstance(item, base.Resource) or item.namespace != self._ns
-                or event.resource_version <= known.get(item.name, (-1, None))[0]):
-            return
-        if event.type is base.EventType.DELETED:
-            known.pop(item.name, None)
-        else:
-            known[item.name] = (event.resource_version, self._summary(item))
-
-    def _summary(self, item: base.Resource) -> _Summary | None:
+    def summarize(self, resource: base.Resource) -> _Summary | None:
         try:
-            spec = _without_cluster(item.spec)
-            return (self._specs.setdefault(spec, spec), item.spec.get("cluster"),
-                    _interrupted(item), _due_at(item.status))
+            return (self.share(_without_cluster(resource.spec)), resource.spec.get("cluster"),
+                    _interrupted(resource), _due_at(resource.status))
         except (TypeError, ValueError, ArithmeticError):  # the round reads it
             return None
 
-
-_Summary = tuple[str, Any, bool, dt.datetime | None]
 
 
 def _signed_for(resource: base.Resource, id_: str, request: csr.Request) -> bytes | None:

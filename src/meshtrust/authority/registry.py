@@ -28,7 +28,7 @@ from meshtrust import clock as clock_module
 from meshtrust import errors, settings
 from meshtrust.authority import audit as audit_module
 from meshtrust.pki import identity
-from meshtrust.store import base, manifest
+from meshtrust.store import base, follow, manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +79,19 @@ class Cluster:
                    connected=bool(status.get("connected")), record=resource)
 
 
-class Members:
+_Holding = tuple[frozenset[str], bool]
+
+
+class Members(follow.Index[_Holding]):
     """The registered clusters and who holds their streams, kept in memory from the
-    store's watch.
+    store's watch (``follow.Index``).
 
     A round over the fleet that needs only the names (which clusters a policy
     selects) would otherwise parse ten thousand cluster records for them each time,
     and the leader's sweep of stopped replicas (``stale``) would read them all once a
-    minute to find the few that name one. ``fill`` starts again from a full list;
-    ``note`` follows one change. A change no newer than what is known of a name (the
-    watch goes on from before the list) is left out, so a cluster is never taken back
-    to an older state. Until filled, ``names``, ``connected`` and ``stale`` are None:
-    ask the store.
+    minute to find the few that name one. Until filled, ``names``, ``connected`` and
+    ``stale`` are None: ask the store.
     """
-
-    def __init__(self) -> None:
-        # name -> (the newest change seen, the replicas holding its streams, its flag)
-        self._known: dict[str, tuple[int, _Holding]] | None = None
-        self._holdings: dict[_Holding, _Holding] = {}  # one copy of each, as most are alike
-
-    @property
-    def names(self) -> frozenset[str] | None:
-        return None if self._known is None else frozenset(self._known)
 
     @property
     def connected(self) -> list[str] | None:
@@ -115,31 +106,11 @@ class Members:
         return None if known is None else sorted(
             name for name, (_, (held, flag)) in known.items() if _stale(held, flag, live))
 
-    def fill(self, clusters: Collection[Cluster]) -> None:
-        self._holdings = {}
-        self._known = {c.name: (c.record.resource_version if c.record else 0,
-                                self._holding(c.record.status if c.record else {}))
-                       for c in clusters}
+    def summarize(self, resource: base.Resource) -> _Holding:
+        """The replicas holding the cluster's streams, and its flag (one copy of each)."""
+        status = resource.status
+        return self.share((frozenset(_held_by(status)), bool(status.get("connected"))))
 
-    def note(self, event: base.WatchEvent) -> bool:
-        """Follow one change to a cluster record; return whether the names changed."""
-        known = self._known
-        name = event.object.name
-        if known is None or event.resource_version <= known.get(name, (-1,))[0]:
-            return False
-        if event.type is base.EventType.DELETED:
-            return known.pop(name, None) is not None
-        added = name not in known
-        status = event.object.status if isinstance(event.object, base.Resource) else {}
-        known[name] = (event.resource_version, self._holding(status))
-        return added
-
-    def _holding(self, status: dict[str, Any]) -> _Holding:
-        holding = (frozenset(_held_by(status)), bool(status.get("connected")))
-        return self._holdings.setdefault(holding, holding)
-
-
-_Holding = tuple[frozenset[str], bool]
 
 
 def _keeps(replica: str, live: Collection[str] | None, gone: Collection[str]) -> bool:
@@ -223,9 +194,12 @@ class Registry:
         except (errors.NotFound, ValueError):  # ValueError: not even a valid object name
             raise _unknown(name) from None
 
+    async def records(self) -> list[base.Resource]:
+        """The stored cluster records, as they are (``Members.fill`` takes them)."""
+        return await self._store.list_resources(CLUSTER_KIND, namespace=self._ns)
+
     async def list(self) -> list[Cluster]:
-        resources = await self._store.list_resources(CLUSTER_KIND, namespace=self._ns)
-        return sorted((Cluster.of(r) for r in resources), key=lambda c: c.name)
+        return sorted((Cluster.of(r) for r in await self.records()), key=lambda c: c.name)
 
     async def deregister(self, name: str) -> None:
         """Remove ``name`` and its unused tokens; its certificates are refused from now on."""

@@ -254,7 +254,7 @@ class Server:
                 self._round_due.set()
 
         async def resync() -> None:
-            self.members.fill(await self.registry.list())
+            self.members.fill(await self.registry.records())
             self._round_due.set()
 
         await follow.follow(self.store, registry_module.CLUSTER_KIND, changed,
